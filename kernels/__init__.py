@@ -1,0 +1,16 @@
+"""Triton kernels of lightllm-nb, each with a plain-torch twin (``*_torch``) that is the CPU path."""
+
+from .decode_attention import (decode_attention, decode_attention_torch, decode_num_splits,
+                               decode_workspace_numel)
+from .kv_write import write_kv, write_kv_torch
+from .prefill_attention import prefill_attention, prefill_attention_torch
+from .rmsnorm import add_rmsnorm, add_rmsnorm_torch, rmsnorm, rmsnorm_torch
+from .rotary import apply_rotary, apply_rotary_torch
+from .silu_mul import silu_mul, silu_mul_torch
+
+__all__ = [
+    "add_rmsnorm", "add_rmsnorm_torch", "apply_rotary", "apply_rotary_torch",
+    "decode_attention", "decode_attention_torch", "decode_num_splits", "decode_workspace_numel",
+    "prefill_attention", "prefill_attention_torch", "rmsnorm", "rmsnorm_torch",
+    "silu_mul", "silu_mul_torch", "write_kv", "write_kv_torch",
+]

@@ -1,0 +1,197 @@
+"""Decode attention over the token-slot KV cache: one new query token per request.
+
+Flash-decoding: each request's context is cut into ``num_splits`` chunks so that a small batch
+still spreads over every SM. Stage 1 runs one program per (request, kv head, split); it takes all
+q heads of the GQA group at once, so each K/V row gathered from the cache is read once per group,
+and writes a normalized partial output plus its log-sum-exp to a float32 workspace. Stage 2
+merges the splits. Chunk boundaries come from each request's own kv_len on the device, so the
+grid depends only on (batch, kv heads, num_splits) and the launch can be captured in a CUDA graph
+and replayed with other lengths.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+_BLOCK_N = 64
+# A split shorter than this spends more on launch and merge than it saves.
+_MIN_SPLIT_LEN = 256
+_MAX_SPLITS = 64
+# Stage 1 programs wanted per SM: two keep the SMs busy while some programs wait on memory.
+_PROGRAMS_PER_SM = 2
+# SM count assumed off-GPU (the interpreter); H100 SXM has 132.
+_NOMINAL_SMS = 132
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_rows_ptr, kv_lens_ptr,
+    part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_req,
+    scale_log2, num_q_heads, group, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
+    row = tl.load(req_rows_ptr + batch).to(tl.int64)
+    # Round chunks up to whole KV blocks so only a request's last block needs masking.
+    chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < group
+    mask_d = offs_d < HEAD_DIM
+    heads = kv_head * group + offs_g
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        slots = tl.load(req_to_token_ptr + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+    # A split past the end of its request's context stays empty: lse -inf, output 0.
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part = (batch * num_q_heads + heads) * num_splits + split
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(part_lse_ptr + part, lse, mask=mask_g)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, stride_ob, stride_oh, num_q_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    batch = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < num_splits
+    mask_d = offs_d < HEAD_DIM
+    part = (batch * num_q_heads + head) * num_splits + offs_s
+    lse = tl.load(part_lse_ptr + part, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    # kv_len == 0 (a padded batch row) leaves every split empty: output zeros, not NaN.
+    weights = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=mask_d)
+
+
+def decode_num_splits(batch, num_kv_heads, max_kv_len, device):
+    """How many context chunks to give each (request, kv head) so ~2 programs land on every SM."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = _NOMINAL_SMS
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(batch * num_kv_heads, 1))
+    useful = triton.cdiv(max(max_kv_len, 1), _MIN_SPLIT_LEN)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+def decode_workspace_numel(batch, num_q_heads, head_dim, num_splits):
+    """float32 elements decode_attention needs in its workspace (partial outputs, then their lse)."""
+    return batch * num_q_heads * num_splits * (head_dim + 1)
+
+
+def decode_attention(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale,
+                     max_kv_len=None, num_splits=None, workspace=None):
+    """Attention of one query token per request over its cached context.
+
+    q [B, Hq, D] (rows and heads may be strided), k_cache/v_cache [S, Hkv, D], req_to_token
+    [R, max_ctx] int32, req_rows [B], kv_lens [B] (context including the current token, whose
+    K/V is already written; 0 gives a zero output). Returns [B, Hq, D] in q.dtype.
+
+    No host sync when max_kv_len or num_splits is given (CUDA-graph safe). workspace: optional
+    flat float32 tensor of at least decode_workspace_numel(...) elements. On GPU, float32 inputs
+    multiply in TF32 (Triton's default for tl.dot).
+    """
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, req_to_token)):
+        raise ValueError("q, the KV caches and req_to_token need a contiguous last dim")
+    out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        if max_kv_len is None:
+            max_kv_len = int(kv_lens.max())  # host sync: eager use only
+        num_splits = decode_num_splits(batch, num_kv_heads, max_kv_len, q.device)
+    parts = batch * num_q_heads * num_splits
+    need = decode_workspace_numel(batch, num_q_heads, head_dim, num_splits)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=q.device)
+    elif workspace.dtype != torch.float32 or workspace.numel() < need or not workspace.is_contiguous():
+        raise ValueError(f"workspace must be a contiguous float32 tensor of at least {need} elements, "
+                         f"got {workspace.dtype} with {workspace.numel()}")
+    workspace = workspace.view(-1)
+    part_out, part_lse = workspace[: parts * head_dim], workspace[parts * head_dim: need]
+
+    group = num_q_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, req_to_token, req_rows, kv_lens, part_out, part_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
+        v_cache.stride(0), v_cache.stride(1), req_to_token.stride(0),
+        scale * _LOG2E, num_q_heads, group, num_splits,
+        HEAD_DIM=head_dim,
+        # tl.dot needs at least 16 rows; the unused rows of a small GQA group cost little
+        # because decode is bound by the K/V reads, not by the tensor cores.
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+    )
+    _decode_merge_kernel[(batch, num_q_heads)](
+        part_out, part_lse, out, out.stride(0), out.stride(1), num_q_heads, num_splits,
+        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    return out
+
+
+def decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale,
+                           max_kv_len=None, num_splits=None, workspace=None):
+    """Torch path of decode_attention: same signature and result (tuning arguments are ignored)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    out = torch.zeros((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    for b, (row, kv_len) in enumerate(zip(req_rows.tolist(), kv_lens.tolist())):
+        if kv_len == 0:
+            continue
+        slots = req_to_token[row, :kv_len].long()
+        k = k_cache[slots].float().transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[slots].float().transpose(0, 1)
+        qb = q[b].float().reshape(num_kv_heads, group, head_dim)
+        probs = F.softmax(qb @ k.transpose(1, 2) * scale, dim=-1)
+        out[b] = (probs @ v).reshape(num_q_heads, head_dim)
+    return out

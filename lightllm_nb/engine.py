@@ -1,0 +1,323 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+`generate`, `stream` and `chat` are built on the low-level `add_request` / `step` / `abort`.
+The engine is not thread-safe: a server runs it from one loop thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .admission import AggressivePolicy, ConservativePolicy
+from .decisions import Decision
+from .detokenizer import IncrementalDetokenizer
+from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
+from .kernel_set import kernels_for
+from .kv_pool import KVPool
+from .loading import load_checkpoint
+from .model_runner import ModelRunner
+from .models.config import ModelConfig
+from .models.weights import build_model
+from .request import Completion, Request, Status, request_metrics
+from .sampler import RequestSampler, Sampler
+from .sampling_params import InvalidRequestError, SamplingParams
+from .scheduler import Scheduler
+from .telemetry import BatchRow, StepEvent
+
+POLICIES = {"conservative": ConservativePolicy, "aggressive": AggressivePolicy}
+
+
+@dataclass
+class RequestOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    completion: Completion | None = None  # set when finished
+
+
+class Engine:
+    def __init__(self, model: str = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
+                 kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
+                 max_running: int = 128, scheduler: str = "conservative", prefix_cache: bool = True,
+                 seed: int | None = None, kv_memory_fraction: float = 0.85, progress: bool = True):
+        if scheduler not in POLICIES:
+            raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}")
+        self.device = resolve_device(device)
+        checkpoint = load_checkpoint(model)
+        self.config = ModelConfig.from_hf(checkpoint.config)
+        self.dtype = resolve_dtype(dtype, self.device, checkpoint.config)
+        self.tokenizer = checkpoint.tokenizer
+        self.model_name = checkpoint.source
+        self.model = build_model(self.config, checkpoint, device=self.device, dtype=self.dtype,
+                                 kernels=kernels_for(self.device), max_positions=self.config.max_position_embeddings,
+                                 progress=progress)
+        kv_tokens = kv_tokens or size_kv_tokens(self.config, self.dtype, self.device, kv_memory_fraction)
+        self.pool = KVPool(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
+                           head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
+                           max_requests=max_running,
+                           max_context=min(self.config.max_position_embeddings, kv_tokens),
+                           dtype=self.dtype, device=self.device)
+        self.scheduler = Scheduler(self.pool, POLICIES[scheduler](), max_batch_tokens=max_batch_tokens,
+                                   max_running=max_running)
+        self.runner = ModelRunner(self.model, self.pool)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        self.sampler = Sampler(self.config.vocab_size, self.device, generator=generator)
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self._requests: dict[str, Request] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._pending: list[RequestOutput] = []   # outputs of aborts, delivered by the next step
+        self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
+        self._ids = itertools.count()
+        self._subscribers: list[Callable[[StepEvent], None]] = []
+        self._step = 0
+        self._start = time.perf_counter()
+        self._closed = False
+
+    # ---- low-level API ---------------------------------------------------------------------
+    def add_request(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
+                    prompt_token_ids: Sequence[int] | None = None, user: str = "default", priority: int = 0,
+                    request_id: str | None = None, stream_text: bool = False) -> str:
+        """Queue a request; returns its id. Raises InvalidRequestError for bad input (nothing is queued)."""
+        self._check_open()
+        sampling = sampling or SamplingParams()
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        self._check_fits(ids, sampling)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id={request_id!r} is already in use: pick another or omit it")
+        req = Request(request_id, ids, sampling, user=user, priority=priority)
+        req.sampler = RequestSampler(sampling, ids, self.device)
+        if stream_text or sampling.stop:
+            self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop)
+        self._requests[request_id] = req
+        self.scheduler.add(req)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV slots; False if it is unknown or already done."""
+        req = self._requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._carried_decisions.append(self.scheduler.finish(req, "abort"))
+        self._pending.append(self._retire(RequestOutput(request_id, [], "", True, "abort")))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch: schedule, forward, sample, retire finished requests."""
+        self._check_open()
+        started = time.perf_counter()
+        outputs, self._pending = self._pending, []
+        batch = self.scheduler.schedule()
+        decisions = self._carried_decisions + batch.decisions
+        self._carried_decisions = []
+        rows = [BatchRow(r.request_id, r.user, "decode" if r.is_decoding else "prefill", n, r.num_computed + n)
+                for r, n in batch.items]
+        if batch:
+            logits, sampling_reqs = self.runner.run(batch.items)
+            sampled = self.sampler.sample(logits, [r.sampler for r in sampling_reqs])
+            for req, n in batch.items:
+                req.num_computed += n
+            now = time.perf_counter()
+            for i, req in enumerate(sampling_reqs):
+                out = self._accept_token(req, sampled.token_ids[i], sampled, i, now)
+                if out.finished:
+                    decisions.append(self.scheduler.finish(req, out.finish_reason))
+                    out = self._retire(out)
+                outputs.append(out)
+        self._publish(started, rows, decisions)
+        return outputs
+
+    # ---- high-level API --------------------------------------------------------------------
+    def generate(self, prompts: str | Sequence[str] | None = None,
+                 sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None, user: str = "default",
+                 progress: bool | None = None) -> list[Completion]:
+        """Run many prompts together through continuous batching; results in input order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("pass exactly one of prompts (text) or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        inputs = list(prompts) if prompts is not None else [list(p) for p in prompt_token_ids]
+        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(inputs)
+        if len(params) != len(inputs):
+            raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(inputs)} prompts: "
+                                      "pass one, or one per prompt")
+        # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
+        encoded = [self._prompt_ids(p, None) if prompts is not None else self._prompt_ids(None, p) for p in inputs]
+        for ids, p in zip(encoded, params):
+            self._check_fits(ids, p or SamplingParams())
+        rids = [self.add_request(sampling=p, prompt_token_ids=ids, user=user) for ids, p in zip(encoded, params)]
+        show = progress if progress is not None else len(rids) >= 8
+        done: dict[str, Completion] = {}
+        with tqdm(total=len(rids), disable=not show, desc="generating", unit="req") as bar:
+            try:
+                while len(done) < len(rids):
+                    for out in self.step():
+                        if out.completion is not None:
+                            done[out.request_id] = out.completion
+                            bar.update(1)
+            finally:  # an interrupted generate must not leave its requests holding KV slots
+                for rid in rids:
+                    if rid not in done:
+                        self.abort(rid)
+        return [done[rid] for rid in rids]
+
+    def stream(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
+               prompt_token_ids: Sequence[int] | None = None, user: str = "default") -> Iterator[str]:
+        """Yield text deltas as tokens are produced. Closing the iterator early aborts the request."""
+        rid = self.add_request(prompt, sampling, prompt_token_ids=prompt_token_ids, user=user, stream_text=True)
+        done = False
+        try:
+            while not done:
+                for out in self.step():
+                    if out.request_id == rid:
+                        if out.text_delta:
+                            yield out.text_delta
+                        done = out.finished
+        finally:
+            if not done:
+                self.abort(rid)
+
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *,
+             user: str = "default") -> Completion:
+        """One assistant reply to `messages`, formatted with the tokenizer's chat template."""
+        return self.generate(prompt_token_ids=[self.chat_prompt_ids(messages)], sampling=sampling,
+                             user=user, progress=False)[0]
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidRequestError(f"the model {self.model_name} has no chat template: use generate() "
+                                      "with a plain prompt instead")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def subscribe(self, callback: Callable[[StepEvent], None]) -> Callable[[], None]:
+        """Call `callback` with every StepEvent; returns a function that unsubscribes."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {
+            "model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "kernels": self.model.kernels.name, "scheduler": self.scheduler.policy.name,
+            "kv_capacity_tokens": pool.capacity, "kv_free_tokens": pool.free_tokens,
+            "kv_used_tokens": pool.capacity - pool.free_tokens, "page_size": pool.page_size,
+            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "steps": self._step, "weight_bytes": self.model.weight_bytes(),
+        }
+
+    def close(self) -> None:
+        """Release the model, the KV cache and every request; the engine cannot be used afterwards."""
+        if self._closed:
+            return
+        self._closed = True
+        self._requests.clear()
+        self._detokenizers.clear()
+        self._subscribers.clear()
+        del self.model, self.pool, self.runner, self.scheduler
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Engine is closed: create a new one")
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("pass exactly one of prompt (text) or prompt_token_ids")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}")
+            ids = self.tokenizer(prompt).input_ids if prompt else []
+        else:
+            ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise InvalidRequestError("prompt is empty: give at least one token of text")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt_token_ids contains {bad[:5]}: token ids must be in "
+                                      f"[0, {self.config.vocab_size})")
+        return ids
+
+    def _check_fits(self, ids: list[int], sampling: SamplingParams) -> None:
+        limit = self.pool.max_context
+        total = len(ids) + sampling.max_tokens
+        if len(ids) >= limit:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the context limit is {limit}: "
+                                      f"shorten it to at most {limit - 1} tokens")
+        if total > limit:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
+                f"context limit of {limit} tokens: set max_tokens to at most {limit - len(ids)}")
+
+    def _accept_token(self, req: Request, token: int, sampled, i: int, now: float) -> RequestOutput:
+        req.token_ids.append(token)
+        req.sampler.observe(token)
+        if sampled.logprobs[i] is not None:
+            req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
+                                 "top": sampled.top_logprobs[i]})
+        if req.first_token_time is None:
+            req.first_token_time = now
+        p = req.sampling
+        reason = None
+        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        detok = self._detokenizers.get(req.request_id)
+        if detok is not None and reason is None and detok.add(token):
+            reason = "stop"
+        if reason is None and req.num_output >= p.max_tokens:
+            reason = "length"
+        delta = detok.take_delta(final=reason is not None) if detok is not None else ""
+        return RequestOutput(req.request_id, [token], delta, reason is not None, reason)
+
+    def _retire(self, out: RequestOutput) -> RequestOutput:
+        """Forget a finished request, attaching its Completion to its last output."""
+        req = self._requests.pop(out.request_id)
+        detok = self._detokenizers.pop(out.request_id, None)
+        ids = req.output_ids
+        if detok is not None:
+            text = detok.text
+        else:
+            # A stop token ends the output but is not part of its text.
+            shown = ids[:-1] if ids and req.finish_reason == "stop" else ids
+            text = self.tokenizer.decode(shown, skip_special_tokens=True)
+        out.completion = Completion(req.request_id, text, ids, req.finish_reason, req.num_prompt,
+                                    request_metrics(req), req.logprobs or None)
+        return out
+
+    def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:
+        self._step += 1
+        if not self._subscribers:
+            return
+        pool = self.pool
+        event = StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
+                          rows=rows, decisions=decisions, kv_capacity=pool.capacity, kv_free=pool.free_tokens,
+                          kv_cached=0, running=len(self.scheduler.running),
+                          waiting=len(self.scheduler.waiting), page_size=pool.page_size,
+                          page_owner=pool.page_owner.tolist())
+        for callback in list(self._subscribers):
+            callback(event)

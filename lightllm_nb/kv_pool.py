@@ -1,0 +1,96 @@
+"""LightLLM's token-level KV cache: one big K/V buffer handed out a page at a time.
+
+With page_size 1 (the default) every token owns exactly one slot anywhere in the buffer, so
+nothing is wasted to fragmentation (TokenAttention). Larger pages exist to compare against
+paged attention. A request's positions map to slots through its row of `req_to_token`, which
+is the only indexing the attention kernels know.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FREE = -1
+CACHED = -2  # holds prefix-cache tokens that no running request uses: reclaimable
+
+
+class KVPool:
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_tokens: int,
+                 page_size: int, max_requests: int, max_context: int, dtype: torch.dtype,
+                 device: torch.device):
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} is invalid: it must be >= 1")
+        if num_tokens < page_size:
+            raise ValueError(f"kv_tokens={num_tokens} is too small: it must hold at least one page "
+                             f"of page_size={page_size} tokens")
+        self.page_size = page_size
+        self.num_pages = num_tokens // page_size
+        self.capacity = self.num_pages * page_size
+        self.max_requests = max_requests
+        self.max_context = max_context
+        # One extra page past the end and one extra row: padding for CUDA-graph batches writes
+        # there, so padded entries never touch a live request's cache.
+        shape = (num_layers, self.capacity + page_size, num_kv_heads, head_dim)
+        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
+        self.dummy_slot = self.capacity
+        self.dummy_row = max_requests
+        self.req_to_token = torch.zeros((max_requests + 1, max_context), dtype=torch.int32, device=device)
+        self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out page 0 first
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+        self.page_owner = np.full(self.num_pages, FREE, dtype=np.int64)
+
+    # ---- pages -----------------------------------------------------------------------------
+    @property
+    def free_tokens(self) -> int:
+        return len(self._free_pages) * self.page_size
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def alloc_pages(self, count: int, owner: int) -> list[int] | None:
+        """`count` pages owned by `owner`, or None when fewer are free (the caller decides what to do)."""
+        if count > len(self._free_pages):
+            return None
+        pages = [self._free_pages.pop() for _ in range(count)]
+        self.page_owner[pages] = owner
+        return pages
+
+    def free_pages(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        owners = self.page_owner[pages]
+        if (owners == FREE).any():
+            raise RuntimeError(f"double free of KV pages {[p for p, o in zip(pages, owners) if o == FREE]}")
+        self.page_owner[pages] = FREE
+        self._free_pages.extend(pages)
+
+    def set_owner(self, pages: list[int], owner: int) -> None:
+        self.page_owner[pages] = owner
+
+    def slots(self, pages: list[int], start: int, end: int) -> np.ndarray:
+        """Slot index of positions [start, end) of a sequence whose pages are `pages`."""
+        positions = np.arange(start, end, dtype=np.int64)
+        return np.asarray(pages, dtype=np.int64)[positions // self.page_size] * self.page_size \
+            + positions % self.page_size
+
+    # ---- rows of req_to_token ---------------------------------------------------------------
+    def alloc_row(self) -> int | None:
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    def is_whole(self) -> bool:
+        """Every page and row is back in the free lists: nothing leaked."""
+        return (len(self._free_pages) == self.num_pages and len(set(self._free_pages)) == self.num_pages
+                and len(self._free_rows) == self.max_requests and (self.page_owner == FREE).all())

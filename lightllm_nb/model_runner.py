@@ -1,0 +1,61 @@
+"""Turns a scheduled batch into the model's flat input tensors, runs the model, returns logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .kv_pool import KVPool
+from .models.llama import ForwardBatch, LlamaModel
+from .request import Request
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, pool: KVPool):
+        self.model = model
+        self.pool = pool
+        self.device = model.device
+
+    def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request]]:
+        """Flat tensors for this step, and the requests that sample a token after it (in logits order).
+
+        Also maps each new token's position to its slot in req_to_token, on the device, in one
+        scatter: the kernels only ever look slots up there.
+        """
+        pool = self.pool
+        ids, positions, slots, rows, q_starts, kv_lens, logits_index, samplers = [], [], [], [], [0], [], [], []
+        num_decodes = 0
+        for req, n in items:
+            start, end = req.num_computed, req.num_computed + n
+            ids.extend(req.token_ids[start:end])
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots.append(pool.slots(req.pages, start, end))
+            rows.append(req.row)
+            kv_lens.append(end)
+            q_starts.append(q_starts[-1] + n)
+            num_decodes += n == 1
+            if end == len(req.token_ids):  # the chunk reaches the newest token: sample after it
+                logits_index.append(q_starts[-1] - 1)
+                samplers.append(req)
+        positions_np, slots_np = np.concatenate(positions), np.concatenate(slots)
+        row_per_token = np.repeat(np.asarray(rows, dtype=np.int64), np.diff(q_starts))
+        # One host->device copy for everything, then views.
+        packed = torch.from_numpy(np.concatenate([
+            np.asarray(ids, dtype=np.int64), positions_np, slots_np, row_per_token,
+            np.asarray(rows, dtype=np.int64), np.asarray(q_starts, dtype=np.int64),
+            np.asarray(kv_lens, dtype=np.int64), np.asarray(logits_index, dtype=np.int64)]))
+        packed = packed.to(self.device, non_blocking=True)
+        t, b = len(ids), len(rows)
+        offsets = np.cumsum([0, t, t, t, t, b, b + 1, b, len(logits_index)])
+        ids_t, pos_t, slot_t, row_tok_t, rows_t, qs_t, kv_t, li_t = (
+            packed[offsets[i]:offsets[i + 1]] for i in range(8))
+        pool.req_to_token[row_tok_t, pos_t] = slot_t.to(torch.int32)
+        batch = ForwardBatch(
+            input_ids=ids_t, positions=pos_t, out_slots=slot_t, req_rows=rows_t.to(torch.int32),
+            q_starts=qs_t.to(torch.int32), kv_lens=kv_t.to(torch.int32), logits_index=li_t,
+            num_decodes=num_decodes, max_q_len=max(n for _, n in items), max_kv_len=max(kv_lens))
+        return batch, samplers
+
+    def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
+        batch, samplers = self.prepare(items)
+        return self.model.forward(batch, self.pool), samplers

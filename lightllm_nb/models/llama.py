@@ -1,0 +1,119 @@
+"""One Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3) over a flat batch of tokens.
+
+A step's tokens from every request are concatenated ("ragged" batch, no padding); attention
+finds each request's context through `req_to_token`, so prefill chunks, cached prefixes and
+decodes mix freely in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..kernel_set import KernelSet
+from ..kv_pool import KVPool
+from .config import ModelConfig
+from .rope import rotary_tables
+
+
+@dataclass
+class ForwardBatch:
+    """One step's inputs. Decodes (one new token each) come first, prefill chunks after."""
+
+    input_ids: torch.Tensor     # [T] int64
+    positions: torch.Tensor     # [T] int64
+    out_slots: torch.Tensor     # [T] int64, where each token's K/V goes
+    req_rows: torch.Tensor      # [B] int32, each request's row of req_to_token
+    q_starts: torch.Tensor      # [B+1] int32, request b's tokens are [q_starts[b], q_starts[b+1])
+    kv_lens: torch.Tensor       # [B] int32, context length after this step
+    logits_index: torch.Tensor  # [N] int64, tokens whose next-token logits are wanted
+    num_decodes: int
+    max_q_len: int
+    max_kv_len: int
+
+
+@dataclass
+class LayerWeights:
+    qkv: torch.Tensor           # q, k and v projections stacked: one GEMM instead of three
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    gate_up: torch.Tensor       # gate and up stacked, for silu_mul
+    down: torch.Tensor
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, layers: list[LayerWeights], embed: torch.Tensor,
+                 final_norm: torch.Tensor, lm_head: torch.Tensor, kernels: KernelSet, max_positions: int):
+        self.config = config
+        self.layers = layers
+        self.embed = embed
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.kernels = kernels
+        self.cos, self.sin = rotary_tables(config, max_positions, embed.device)
+        self.scale = config.head_dim ** -0.5
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def weight_bytes(self) -> int:
+        tensors = [self.embed, self.final_norm] + ([] if self.lm_head is self.embed else [self.lm_head])
+        for layer in self.layers:
+            tensors += [t for t in vars(layer).values() if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+        """Float32 logits [N, vocab] for the tokens at batch.logits_index."""
+        cfg, k = self.config, self.kernels
+        hidden = F.embedding(batch.input_ids, self.embed)
+        residual = hidden
+        x = k.rmsnorm(hidden, self.layers[0].attn_norm, cfg.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
+            attn = self._attention(i, layer, x, batch, pool)
+            x, residual = k.add_rmsnorm(F.linear(attn, layer.o), residual, layer.mlp_norm, cfg.rms_norm_eps)
+            hidden = F.linear(k.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+        # Only the rows that sample need the final norm and the (large) vocabulary projection.
+        last_hidden, last_residual = hidden[batch.logits_index], residual[batch.logits_index]
+        x, _ = k.add_rmsnorm(last_hidden, last_residual, self.final_norm, cfg.rms_norm_eps)
+        return F.linear(x, self.lm_head).float()
+
+    def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
+                   pool: KVPool) -> torch.Tensor:
+        cfg, k = self.config, self.kernels
+        num_tokens = x.shape[0]
+        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        q, key, value = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        q = q.view(num_tokens, cfg.num_q_heads, cfg.head_dim)
+        key = key.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        value = value.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        if layer.q_norm is not None:  # Qwen3 normalizes each head before rotary
+            q = k.rmsnorm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_norm_eps).view_as(q)
+            key = k.rmsnorm(key.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_norm_eps).view_as(key)
+        k.apply_rotary(q, key, batch.positions, self.cos, self.sin)
+        k.write_kv(pool.k_cache[i], pool.v_cache[i], key, value, batch.out_slots)
+
+        out = torch.empty((num_tokens, cfg.num_q_heads, cfg.head_dim), dtype=x.dtype, device=x.device)
+        d = batch.num_decodes
+        if d:
+            out[:d] = k.decode_attention(q[:d], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
+                                         batch.req_rows[:d], batch.kv_lens[:d], self.scale,
+                                         max_kv_len=batch.max_kv_len)
+        if d < batch.req_rows.shape[0]:
+            out[d:] = k.prefill_attention(q[d:], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
+                                          batch.req_rows[d:], batch.q_starts[d:] - d, batch.kv_lens[d:],
+                                          self.scale, max_q_len=batch.max_q_len)
+        return out.view(num_tokens, -1)

@@ -1,0 +1,105 @@
+"""A request as the engine tracks it, and the finished result handed back to users."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """Prefill and decode are one thing here: each step computes the tokens of `token_ids`
+    past `num_computed` (the prompt in chunks at first, then the one token sampled last)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    user: str = "default"
+    priority: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    token_ids: list[int] = field(init=False)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    row: int | None = None        # row of req_to_token while running
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0         # leading tokens whose K/V sit in the cache
+    num_cached: int = 0           # of those, how many came from the prefix cache (not computed here)
+    admit_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    sampler: object = None        # RequestSampler, set on first admission
+    logprobs: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def is_decoding(self) -> bool:
+        return self.num_computed >= self.num_prompt
+
+    @property
+    def max_length(self) -> int:
+        """Tokens this request holds in the KV cache at most (prompt + max_tokens)."""
+        return self.num_prompt + self.sampling.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop", "length" or "abort"
+    prompt_tokens: int
+    metrics: dict
+    logprobs: list | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def request_metrics(req: Request) -> dict:
+    """Latency figures in seconds: queueing, time to first token, time per output token."""
+    end = req.finish_time or time.perf_counter()
+    ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
+    tpot = None
+    if req.first_token_time is not None and req.num_output > 1:
+        tpot = (end - req.first_token_time) / (req.num_output - 1)
+    return {
+        "queue_time": None if req.admit_time is None else req.admit_time - req.arrival_time,
+        "time_to_first_token": ttft,
+        "time_per_output_token": tpot,
+        "e2e_latency": end - req.arrival_time,
+        "cached_prompt_tokens": req.num_cached,
+        "preemptions": req.num_preemptions,
+    }
