@@ -39,7 +39,7 @@ def _decode_split_kernel(
 
     kv_len = tl.load(kv_lens_ptr + batch).to(tl.int32)
     row = tl.load(req_rows_ptr + batch).to(tl.int64)
-    # Round chunks up to whole KV blocks so only a request's last block needs masking.
+    # Chunks are whole KV blocks, so only the last block of a context runs partly empty.
     chunk = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, kv_len)
@@ -184,14 +184,16 @@ def decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, kv_lens,
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
+    # float32 at least; a float64 model (the exactness tests against HF) keeps float64.
+    compute = torch.promote_types(q.dtype, torch.float32)
     out = torch.zeros((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     for b, (row, kv_len) in enumerate(zip(req_rows.tolist(), kv_lens.tolist())):
         if kv_len == 0:
             continue
         slots = req_to_token[row, :kv_len].long()
-        k = k_cache[slots].float().transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache[slots].float().transpose(0, 1)
-        qb = q[b].float().reshape(num_kv_heads, group, head_dim)
+        k = k_cache[slots].to(compute).transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[slots].to(compute).transpose(0, 1)
+        qb = q[b].to(compute).reshape(num_kv_heads, group, head_dim)
         probs = F.softmax(qb @ k.transpose(1, 2) * scale, dim=-1)
         out[b] = (probs @ v).reshape(num_q_heads, head_dim)
     return out

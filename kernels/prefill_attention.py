@@ -115,6 +115,8 @@ def prefill_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, q_start
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
+    # float32 at least; a float64 model (the exactness tests against HF) keeps float64.
+    compute = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     starts = q_starts.tolist()
     for b, (row, kv_len) in enumerate(zip(req_rows.tolist(), kv_lens.tolist())):
@@ -122,10 +124,10 @@ def prefill_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, q_start
         if q_len == 0:
             continue
         slots = req_to_token[row, :kv_len].long()
-        k = k_cache[slots].float().transpose(0, 1)  # [Hkv, L, D]
-        v = v_cache[slots].float().transpose(0, 1)
+        k = k_cache[slots].to(compute).transpose(0, 1)  # [Hkv, L, D]
+        v = v_cache[slots].to(compute).transpose(0, 1)
         # Fold the GQA group into the query rows so K/V are used per kv head without repeating them.
-        qb = q[start:start + q_len].float().reshape(q_len, num_kv_heads, group, head_dim)
+        qb = q[start:start + q_len].to(compute).reshape(q_len, num_kv_heads, group, head_dim)
         qb = qb.permute(1, 2, 0, 3).reshape(num_kv_heads, group * q_len, head_dim)
         positions = torch.arange(kv_len - q_len, kv_len, device=q.device)
         visible = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]

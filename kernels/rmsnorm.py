@@ -77,6 +77,7 @@ def add_rmsnorm(x, residual, weight, eps):
 
 def rmsnorm_torch(x, weight, eps):
     """Torch path of rmsnorm: same signature and semantics."""
+    # float32 even for a float64 model: HF normalizes in float32 whatever the input dtype.
     xf = x.float()
     normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (normed.to(x.dtype) * weight).to(x.dtype)

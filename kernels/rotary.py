@@ -4,6 +4,7 @@ q and k are usually column slices of one fused qkv projection, so rows are strid
 head dim must be contiguous.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -65,11 +66,13 @@ def apply_rotary(q, k, positions, cos, sin):
 def apply_rotary_torch(q, k, positions, cos, sin):
     """Torch path of apply_rotary: same signature, rotates q and k in place."""
     half = q.shape[-1] // 2
-    c = cos[positions].float().unsqueeze(1)
-    s = sin[positions].float().unsqueeze(1)
+    # float32 at least; a float64 model (the exactness tests against HF) keeps float64.
+    compute = torch.promote_types(q.dtype, torch.float32)
+    c = cos[positions].to(compute).unsqueeze(1)
+    s = sin[positions].to(compute).unsqueeze(1)
     for x in (q, k):
-        x1, x2 = x[..., :half].float(), x[..., half:].float()
-        # Both halves are computed before either is written: for fp32, .float() aliases x.
+        x1, x2 = x[..., :half].to(compute), x[..., half:].to(compute)
+        # Both halves are computed before either is written: .to() may alias x.
         out1, out2 = x1 * c - x2 * s, x2 * c + x1 * s
         x[..., :half].copy_(out1)
         x[..., half:].copy_(out2)

@@ -36,5 +36,6 @@ def silu_mul(gate_up):
 
 def silu_mul_torch(gate_up):
     """Torch path of silu_mul: same signature and semantics."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
+    # float32 at least; a float64 model (the exactness tests against HF) keeps float64.
+    gate, up = gate_up.to(torch.promote_types(gate_up.dtype, torch.float32)).chunk(2, dim=-1)
     return (F.silu(gate) * up).to(gate_up.dtype)

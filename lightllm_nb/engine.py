@@ -149,6 +149,7 @@ class Engine:
                  prompt_token_ids: Sequence[Sequence[int]] | None = None, user: str = "default",
                  progress: bool | None = None) -> list[Completion]:
         """Run many prompts together through continuous batching; results in input order."""
+        self._check_open()
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidRequestError("pass exactly one of prompts (text) or prompt_token_ids")
         if isinstance(prompts, str):
@@ -165,11 +166,12 @@ class Engine:
         rids = [self.add_request(sampling=p, prompt_token_ids=ids, user=user) for ids, p in zip(encoded, params)]
         show = progress if progress is not None else len(rids) >= 8
         done: dict[str, Completion] = {}
+        wanted = set(rids)
         with tqdm(total=len(rids), disable=not show, desc="generating", unit="req") as bar:
             try:
                 while len(done) < len(rids):
                     for out in self.step():
-                        if out.completion is not None:
+                        if out.completion is not None and out.request_id in wanted:
                             done[out.request_id] = out.completion
                             bar.update(1)
             finally:  # an interrupted generate must not leave its requests holding KV slots
@@ -181,6 +183,7 @@ class Engine:
     def stream(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
                prompt_token_ids: Sequence[int] | None = None, user: str = "default") -> Iterator[str]:
         """Yield text deltas as tokens are produced. Closing the iterator early aborts the request."""
+        self._check_open()
         rid = self.add_request(prompt, sampling, prompt_token_ids=prompt_token_ids, user=user, stream_text=True)
         done = False
         try:

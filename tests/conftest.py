@@ -6,3 +6,28 @@ import torch
 # before triton is first imported, which is why it lives here and not in a test module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+
+from tiny_models import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    from lightllm_nb.loading import load_checkpoint
+
+    return load_checkpoint("demo").tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, demo_tokenizer):
+    """Factory: tiny_model("llama" | "qwen2" | "qwen3") -> (folder, HF model in float64)."""
+    made = {}
+
+    def make(kind: str):
+        if kind not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+            made[kind] = (folder, make_tiny_model(kind, folder, demo_tokenizer))
+        return made[kind]
+
+    return make

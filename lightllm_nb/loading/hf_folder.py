@@ -54,17 +54,24 @@ def _read_config(folder: Path) -> dict:
             f"needs config.json, model.safetensors (or sharded model-*-of-*.safetensors) and "
             f"tokenizer files; to load a single GGUF file, pass the .gguf file's path instead."
         )
+    return _read_json(path)
+
+
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); re-download the model folder.") from err
+        message = f"{path} is not valid JSON ({err}); re-download the model folder."
+        raise ValueError(message) from err
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
     """The shards in a stable order: from the index when there is one, else by name."""
     index = folder / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map; re-download the model folder.")
         shards = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [p.name for p in shards if not p.is_file()]
         if missing:

@@ -1,0 +1,234 @@
+"""Turn one step's logits into one token per request.
+
+Per row, in vLLM's order:
+  1. penalties on the raw logits: repetition (tokens of the prompt and of the output), then
+     presence and frequency (tokens of the output only, as OpenAI defines them);
+  2. logprobs, when asked, are log_softmax of these penalized logits, before temperature, top-k and
+     top-p (vLLM's "raw" logprobs): they describe the model's distribution rather than the sampling
+     knobs, so greedy and sampled requests report comparable numbers and truncated tokens keep a
+     finite log-prob;
+  3. temperature 0 takes the argmax; otherwise divide by the temperature, keep the top-k, then the
+     top-p nucleus of what top-k left, and draw.
+
+Draws use the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
+probability p_i, so one batched argmax serves every sampled row, and a seeded request only needs its
+own noise row drawn from its own generator to be independent of its batch and its row index.
+
+GPU cost: the common case (all greedy, no penalties, no logprobs) is one argmax; otherwise a step
+costs a few batched ops, pinned non-blocking uploads of the batch's settings, and one device-to-host
+transfer for everything the caller gets back. Python loops over rows only build host lists, except
+one noise draw per seeded row, which a per-request generator makes unavoidable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lightllm_nb.sampling_params import SamplingParams
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        # From pageable memory torch's copy synchronizes the stream: the host would wait for the
+        # forward pass to finish before it could queue the sampling kernels behind it.
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class _PenaltyHistory:
+    """The token ids a penalized request's penalties look at, kept on the device as ids.
+
+    Ids rather than a dense count vector per request: a request doesn't know the (padded) vocabulary
+    size, its memory grows with its output instead of with the vocabulary (150k counts per request
+    add up over a batch of hundreds), and the sampler rebuilds dense counts only for the penalized
+    rows of a step, with one scatter.
+    """
+
+    def __init__(self, prompt_ids: Sequence[int], keep_prompt: bool, device: torch.device):
+        # Only the repetition penalty looks at the prompt, and only at which ids occur in it.
+        self.prompt_ids = _to_device(sorted(set(prompt_ids)) if keep_prompt else [], torch.int64, device)
+        self._generated = torch.empty(16, dtype=torch.int64, device=device)
+        self.num_generated = 0
+
+    def append(self, token_id: int) -> None:
+        if self.num_generated == len(self._generated):
+            self._generated = torch.cat([self._generated, torch.empty_like(self._generated)])
+        # fill_ passes the id as a kernel argument: no host-to-device copy, no synchronization.
+        self._generated[self.num_generated].fill_(token_id)
+        self.num_generated += 1
+
+    @property
+    def generated_ids(self) -> torch.Tensor:
+        return self._generated[: self.num_generated]
+
+
+class RequestSampler:
+    """One request's sampling state, created when the request is admitted."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device):
+        device = torch.device(device)
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            # Seeded once and consumed only by this request's draws, so its tokens don't depend on
+            # the other requests in its batches or on its row index.
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.history: _PenaltyHistory | None = None
+        if params.uses_penalties:
+            self.history = _PenaltyHistory(prompt_ids, params.repetition_penalty != 1.0, device)
+
+    def observe(self, token_id: int) -> None:
+        """Record a generated token; only penalties need the output, so others keep nothing."""
+        if self.history is not None:
+            self.history.append(token_id)
+
+
+@dataclass
+class SampledTokens:
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+    @classmethod
+    def without_logprobs(cls, token_ids: list[int]) -> SampledTokens:
+        return cls(token_ids, [None] * len(token_ids), [None] * len(token_ids))
+
+
+class Sampler:
+    """Chooses one token per row of a step's logits, one row per request."""
+
+    def __init__(self, vocab_size: int, device: torch.device, generator: torch.Generator | None = None):
+        self.vocab_size = vocab_size  # the tokenizer's; logits may be wider (padded), never narrower
+        self.device = torch.device(device)
+        # Draws for requests without a seed of their own; the engine owns it so that
+        # Engine(seed=...) reproduces a whole run without touching torch's global RNG.
+        self.generator = generator
+
+    def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> SampledTokens:
+        self._check_batch(logits, requests)
+        params = [request.params for request in requests]
+        if all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params):
+            return SampledTokens.without_logprobs(logits.argmax(dim=-1).tolist())
+        logits = logits.float()
+        penalized = [row for row, p in enumerate(params) if p.uses_penalties]
+        if penalized:
+            logits = self._apply_penalties(logits, penalized, [requests[row] for row in penalized])
+        token_ids = self._choose_tokens(logits, requests)
+        return self._collect(logits, token_ids, params)
+
+    def _check_batch(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> None:
+        if logits.dim() != 2 or logits.shape[0] != len(requests) or logits.shape[1] < self.vocab_size:
+            raise ValueError(
+                f"logits of shape {tuple(logits.shape)} don't fit this batch: expected "
+                f"[{len(requests)}, >= {self.vocab_size}], one row per request covering at least the "
+                f"tokenizer's {self.vocab_size} tokens")
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: list[int],
+                         requests: list[RequestSampler]) -> torch.Tensor:
+        """Penalize the given rows; returns a new tensor so the caller's logits stay untouched."""
+        histories = [request.history for request in requests]
+        row_index, generated_lengths, prompt_lengths = _to_device(
+            [rows, [h.num_generated for h in histories], [len(h.prompt_ids) for h in histories]],
+            torch.int64, self.device)
+        strengths = _to_device(
+            [[r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty]
+             for r in requests], torch.float32, self.device)
+        repetition, presence, frequency = strengths[:, 0:1], strengths[:, 1:2], strengths[:, 2:3]
+
+        penalized = logits.index_select(0, row_index)
+        counts = torch.zeros_like(penalized)
+        counts.index_put_(_ids_by_row([h.generated_ids for h in histories], generated_lengths),
+                          counts.new_ones(()), accumulate=True)
+        generated = counts > 0
+        seen = generated.index_put(_ids_by_row([h.prompt_ids for h in histories], prompt_lengths),
+                                   generated.new_ones(()))
+        penalized = torch.where(
+            seen, torch.where(penalized > 0, penalized / repetition, penalized * repetition), penalized)
+        penalized = penalized - presence * generated - frequency * counts
+        return logits.index_put((row_index,), penalized)
+
+    def _choose_tokens(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
+        params = [request.params for request in requests]
+        if all(p.greedy for p in params):
+            return logits.argmax(dim=-1)
+        vocab = logits.shape[-1]
+        settings = _to_device(
+            [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
+              float(p.greedy)] for p in params], torch.float32, self.device)
+        scaled = logits / settings[:, 0:1]
+        probs = scaled.softmax(dim=-1)
+        if any(p.top_k or p.top_p < 1.0 for p in params if not p.greedy):
+            # Masking probabilities computed over the whole row, rather than renormalizing, keeps a
+            # row's numbers the same whether or not other rows in the batch truncate; the race
+            # below doesn't need them to sum to one.
+            keep = _top_k_top_p_mask(scaled, settings[:, 1:2].long(), settings[:, 2:3])
+            probs = probs.masked_fill(~keep, 0.0)
+        drawn = (probs / self._exponential_noise(probs, requests)).argmax(dim=-1)
+        if not any(p.greedy for p in params):
+            return drawn
+        return torch.where(settings[:, 3].bool(), logits.argmax(dim=-1), drawn)
+
+    def _exponential_noise(self, probs: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, request in enumerate(requests):
+            if request.generator is not None and not request.params.greedy:
+                noise[row].exponential_(generator=request.generator)
+        # The CPU generator can return exactly 0, and 0/0 would be a NaN that argmax picks.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _collect(self, logits: torch.Tensor, token_ids: torch.Tensor,
+                 params: list[SamplingParams]) -> SampledTokens:
+        asking = [row for row, p in enumerate(params) if p.logprobs is not None]
+        if not asking:
+            return SampledTokens.without_logprobs(token_ids.tolist())
+        rows = _to_device(asking, torch.int64, self.device)
+        logprobs = logits.index_select(0, rows).log_softmax(dim=-1)
+        chosen = logprobs.gather(1, token_ids.index_select(0, rows)[:, None]).squeeze(1)
+        top_n = max(params[row].logprobs for row in asking)
+        top_values, top_ids = logprobs.topk(top_n, dim=-1)
+        # One transfer for everything: float64 holds token ids (< 2**53) and float32 values exactly.
+        packed = torch.cat([token_ids.double(), chosen.double(), top_values.double().flatten(),
+                            top_ids.double().flatten()]).tolist()
+        batch, asked = len(params), len(asking)
+        chosen_values = packed[batch: batch + asked]
+        top_values_flat = packed[batch + asked: batch + asked + asked * top_n]
+        top_ids_flat = packed[batch + asked + asked * top_n:]
+        result = SampledTokens.without_logprobs([int(t) for t in packed[:batch]])
+        for j, row in enumerate(asking):
+            start = j * top_n
+            result.logprobs[row] = chosen_values[j]
+            result.top_logprobs[row] = [(int(top_ids_flat[start + m]), top_values_flat[start + m])
+                                        for m in range(params[row].logprobs)]
+        return result
+
+
+def _ids_by_row(ids_per_row: list[torch.Tensor],
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, id) index pairs for all rows' ids at once, for a single index_put_ into [rows, vocab]."""
+    ids = torch.cat(ids_per_row)
+    # output_size is known on the host; without it repeat_interleave would wait for the device.
+    row = torch.arange(len(ids_per_row), device=ids.device).repeat_interleave(lengths, output_size=len(ids))
+    return row, ids
+
+
+def _top_k_top_p_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which tokens survive top-k, then top-p on the distribution top-k leaves; top_k, top_p: [rows, 1].
+
+    Tokens tied with the last one kept stay in, for both cuts (as HF's and vLLM's top-k do): which
+    of equal tokens a sort puts first is arbitrary, so a cut through a tie would be too, and a
+    seeded request would depend on the sort's tie order.
+    """
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    keep = sorted_logits >= sorted_logits.gather(1, top_k - 1)
+    sorted_probs = sorted_logits.masked_fill(~keep, float("-inf")).softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    # top_p = 1 keeps everything even where rounding lets the running sum reach 1 before the tail.
+    in_nucleus = (mass_before < top_p) | (top_p >= 1.0)
+    nucleus_size = in_nucleus.sum(dim=-1, keepdim=True)
+    keep &= sorted_probs >= sorted_probs.gather(1, nucleus_size - 1)
+    return torch.empty_like(keep).scatter_(1, order, keep)

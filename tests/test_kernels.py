@@ -1,0 +1,344 @@
+"""Triton kernels against their torch twins, and the torch twins against naive formulas.
+
+On a CPU-only machine conftest.py turns on Triton's interpreter, so shapes stay small. The
+interpreter multiplies bfloat16 tl.dot operands as raw 16-bit integers, so the two attention
+kernels are checked in bfloat16 only by test_kernels_gpu.py; everything else runs all three dtypes.
+"""
+
+import math
+
+import pytest
+import torch
+
+from lightllm_nb.kernels import (
+    add_rmsnorm, add_rmsnorm_torch, apply_rotary, apply_rotary_torch, decode_attention,
+    decode_attention_torch, decode_workspace_numel, prefill_attention, prefill_attention_torch,
+    rmsnorm, rmsnorm_torch, silu_mul, silu_mul_torch, write_kv, write_kv_torch,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# bfloat16 tl.dot is wrong in the interpreter (see module docstring).
+ATTENTION_DTYPES = [torch.float32, torch.float16]
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4),
+       # A bf16 ulp is up to 2^-7 relative and outputs are rounded twice (after normalizing and
+       # after the weight multiply), so two ulps apart is still a match.
+       torch.bfloat16: dict(rtol=2 ** -6, atol=1e-2),
+       torch.float16: dict(rtol=1e-2, atol=1e-2)}
+
+
+def _gen(seed, device="cpu"):
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, device=gen.device).to(dtype)
+
+
+def _close(actual, expected, dtype):
+    torch.testing.assert_close(actual.float(), expected.float(), **TOL[dtype])
+
+
+# ---------------------------------------------------------------- rmsnorm
+
+
+def _hf_rmsnorm(x, weight, eps):
+    # Transcribed from transformers' LlamaRMSNorm.forward.
+    hidden = x.to(torch.float32)
+    variance = hidden.pow(2).mean(-1, keepdim=True)
+    hidden = hidden * torch.rsqrt(variance + eps)
+    return (weight * hidden.to(x.dtype)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm(dtype):
+    gen = _gen(10 + DTYPES.index(dtype))
+    x = _randn(gen, 5, 48, dtype=dtype) * 3
+    weight = 1 + _randn(gen, 48, dtype=dtype) * 0.1
+    expected = rmsnorm_torch(x, weight, 1e-5)
+    torch.testing.assert_close(expected, _hf_rmsnorm(x, weight, 1e-5), rtol=0, atol=0)
+    out = rmsnorm(x, weight, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    _close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_rmsnorm(dtype):
+    gen = _gen(20 + DTYPES.index(dtype))
+    x = _randn(gen, 6, 40, dtype=dtype)
+    residual = _randn(gen, 6, 40, dtype=dtype) * 2
+    weight = 1 + _randn(gen, 40, dtype=dtype) * 0.1
+    summed = residual + x
+
+    residual_torch = residual.clone()
+    out_torch, returned = add_rmsnorm_torch(x, residual_torch, weight, 1e-6)
+    assert returned is residual_torch
+    torch.testing.assert_close(residual_torch, summed, rtol=0, atol=0)
+    torch.testing.assert_close(out_torch, _hf_rmsnorm(summed, weight, 1e-6), rtol=0, atol=0)
+
+    residual_kernel = residual.clone()
+    out, returned = add_rmsnorm(x, residual_kernel, weight, 1e-6)
+    assert returned is residual_kernel
+    if dtype == torch.bfloat16:
+        # The interpreter truncates float32 -> bfloat16 where the GPU rounds to nearest even,
+        # so here the bf16 sum may be one ulp off; test_kernels_gpu.py checks it bit for bit.
+        _close(residual_kernel, summed, dtype)
+    else:
+        torch.testing.assert_close(residual_kernel, summed, rtol=0, atol=0)
+    _close(out, out_torch, dtype)
+
+
+# ---------------------------------------------------------------- rotary
+
+
+def _rope_tables(max_pos, head_dim, base=10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().float(), angles.sin().float()
+
+
+def _hf_rotary(x, positions, cos, sin):
+    # HF apply_rotary_pos_emb: x * cos + rotate_half(x) * sin with tables duplicated over halves,
+    # in float64 so that it is an oracle for every dtype.
+    half = x.shape[-1] // 2
+    c = torch.cat([cos, cos], dim=-1)[positions].unsqueeze(1).double()
+    s = torch.cat([sin, sin], dim=-1)[positions].unsqueeze(1).double()
+    xf = x.double()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * c + rotated * s).to(x.dtype)
+
+
+def _fused_qkv(gen, tokens, num_q_heads, num_kv_heads, head_dim, dtype):
+    """q, k, v as strided views of one [T, (Hq + 2 Hkv) * D] projection output, like the model."""
+    qkv = _randn(gen, tokens, (num_q_heads + 2 * num_kv_heads) * head_dim, dtype=dtype)
+    q_end, k_end = num_q_heads * head_dim, (num_q_heads + num_kv_heads) * head_dim
+    return (qkv, qkv[:, :q_end].view(tokens, num_q_heads, head_dim),
+            qkv[:, q_end:k_end].view(tokens, num_kv_heads, head_dim),
+            qkv[:, k_end:].view(tokens, num_kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 16), (9, 3, 32)])
+def test_apply_rotary(dtype, num_q_heads, num_kv_heads, head_dim):
+    gen = _gen(30 + DTYPES.index(dtype) + head_dim)
+    cos, sin = _rope_tables(200, head_dim)
+    qkv, q, k, v = _fused_qkv(gen, 7, num_q_heads, num_kv_heads, head_dim, dtype)
+    assert not q.is_contiguous()
+    positions = torch.randperm(200, generator=gen)[:7]
+    v_before = v.clone()
+
+    q_torch, k_torch = q.clone(), k.clone()
+    apply_rotary_torch(q_torch, k_torch, positions, cos, sin)
+    _close(q_torch, _hf_rotary(q, positions, cos, sin), dtype)
+    _close(k_torch, _hf_rotary(k, positions, cos, sin), dtype)
+
+    apply_rotary(q, k, positions, cos, sin)
+    _close(q, q_torch, dtype)
+    _close(k, k_torch, dtype)
+    torch.testing.assert_close(v, v_before, rtol=0, atol=0)  # no write past k's columns
+
+
+# ---------------------------------------------------------------- silu_mul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul(dtype):
+    gen = _gen(40 + DTYPES.index(dtype))
+    ffn = 1030  # two column blocks, the second one ragged
+    gate_up = _randn(gen, 3, 2 * ffn, dtype=dtype) * 2
+    gate, up = gate_up.float()[:, :ffn], gate_up.float()[:, ffn:]
+    expected = silu_mul_torch(gate_up)
+    _close(expected, gate / (1 + torch.exp(-gate)) * up, dtype)
+    out = silu_mul(gate_up)
+    assert out.dtype == dtype and out.shape == (3, ffn)
+    _close(out, expected, dtype)
+
+
+def test_elementwise_torch_paths_in_float64():
+    """A float64 model stays float64 where HF computes in float64 (rotary, SwiGLU); RMSNorm
+    normalizes in float32 as HF does."""
+    gen = _gen(45)
+    x = _randn(gen, 4, 32, dtype=torch.float64)
+    weight = 1 + _randn(gen, 32, dtype=torch.float64) * 0.1
+    torch.testing.assert_close(rmsnorm_torch(x, weight, 1e-6), _hf_rmsnorm(x, weight, 1e-6), rtol=0, atol=0)
+    gate_up = _randn(gen, 4, 64, dtype=torch.float64)
+    gate, up = gate_up[:, :32], gate_up[:, 32:]
+    torch.testing.assert_close(silu_mul_torch(gate_up), gate / (1 + torch.exp(-gate)) * up, rtol=1e-14, atol=1e-14)
+    cos, sin = _rope_tables(50, 16)
+    _, q, k, _ = _fused_qkv(gen, 5, 6, 2, 16, torch.float64)
+    positions = torch.randperm(50, generator=gen)[:5]
+    q_expected, k_expected = _hf_rotary(q, positions, cos, sin), _hf_rotary(k, positions, cos, sin)
+    apply_rotary_torch(q, k, positions, cos, sin)
+    torch.testing.assert_close(q, q_expected, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(k, k_expected, rtol=1e-14, atol=1e-14)
+
+
+# ---------------------------------------------------------------- write_kv
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_write_kv(dtype, slot_dtype):
+    gen = _gen(50 + DTYPES.index(dtype) + (slot_dtype == torch.int64))
+    num_kv_heads, head_dim, tokens, num_slots = 3, 24, 9, 40
+    _, _, k, v = _fused_qkv(gen, tokens, 9, num_kv_heads, head_dim, dtype)
+    slots = torch.randperm(num_slots, generator=gen)[:tokens].to(slot_dtype)
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots.long()] = False
+
+    caches = {}
+    for name, fn in (("torch", write_kv_torch), ("kernel", write_kv)):
+        k_cache = torch.full((num_slots, num_kv_heads, head_dim), float("nan"), dtype=dtype)
+        v_cache = torch.full_like(k_cache, float("nan"))
+        fn(k_cache, v_cache, k, v, slots)
+        caches[name] = (k_cache, v_cache)
+    for k_cache, v_cache in caches.values():
+        for t, slot in enumerate(slots.tolist()):
+            torch.testing.assert_close(k_cache[slot], k[t], rtol=0, atol=0)
+            torch.testing.assert_close(v_cache[slot], v[t], rtol=0, atol=0)
+        assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype, spare_rows=2, spare_slots=23):
+    """A KV cache whose slots are handed out in shuffled order, and a req_to_token table whose rows
+    are used out of order, so that the kernels must really follow the indirection."""
+    device = gen.device
+    num_slots = sum(kv_lens) + spare_slots
+    max_ctx = max(kv_lens) + 5
+    k_cache = _randn(gen, num_slots, num_kv_heads, head_dim, dtype=dtype)
+    v_cache = _randn(gen, num_slots, num_kv_heads, head_dim, dtype=dtype)
+    num_rows = len(kv_lens) + spare_rows
+    req_to_token = torch.randint(0, num_slots, (num_rows, max_ctx), generator=gen, device=device,
+                                 dtype=torch.int32)
+    req_rows = torch.randperm(num_rows, generator=gen, device=device)[:len(kv_lens)]
+    free = torch.randperm(num_slots, generator=gen, device=device)
+    used = 0
+    for row, kv_len in zip(req_rows.tolist(), kv_lens):
+        req_to_token[row, :kv_len] = free[used:used + kv_len].int()
+        used += kv_len
+    return k_cache, v_cache, req_to_token, req_rows
+
+
+def _naive_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_lens, scale):
+    """Explicit softmax over a dense causal score matrix, one (request, q head) at a time."""
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(len(kv_lens)):
+        start, end, kv_len = int(q_starts[b]), int(q_starts[b + 1]), int(kv_lens[b])
+        q_len = end - start
+        if kv_len == 0:
+            continue
+        slots = [int(req_to_token[int(req_rows[b]), p]) for p in range(kv_len)]
+        for h in range(num_q_heads):
+            kv_head = h * num_kv_heads // num_q_heads
+            keys = torch.stack([k_cache[s, kv_head] for s in slots]).double()
+            values = torch.stack([v_cache[s, kv_head] for s in slots]).double()
+            scores = q[start:end, h].double() @ keys.T * scale
+            query_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+            scores[torch.arange(kv_len)[None, :] > query_pos] = float("-inf")
+            out[start:end, h] = torch.softmax(scores, dim=-1) @ values
+    return out
+
+
+# The torch paths keep float64 (the engine's exactness tests against HF run in float64).
+NAIVE_TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", NAIVE_TOL)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 32), (9, 3, 16)])
+def test_decode_attention_torch_matches_naive(dtype, num_q_heads, num_kv_heads, head_dim):
+    gen = _gen(60 + num_q_heads)
+    kv_lens = [1, 37, 70, 0]
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    q = _randn(gen, len(kv_lens), num_q_heads, head_dim, dtype=dtype)
+    lens = torch.tensor(kv_lens)
+    scale = 1 / math.sqrt(head_dim)
+    out = decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, lens, scale)
+    naive = _naive_attention(q, k_cache, v_cache, req_to_token, req_rows, torch.arange(len(kv_lens) + 1),
+                             lens, scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), naive, rtol=NAIVE_TOL[dtype], atol=NAIVE_TOL[dtype])
+
+
+# (q heads, kv heads, head dim, kv_lens, num_splits): GQA 1 and 3; contexts of 1, of exactly one
+# KV block (64), not a multiple of it, and 0 (a padded batch row); one split, several, and more
+# splits than a context has blocks (empty splits).
+DECODE_CASES = [
+    (4, 4, 32, [1, 64, 100], 1),
+    (9, 3, 16, [37, 1, 130], 3),
+    (9, 3, 32, [5, 0, 99, 64], None),
+    (8, 2, 64, [100], 5),
+]
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_attention(dtype, case):
+    num_q_heads, num_kv_heads, head_dim, kv_lens, num_splits = DECODE_CASES[case]
+    gen = _gen(70 + 10 * case + ATTENTION_DTYPES.index(dtype))
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    batch = len(kv_lens)
+    # q as a strided view of a fused qkv output.
+    _, q, _, _ = _fused_qkv(gen, batch, num_q_heads, num_kv_heads, head_dim, dtype)
+    lens = torch.tensor(kv_lens, dtype=torch.int32 if case % 2 else torch.int64)
+    scale = 1 / math.sqrt(head_dim)
+    expected = decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, lens, scale)
+
+    kwargs = {}
+    if num_splits is not None:
+        workspace = torch.full((decode_workspace_numel(batch, num_q_heads, head_dim, num_splits) + 7,),
+                               float("nan"))
+        kwargs = dict(max_kv_len=max(kv_lens), num_splits=num_splits, workspace=workspace)
+    out = decode_attention(q, k_cache, v_cache, req_to_token, req_rows, lens, scale, **kwargs)
+    assert out.dtype == dtype and out.shape == (batch, num_q_heads, head_dim)
+    _close(out, expected, dtype)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", NAIVE_TOL)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 16), (9, 3, 32)])
+def test_prefill_attention_torch_matches_naive(dtype, num_q_heads, num_kv_heads, head_dim):
+    gen = _gen(90 + num_q_heads)
+    q_lens, kv_lens = [1, 20, 1, 13], [1, 20, 45, 30]  # a 1-token prompt, a fresh prompt, a decode row, a prefix hit
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    q_starts = torch.tensor([0] + q_lens).cumsum(0).int()
+    q = _randn(gen, sum(q_lens), num_q_heads, head_dim, dtype=dtype)
+    lens = torch.tensor(kv_lens)
+    scale = 1 / math.sqrt(head_dim)
+    out = prefill_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale)
+    naive = _naive_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), naive, rtol=NAIVE_TOL[dtype], atol=NAIVE_TOL[dtype])
+    # A q_len = 1 row is exactly a decode step.
+    token = int(q_starts[2])
+    decode = decode_attention_torch(q[token:token + 1], k_cache, v_cache, req_to_token, req_rows[2:3],
+                                    lens[2:3], scale)
+    torch.testing.assert_close(out[token:token + 1], decode, rtol=NAIVE_TOL[dtype], atol=NAIVE_TOL[dtype])
+
+
+# (q heads, kv heads, head dim, q_lens, kv_lens): GQA 1 and 3; fresh prompts longer than one
+# q block (64); cached prefixes; q_len = 1 rows; lengths not multiples of the block sizes.
+PREFILL_CASES = [
+    (4, 4, 32, [70], [70]),
+    (9, 3, 16, [1, 30, 5], [1, 30, 50]),
+    (9, 3, 32, [20, 1, 66], [93, 77, 100]),
+]
+
+
+@pytest.mark.parametrize("dtype", ATTENTION_DTYPES)
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_prefill_attention(dtype, case):
+    num_q_heads, num_kv_heads, head_dim, q_lens, kv_lens = PREFILL_CASES[case]
+    gen = _gen(100 + 10 * case + ATTENTION_DTYPES.index(dtype))
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    _, q, _, _ = _fused_qkv(gen, sum(q_lens), num_q_heads, num_kv_heads, head_dim, dtype)
+    q_starts = torch.tensor([0] + q_lens).cumsum(0).int()
+    lens = torch.tensor(kv_lens, dtype=torch.int32 if case % 2 else torch.int64)
+    scale = 1 / math.sqrt(head_dim)
+    expected = prefill_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale)
+    max_q_len = max(q_lens) if case % 2 else None
+    out = prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale, max_q_len)
+    assert out.dtype == dtype and out.shape == q.shape
+    _close(out, expected, dtype)

@@ -1,0 +1,50 @@
+"""No KV slot is ever lost: random requests, random aborts, tight memory, every policy."""
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+import pytest
+
+from lightllm_nb import Engine, SamplingParams
+
+request_st = st.tuples(
+    st.integers(1, 40),                        # prompt length
+    st.integers(1, 20),                        # max_tokens
+    st.one_of(st.none(), st.integers(0, 12)),  # abort after this many steps, or never
+)
+
+
+@pytest.fixture(scope="module", params=[(1, "aggressive"), (4, "conservative"), (16, "aggressive")],
+                ids=lambda p: f"page{p[0]}-{p[1]}")
+def engine(request, tiny_model):
+    page_size, policy = request.param
+    folder, _ = tiny_model("qwen2")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=128, page_size=page_size,
+                scheduler=policy, max_running=6, max_batch_tokens=24) as eng:
+        yield eng
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=st.lists(request_st, min_size=1, max_size=10), seed=st.integers(0, 2**16))
+def test_random_requests_and_aborts_leave_the_pool_whole(engine, requests, seed):
+    ids = []
+    for prompt_len, max_tokens, abort_at in requests:
+        prompt = [(seed + 7 * i) % 49000 + 3 for i in range(prompt_len)]
+        rid = engine.add_request(prompt_token_ids=prompt,
+                                 sampling=SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed))
+        ids.append((rid, abort_at))
+    finished = {}
+    step = 0
+    while engine.has_unfinished():
+        for rid, abort_at in ids:
+            if abort_at == step:
+                engine.abort(rid)
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id not in finished, "a request finished twice"
+                finished[out.request_id] = out.completion.finish_reason
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    assert set(finished) == {rid for rid, _ in ids}
+    for (rid, abort_at), (_, max_tokens, _) in zip(ids, requests):
+        assert finished[rid] in ("length", "stop", "abort")
+    assert engine.pool.is_whole()
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
