@@ -20,7 +20,7 @@ from .detokenizer import IncrementalDetokenizer
 from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
 from .kernel_set import kernels_for
 from .kv_pool import KVPool
-from .loading import load_checkpoint
+from .loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
 from .models.weights import build_model
@@ -46,14 +46,15 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(self, model: str = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
+    def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
                  max_running: int = 128, scheduler: str = "conservative", prefix_cache: bool = True,
-                 seed: int | None = None, kv_memory_fraction: float = 0.85, progress: bool = True):
+                 seed: int | None = None, kv_memory_fraction: float = 0.85, cuda_graphs: bool = True,
+                 progress: bool = True):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}")
         self.device = resolve_device(device)
-        checkpoint = load_checkpoint(model)
+        checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.config = ModelConfig.from_hf(checkpoint.config)
         self.dtype = resolve_dtype(dtype, self.device, checkpoint.config)
         self.tokenizer = checkpoint.tokenizer
@@ -69,7 +70,8 @@ class Engine:
                            dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(self.pool, POLICIES[scheduler](), max_batch_tokens=max_batch_tokens,
                                    max_running=max_running)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
+                                  progress=progress)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else torch.seed())
         self.sampler = Sampler(self.config.vocab_size, self.device, generator=generator)

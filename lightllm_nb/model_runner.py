@@ -11,10 +11,16 @@ from .request import Request
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, pool: KVPool):
+    def __init__(self, model: LlamaModel, pool: KVPool, *, cuda_graphs: bool = False, max_batch: int = 1,
+                 progress: bool = True):
         self.model = model
         self.pool = pool
         self.device = model.device
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from .cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, pool, max_batch, progress)
 
     def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request]]:
         """Flat tensors for this step, and the requests that sample a token after it (in logits order).
@@ -58,4 +64,6 @@ class ModelRunner:
 
     def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
         batch, samplers = self.prepare(items)
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch)[batch.logits_index], samplers
         return self.model.forward(batch, self.pool), samplers

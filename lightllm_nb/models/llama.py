@@ -32,6 +32,7 @@ class ForwardBatch:
     num_decodes: int
     max_q_len: int
     max_kv_len: int
+    decode_splits: int | None = None  # fixed split count for CUDA graphs; None lets the kernel choose
 
 
 @dataclass
@@ -75,7 +76,7 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
-        """Float32 logits [N, vocab] for the tokens at batch.logits_index."""
+        """Logits [N, vocab] (float32, or float64 for a float64 model) for the tokens at batch.logits_index."""
         cfg, k = self.config, self.kernels
         hidden = F.embedding(batch.input_ids, self.embed)
         residual = hidden
@@ -89,7 +90,8 @@ class LlamaModel:
         # Only the rows that sample need the final norm and the (large) vocabulary projection.
         last_hidden, last_residual = hidden[batch.logits_index], residual[batch.logits_index]
         x, _ = k.add_rmsnorm(last_hidden, last_residual, self.final_norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        logits = F.linear(x, self.lm_head)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
                    pool: KVPool) -> torch.Tensor:
@@ -111,7 +113,7 @@ class LlamaModel:
         if d:
             out[:d] = k.decode_attention(q[:d], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
                                          batch.req_rows[:d], batch.kv_lens[:d], self.scale,
-                                         max_kv_len=batch.max_kv_len)
+                                         max_kv_len=batch.max_kv_len, num_splits=batch.decode_splits)
         if d < batch.req_rows.shape[0]:
             out[d:] = k.prefill_attention(q[d:], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
                                           batch.req_rows[d:], batch.q_starts[d:] - d, batch.kv_lens[d:],
