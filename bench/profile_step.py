@@ -1,0 +1,103 @@
+"""Where a decode step's time goes: scheduling, input preparation, the GPU forward, sampling.
+
+    python bench/profile_step.py --tokenizer DIR [--shape llama-1b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import SHAPES  # noqa: E402
+from throughput import random_checkpoint  # noqa: E402
+
+from lightllm_nb import Engine, SamplingParams  # noqa: E402
+
+
+def timed(fn, sync=True):
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
+    rng = np.random.default_rng(batch)
+    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
+                               sampling=SamplingParams(max_tokens=steps * 2 + 20, temperature=0, ignore_eos=True))
+            for _ in range(batch)]
+    while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
+        engine.step()
+    parts = {"schedule": [], "prepare": [], "forward": [], "sample": [], "step": []}
+    runner = engine.runner
+    for _ in range(steps):
+        # Instrumented copy of Engine.step's work, each piece synchronized.
+        sched, t = timed(engine.scheduler.schedule)
+        parts["schedule"].append(t)
+        (batch_t, reqs), t = timed(lambda: runner.prepare(sched.items))
+        parts["prepare"].append(t)
+        logits, t = timed(lambda: runner.graphs.run(batch_t)[batch_t.logits_index]
+                          if runner.graphs and runner.graphs.fits(batch_t) else engine.model.forward(batch_t, engine.pool))
+        parts["forward"].append(t)
+        sampled, t = timed(lambda: engine.sampler.sample(logits, [r.sampler for r in reqs]))
+        parts["sample"].append(t)
+        for req, n in sched.items:
+            req.num_computed += n
+        for i, req in enumerate(reqs):
+            req.token_ids.append(sampled.token_ids[i])
+        _, t = timed(engine.step)
+        parts["step"].append(t)
+    for rid in rids:
+        engine.abort(rid)
+    engine.step()
+    return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--shape", default="llama-1b")
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
+    engine = Engine(ckpt, dtype="bfloat16", max_running=256, progress=False)
+    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step")))
+    for context in (512, 2048):
+        for batch in (1, 32, 128):
+            r = profile(engine, batch, context)
+            print(f"{batch:>5} {context:>5} " + " ".join(f"{r[k]:9.3f}" for k in r), flush=True)
+    kernel_table(engine, 128, 2048)
+
+
+def kernel_table(engine: Engine, batch: int, context: int) -> None:
+    """GPU time per kernel of eager decode forwards: which kernel to work on next."""
+    rng = np.random.default_rng(0)
+    for _ in range(batch):
+        engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
+                           sampling=SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
+        engine.step()
+    sched = engine.scheduler.schedule()
+    batch_t, _ = engine.runner.prepare(sched.items)
+    engine.model.forward(batch_t, engine.pool)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine.model.forward(batch_t, engine.pool)
+        torch.cuda.synchronize()
+    print(f"eager decode forward, batch {batch}, context {context} (3 runs):")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
