@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 from .decisions import Decision
 
@@ -43,6 +47,33 @@ class StepEvent:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "StepEvent":
+        return cls(**{**d, "rows": [BatchRow(**r) for r in d["rows"]],
+                      "decisions": [Decision(**x) for x in d["decisions"]]})
+
+    def redacted_for(self, user: str) -> "StepEvent":
+        """The event as `user` may see it: other users' requests keep their numbers but lose their
+        names and ids (a stable pseudonym per request), so a shared engine leaks no identities."""
+        names = {}
+
+        def alias(request_id: str | None, owner: str | None) -> str | None:
+            if request_id is None or owner == user:
+                return request_id
+            return names.setdefault(request_id, "other-" + hashlib.sha256(request_id.encode()).hexdigest()[:8])
+
+        rows = [r if r.user == user else replace(r, request_id=alias(r.request_id, r.user), user="other")
+                for r in self.rows]
+        hidden = [replace(d, request_id=alias(d.request_id, d.user), user="other") if d.user != user else d
+                  for d in self.decisions]
+        decisions = []
+        for d in hidden:  # reasons may name another user's request ("req-3 needs room")
+            reason = d.reason
+            for real, fake in names.items():
+                reason = re.sub(rf"(?<![\w-]){re.escape(real)}(?![\w-])", fake, reason)
+            decisions.append(replace(d, reason=reason))
+        return replace(self, rows=rows, decisions=decisions)
+
     def summary(self) -> str:
         used = self.kv_capacity - self.kv_free
         kinds = {}
@@ -53,3 +84,22 @@ class StepEvent:
                 f"{self.decode_tokens:3d} decode tokens | KV {used:6d}/{self.kv_capacity} "
                 f"({100 * used / self.kv_capacity:5.1f}%) | running {self.running} waiting {self.waiting}"
                 + (f" | {extra}" if extra else ""))
+
+
+class TraceRecorder:
+    """A subscriber that appends every StepEvent to a JSON-lines file: `engine.subscribe(TraceRecorder(p))`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file = self.path.open("w", encoding="utf-8")
+
+    def __call__(self, event: StepEvent) -> None:
+        self._file.write(json.dumps(event.to_dict(), separators=(",", ":")) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def load_trace(path: str | Path) -> list[StepEvent]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [StepEvent.from_dict(json.loads(line)) for line in f if line.strip()]

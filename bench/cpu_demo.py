@@ -1,0 +1,84 @@
+"""CPU benchmark on the demo model: one stream and 16 concurrent, against HF transformers
+`generate` on the same (dequantized) weights in the same process.
+
+    python bench/cpu_demo.py [--tokens 64] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import transformers
+
+from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.loading import load_checkpoint
+
+PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a CPU cache works.",
+           "List some fruits that are red.", "What is the tallest mountain on Earth?"]
+
+
+def hf_from_checkpoint(ckpt) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(**{k: v for k, v in ckpt.config.items() if k not in ("architectures",)})
+    model = transformers.LlamaForCausalLM(cfg).float().eval()
+    state = dict(ckpt.tensors())
+    missing = set(model.load_state_dict(state, strict=False).missing_keys) - {"lm_head.weight"}
+    if missing:
+        raise RuntimeError(f"HF model missing weights: {sorted(missing)[:5]}")
+    model.tie_weights()
+    return model
+
+
+def prompts_ids(tokenizer, n):
+    texts = [PROMPTS[i % len(PROMPTS)] + f" (variant {i})" for i in range(n)]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=False) for t in texts]
+
+
+def ours(engine: Engine, n: int, tokens: int) -> float:
+    texts = prompts_ids(engine.tokenizer, n)
+    ids = [engine.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    sampling = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    t = time.perf_counter()
+    out = engine.generate(prompt_token_ids=ids, sampling=sampling, progress=False)
+    wall = time.perf_counter() - t
+    return sum(len(c.token_ids) for c in out) / wall
+
+
+def hf(model, tokenizer, n: int, tokens: int) -> float:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts_ids(tokenizer, n), return_tensors="pt", padding=True, add_special_tokens=False)
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    wall = time.perf_counter() - t
+    return (out.shape[1] - batch.input_ids.shape[1]) * n / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine("demo", device="cpu", kv_tokens=8192)
+    model = hf_from_checkpoint(load_checkpoint("demo"))
+    ours(engine, 1, 4)  # warm-up both
+    hf(model, engine.tokenizer, 1, 4)
+    rows = []
+    for n in (1, 16):
+        a, b = ours(engine, n, args.tokens), hf(model, engine.tokenizer, n, args.tokens)
+        rows.append((n, a, b))
+    print(f"\nSmolLM2-135M (demo, float32) on CPU, {torch.get_num_threads()} threads, {args.tokens} tokens each")
+    print(f"{'streams':>7} {'lightllm-nb tok/s':>18} {'HF generate tok/s':>18} {'ratio':>6}")
+    for n, a, b in rows:
+        print(f"{n:>7} {a:>18.1f} {b:>18.1f} {a / b:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
