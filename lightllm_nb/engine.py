@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ from .loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
 from .models.weights import build_model
-from .request import Completion, Request, Status, request_metrics
+from .request import Completion, Request, request_metrics
 from .sampler import RequestSampler, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
@@ -49,8 +49,8 @@ class Engine:
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
                  max_running: int = 128, scheduler: str = "conservative", prefix_cache: bool = True,
-                 seed: int | None = None, kv_memory_fraction: float = 0.85, cuda_graphs: bool = True,
-                 progress: bool = True):
+                 max_running_per_user: int | None = None, seed: int | None = None,
+                 kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, progress: bool = True):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}")
         self.device = resolve_device(device)
@@ -69,7 +69,8 @@ class Engine:
                            max_context=min(self.config.max_position_embeddings, kv_tokens),
                            dtype=self.dtype, device=self.device)
         self.scheduler = Scheduler(self.pool, POLICIES[scheduler](), max_batch_tokens=max_batch_tokens,
-                                   max_running=max_running)
+                                   max_running=max_running, prefix_cache=prefix_cache,
+                                   max_running_per_user=max_running_per_user)
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
                                   progress=progress)
         generator = torch.Generator(device=self.device)
@@ -83,7 +84,7 @@ class Engine:
         self._pending: list[RequestOutput] = []   # outputs of aborts, delivered by the next step
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._ids = itertools.count()
-        self._subscribers: list[Callable[[StepEvent], None]] = []
+        self._subscribers: list[tuple[Callable[[StepEvent], None], bool]] = []  # (callback, wants pages)
         self._step = 0
         self._start = time.perf_counter()
         self._closed = False
@@ -128,8 +129,9 @@ class Engine:
         batch = self.scheduler.schedule()
         decisions = self._carried_decisions + batch.decisions
         self._carried_decisions = []
+        # Rows are described only for listeners: at batch 256 this is measurable host time.
         rows = [BatchRow(r.request_id, r.user, "decode" if r.is_decoding else "prefill", n, r.num_computed + n)
-                for r, n in batch.items]
+                for r, n in batch.items] if self._subscribers else []
         if batch:
             logits, sampling_reqs = self.runner.run(batch.items)
             sampled = self.sampler.sample(logits, [r.sampler for r in sampling_reqs])
@@ -212,10 +214,14 @@ class Engine:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
-    def subscribe(self, callback: Callable[[StepEvent], None]) -> Callable[[], None]:
-        """Call `callback` with every StepEvent; returns a function that unsubscribes."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+    def subscribe(self, callback: Callable[[StepEvent], None], *, pages: bool = False) -> Callable[[], None]:
+        """Call `callback` with every StepEvent; returns a function that unsubscribes.
+
+        `pages=True` adds the owner of every KV page to the event (a list as long as the pool has
+        pages: ask for it only where occupancy is drawn)."""
+        entry = (callback, pages)
+        self._subscribers.append(entry)
+        return lambda: self._subscribers.remove(entry)
 
     def stats(self) -> dict:
         pool = self.pool
@@ -224,9 +230,19 @@ class Engine:
             "kernels": self.model.kernels.name, "scheduler": self.scheduler.policy.name,
             "kv_capacity_tokens": pool.capacity, "kv_free_tokens": pool.free_tokens,
             "kv_used_tokens": pool.capacity - pool.free_tokens, "page_size": pool.page_size,
+            "kv_cached_tokens": self.scheduler.reclaimable_tokens,  # unused prefix cache, inside kv_used
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "steps": self._step, "weight_bytes": self.model.weight_bytes(),
         }
+
+    def clear_prefix_cache(self) -> int:
+        """Drop every cached prefix no running request uses; returns the number of tokens freed."""
+        self._check_open()
+        decision = self.scheduler.clear_prefix_cache()
+        if decision is None:
+            return 0
+        self._carried_decisions.append(decision)
+        return decision.numbers["evicted"]
 
     def close(self) -> None:
         """Release the model, the KV cache and every request; the engine cannot be used afterwards."""
@@ -320,9 +336,12 @@ class Engine:
             return
         pool = self.pool
         event = StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
-                          rows=rows, decisions=decisions, kv_capacity=pool.capacity, kv_free=pool.free_tokens,
-                          kv_cached=0, running=len(self.scheduler.running),
-                          waiting=len(self.scheduler.waiting), page_size=pool.page_size,
-                          page_owner=pool.page_owner.tolist())
-        for callback in list(self._subscribers):
-            callback(event)
+                          rows=rows, decisions=decisions, kv_capacity=pool.capacity,
+                          kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
+                          running=len(self.scheduler.running),
+                          waiting=len(self.scheduler.waiting), page_size=pool.page_size)
+        with_pages = None
+        for callback, pages in list(self._subscribers):
+            if pages and with_pages is None:
+                with_pages = replace(event, page_owner=pool.page_owner.tolist())
+            callback(with_pages if pages else event)

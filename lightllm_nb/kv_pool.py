@@ -4,6 +4,10 @@ With page_size 1 (the default) every token owns exactly one slot anywhere in the
 nothing is wasted to fragmentation (TokenAttention). Larger pages exist to compare against
 paged attention. A request's positions map to slots through its row of `req_to_token`, which
 is the only indexing the attention kernels know.
+
+`page_owner` says who holds each page, for panels and leak checks: a request's row of
+`req_to_token` for pages it alone uses (its own, or cached ones only it holds), FREE, CACHED for
+prefix-cache pages no request uses (reclaimable), or SHARED for cached pages several requests use.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 FREE = -1
 CACHED = -2  # holds prefix-cache tokens that no running request uses: reclaimable
+SHARED = -3  # holds prefix-cache tokens that several running requests use
 
 
 class KVPool:
@@ -80,6 +85,12 @@ class KVPool:
             + positions % self.page_size
 
     # ---- rows of req_to_token ---------------------------------------------------------------
+    def map_prefix(self, row: int, pages: list[int], length: int) -> None:
+        """Point positions [0, length) of `row` at `pages`: a cached prefix the runner never computes,
+        so it never writes these positions itself. One host-to-device copy."""
+        slots = torch.from_numpy(self.slots(pages, 0, length)).to(self.req_to_token.device, torch.int32)
+        self.req_to_token[row, :length] = slots
+
     def alloc_row(self) -> int | None:
         return self._free_rows.pop() if self._free_rows else None
 
@@ -91,6 +102,7 @@ class KVPool:
         return len(self._free_rows)
 
     def is_whole(self) -> bool:
-        """Every page and row is back in the free lists: nothing leaked."""
+        """Every page and row is back in the free lists: nothing leaked. Pages the prefix cache
+        keeps are not free: clear the cache first."""
         return (len(self._free_pages) == self.num_pages and len(set(self._free_pages)) == self.num_pages
                 and len(self._free_rows) == self.max_requests and (self.page_owner == FREE).all())

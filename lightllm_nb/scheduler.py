@@ -1,17 +1,30 @@
 """Continuous batching: each step runs every running request's next tokens plus the prefill the
-token budget and the admission policy allow; when memory runs short, the newest request is
-preempted (its cache freed, recomputed later) instead of failing the step."""
+token budget and the admission policy allow.
+
+When memory runs short, unused prefix-cache entries are evicted first (least recently used);
+only then is a request preempted. A preempted request's computed tokens go into the prefix cache
+before its memory is released, so when it resumes it recomputes only what was evicted meanwhile.
+
+Admission is fair between users (see waiting_queue.py), so one engine can serve a whole JupyterHub.
+A request turned down for memory is never overtaken (see `_admit_waiting`).
+"""
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
 from .kv_pool import KVPool
+from .prefix_cache import PrefixCache, PrefixMatch
 from .request import Request, Status
+from .waiting_queue import WaitingQueue
+
+# A waiting request whose next this-many tokens a running prefill is computing right now waits a
+# step and takes them from the prefix cache, rather than computing them a second time.
+SHARED_PREFILL_PROBE_TOKENS = 32
 
 
 @dataclass
@@ -30,26 +43,51 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int):
+    def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int,
+                 prefix_cache: bool = False, max_running_per_user: int | None = None):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_running={max_running}: "
                              "every running request needs room for its next token each step")
+        if max_running_per_user is not None and max_running_per_user < 1:
+            raise ValueError(f"max_running_per_user={max_running_per_user} is invalid: it must be >= 1, "
+                             "or None for no per-user cap")
         self.pool = pool
         self.policy = policy
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
-        self.waiting: deque[Request] = deque()
+        self.max_running_per_user = max_running_per_user
+        self.cache = PrefixCache(pool) if prefix_cache else None
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
+        self._running_per_user: Counter[str] = Counter()
+        self._shared_probe = pool.pages_for(SHARED_PREFILL_PROBE_TOKENS) * pool.page_size
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
-        self.waiting.append(req)
+        self.waiting.add(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def pool_view(self) -> PoolView:
-        return PoolView(capacity=self.pool.capacity, free=self.pool.free_tokens, page_size=self.pool.page_size)
+        return PoolView(capacity=self.pool.capacity, free=self.pool.free_tokens + self.reclaimable_tokens,
+                        page_size=self.pool.page_size)
+
+    # ---- prefix cache ----------------------------------------------------------------------
+    @property
+    def reclaimable_tokens(self) -> int:
+        """Prefix-cache tokens no request uses (0 without a cache): free for admission, evicted on demand."""
+        return self.cache.reclaimable_tokens if self.cache is not None else 0
+
+    def clear_prefix_cache(self) -> Decision | None:
+        """Evict every cached prefix no running request uses; the evict decision, if anything went."""
+        if self.cache is None:
+            return None
+        freed = self.cache.clear() * self.pool.page_size
+        if not freed:
+            return None
+        return Decision("evict", None, f"prefix cache cleared: {freed} tokens freed",
+                        {"evicted": freed, "free": self.pool.free_tokens, "cached": self.cache.cached_tokens})
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
@@ -57,9 +95,13 @@ class Scheduler:
         budget = self.max_batch_tokens
         in_batch: set[int] = set()
         # Decodes before prefill chunks: a waiting prompt never stalls tokens already streaming.
-        for req in sorted(self.running, key=lambda r: r.num_uncomputed != 1):
+        # Higher priorities first: a request that finds the pool dry may only preempt requests
+        # not yet in this batch, so it must come before the ones it outranks.
+        for req in sorted(self.running, key=lambda r: (r.num_uncomputed != 1, -r.priority)):
             if req.status is not Status.RUNNING or budget == 0:
                 continue
+            if self.cache is not None:
+                self.cache.share_prompt(req)
             n = min(req.num_uncomputed, budget)
             if self._grow_or_preempt(req, req.num_computed + n, batch, in_batch):
                 batch.items.append((req, n))
@@ -70,70 +112,160 @@ class Scheduler:
         return batch
 
     def _grow_or_preempt(self, req: Request, length: int, batch: ScheduledBatch, in_batch: set[int]) -> bool:
-        """Make room for `req` to hold `length` tokens, preempting the newest other requests
-        (never one already in this step's batch). False if `req` itself had to go."""
-        while not self._grow(req, length):
-            victims = [r for r in self.running if id(r) not in in_batch and r is not req]
-            victim = victims[-1] if victims else req
+        """Make room for `req` to hold `length` tokens, preempting others (never one already in
+        this step's batch). False if `req` itself had to go."""
+        while not self._grow(req, length, batch.decisions):
+            victim = self._victim(req, in_batch)
             self.preempt(victim, batch.decisions, needed_by=req)
             if victim is req:
                 return False
         return True
 
-    def _grow(self, req: Request, length: int) -> bool:
+    def _victim(self, req: Request, in_batch: set[int]) -> Request:
+        """The newest request of the lowest priority outside this step's batch; `req` itself when
+        every such request outranks it, or none is left."""
+        others = (r for r in reversed(self.running) if id(r) not in in_batch and r is not req)
+        victim = min(others, key=lambda r: r.priority, default=req)
+        return req if victim.priority > req.priority else victim
+
+    def _grow(self, req: Request, length: int, decisions: list[Decision]) -> bool:
         need = self.pool.pages_for(length) - len(req.pages)
         if need <= 0:
             return True
         pages = self.pool.alloc_pages(need, owner=req.row)
+        if pages is None and self._evict(need - self.pool.num_free_pages, req, decisions):
+            pages = self.pool.alloc_pages(need, owner=req.row)
         if pages is None:
             return False
         req.pages.extend(pages)
         return True
 
+    def _evict(self, num_pages: int, req: Request, decisions: list[Decision]) -> bool:
+        """Free `num_pages` pages of unused prefix cache for `req`; nothing when that cannot
+        free enough (the cache would be thrown away for no gain)."""
+        if self.cache is None or self.cache.reclaimable_pages < num_pages:
+            return False
+        tokens = self.cache.evict(num_pages) * self.pool.page_size
+        decisions.append(Decision(
+            "evict", req.request_id, f"evicted {tokens} least recently used prefix-cache tokens: "
+            f"{req.request_id} needs room", {"evicted": tokens, "free": self.pool.free_tokens,
+                                             "cached": self.cache.cached_tokens}, req.user))
+        return True
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting[0]
-            verdict = self.policy.check(req, self.running, self.pool_view())
-            if not verdict.admit:
-                batch.decisions.append(Decision("defer", req.request_id, verdict.reason, verdict.numbers, req.user))
+        """Admit candidates in fairness order while the budget, rows and the policy allow.
+
+        A candidate turned down for memory (by the policy or the pool) stops admission for this
+        step: nobody behind it overtakes, so a large request is never starved by a stream of
+        small ones; it goes first once running requests finish. Users at their cap are skipped
+        instead (waiting on them would leave memory idle that others can use), and so are users
+        whose next request would compute the same tokens as a prefill running now: a step later
+        it finds them in the prefix cache.
+        """
+        skipped: set[str] = set()
+        in_flight = {self._next_tokens(r, self.cache.held(r)): r.request_id
+                     for r in self.running if r.num_computed < r.num_prompt} if self.cache is not None else {}
+        while budget > 0 and len(self.running) < self.max_running:
+            picked = self._next_candidate(batch.decisions, skipped, in_flight)
+            if picked is None:
                 return
-            row = self.pool.alloc_row()
-            if row is None:
+            req, match = picked
+            n = self._try_admit(req, match, budget, batch)
+            if n == 0:
                 return
-            req.row = row
-            n = min(req.num_uncomputed, budget)
-            if not self._grow(req, req.num_computed + n):
-                self._release(req)
-                batch.decisions.append(Decision(
-                    "defer", req.request_id, f"{n} tokens do not fit in {self.pool.free_tokens} free slots",
-                    {"need": n, "free": self.pool.free_tokens}, req.user))
-                return
-            self.waiting.popleft()
-            kind = "resume" if req.num_preemptions else "admit"
-            req.status = Status.RUNNING
-            req.admit_time = req.admit_time or time.perf_counter()
-            self.running.append(req)
-            batch.items.append((req, n))
-            batch.decisions.append(Decision(kind, req.request_id, verdict.reason, verdict.numbers, req.user))
             budget -= n
+            if self.cache is not None:
+                in_flight[self._next_tokens(req, self.cache.held(req))] = req.request_id
+
+    def _next_candidate(self, decisions: list[Decision], skipped: set[str],
+                        in_flight: dict) -> tuple[Request, PrefixMatch | None] | None:
+        """The first candidate in fairness order that may try now, with its cached prefix.
+        Users passed over get one defer decision each per step, saying why."""
+        cap = self.max_running_per_user
+        for req in self.waiting.in_admission_order(self._running_per_user):
+            if req.user in skipped:
+                continue
+            running = self._running_per_user[req.user]
+            if cap is not None and running >= cap:
+                skipped.add(req.user)  # one decision per user and step is enough to say why
+                decisions.append(Decision(
+                    "defer", req.request_id, f"user {req.user!r} already runs {running} requests, the cap "
+                    f"max_running_per_user={cap}: others go first", {"running": running, "cap": cap}, req.user))
+                continue
+            if self.cache is None:
+                return req, None
+            # Never match the last token: the step must compute at least one token to yield logits.
+            match = self.cache.match(req.token_ids[:-1])
+            sharer = in_flight.get(self._next_tokens(req, match))
+            if sharer is None:
+                return req, match
+            skipped.add(req.user)
+            decisions.append(Decision(
+                "defer", req.request_id, f"{sharer} is computing the same next {self._shared_probe}+ tokens "
+                f"now: {req.request_id} reuses them from the prefix cache a step later",
+                {"matched": match.length, "shared": self._shared_probe}, req.user))
+        return None
+
+    def _next_tokens(self, req: Request, match: PrefixMatch) -> tuple:
+        """Where `req` stands in the prefix tree and the tokens it computes next: two requests with
+        the same key would compute the same K/V."""
+        return match.node, tuple(req.token_ids[match.length:match.length + self._shared_probe])
+
+    def _try_admit(self, req: Request, match: PrefixMatch | None, budget: int, batch: ScheduledBatch) -> int:
+        """Tokens of `req` scheduled this step, or 0 when it must wait (a defer decision says why)."""
+        row = self.pool.alloc_row()
+        if row is None:
+            return 0
+        req.row = row
+        if match is not None:
+            self.cache.hold(req, match)
+        matched = req.num_computed
+        verdict = self.policy.check(req, self.running, self.pool_view())
+        n = min(req.num_uncomputed, budget)
+        reason, numbers = verdict.reason, verdict.numbers
+        admitted = verdict.admit and self._grow(req, req.num_computed + n, batch.decisions)
+        if verdict.admit and not admitted:
+            free = self.pool_view().free
+            reason, numbers = f"{n} tokens do not fit in {free} free slots", {"need": n, "free": free}
+        if not admitted:
+            self._release(req)
+            req.num_computed = 0
+            batch.decisions.append(Decision("defer", req.request_id, reason, numbers, req.user))
+            return 0
+        self.waiting.take(req)
+        kind = "resume" if req.num_preemptions else "admit"
+        req.status = Status.RUNNING
+        req.admit_time = req.admit_time or time.perf_counter()
+        self.running.append(req)
+        self._running_per_user[req.user] += 1
+        batch.items.append((req, n))
+        batch.decisions.append(Decision(kind, req.request_id, reason, numbers, req.user))
+        if matched:
+            req.num_cached = matched
+            self.pool.map_prefix(row, req.pages, matched)
+            batch.decisions.append(Decision(
+                "prefix_hit", req.request_id, f"{matched} of {len(req.token_ids)} tokens found in the "
+                "prefix cache: their prefill is skipped", {"matched": matched, "tokens": len(req.token_ids)},
+                req.user))
+        return n
 
     # ---- leaving the batch -----------------------------------------------------------------
     def preempt(self, req: Request, decisions: list[Decision], needed_by: Request) -> None:
-        freed = len(req.pages) * self.pool.page_size
+        released = len(req.pages) * self.pool.page_size
         self._release(req)
-        self.running.remove(req)
+        self._stop_running(req)
         req.status = Status.WAITING
         req.num_computed = 0
         req.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.push_front(req)
         reason = ("it cannot grow: the pool is full" if req is needed_by
                   else f"{needed_by.request_id} needs room to grow")
         decisions.append(Decision("preempt", req.request_id, f"KV pool full: {reason}",
-                                  {"freed": freed, "free": self.pool.free_tokens}, req.user))
+                                  {"freed": released, "free": self.pool_view().free}, req.user))
 
     def finish(self, req: Request, reason: str) -> Decision:
         if req.status is Status.RUNNING:
-            self.running.remove(req)
+            self._stop_running(req)
             self._release(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
@@ -142,11 +274,21 @@ class Scheduler:
         req.finish_time = time.perf_counter()
         self.policy.record_finished(req)
         return Decision("finish", req.request_id, reason,
-                        {"output_tokens": req.num_output, "free": self.pool.free_tokens}, req.user)
+                        {"output_tokens": req.num_output, "free": self.pool_view().free}, req.user)
+
+    def _stop_running(self, req: Request) -> None:
+        self.running.remove(req)
+        self._running_per_user[req.user] -= 1
+        if not self._running_per_user[req.user]:
+            del self._running_per_user[req.user]
 
     def _release(self, req: Request) -> None:
-        self.pool.free_pages(req.pages)
-        req.pages = []
+        """Give back `req`'s memory; with a prefix cache its computed pages are cached first."""
+        if self.cache is not None and req.row is not None:
+            self.cache.release(req)
+        else:
+            self.pool.free_pages(req.pages)
+            req.pages = []
         if req.row is not None:
             self.pool.free_row(req.row)
             req.row = None

@@ -33,7 +33,7 @@ class StepEvent:
     running: int
     waiting: int
     page_size: int
-    page_owner: list[int] | None = None   # per page: owner row, -1 free, -2 cached (when asked for)
+    page_owner: list[int] | None = None   # per page: owner row, -1 free, -2 cached, -3 shared (when asked for)
     counters: dict = field(default_factory=dict)
 
     @property

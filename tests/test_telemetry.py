@@ -1,0 +1,37 @@
+"""StepEvents: one per step, every decision with its reason, traces that round-trip, and a view
+per user that hides everyone else's identity."""
+
+from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.telemetry import TraceRecorder, load_trace
+
+
+def test_trace_round_trips_and_redaction_hides_other_users(tiny_model, tmp_path):
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=64, scheduler="aggressive",
+                max_running=4) as engine:
+        events = []
+        engine.subscribe(events.append, pages=True)
+        recorder = TraceRecorder(tmp_path / "trace.jsonl")
+        engine.subscribe(recorder)
+        alice = [engine.add_request(prompt_token_ids=[10 + i] * 20, user="alice",
+                                    sampling=SamplingParams(max_tokens=12, temperature=0)) for i in range(3)]
+        bob = engine.add_request(prompt_token_ids=[7] * 25, user="bob",
+                                 sampling=SamplingParams(max_tokens=12, temperature=0))
+        while engine.has_unfinished():
+            engine.step()
+        recorder.close()
+
+    assert [e.step for e in events] == list(range(1, len(events) + 1))
+    assert load_trace(tmp_path / "trace.jsonl") == [
+        type(e)(**{**e.__dict__, "page_owner": None}) for e in events]  # the trace asked for no pages
+    kinds = {d.kind for e in events for d in e.decisions}
+    assert {"admit", "finish", "preempt"} <= kinds, kinds
+    assert all(d.reason for e in events for d in e.decisions)
+    assert all(len(e.page_owner) == e.kv_capacity for e in events)  # page_size 1: a page per token
+
+    for e in events:
+        seen = e.redacted_for("alice")
+        text = repr(seen)
+        assert bob not in text and "bob" not in text
+        assert all(r.request_id in alice for r in seen.rows if r.user == "alice")
+        assert [r.tokens for r in seen.rows] == [r.tokens for r in e.rows]  # usage stays visible
