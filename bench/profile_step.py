@@ -34,17 +34,18 @@ def timed(fn, sync=True):
 def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
     rng = np.random.default_rng(batch)
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                               sampling=SamplingParams(max_tokens=steps * 2 + 20, temperature=0, ignore_eos=True))
+                               sampling=SamplingParams(max_tokens=steps * 3 + 20, temperature=0, ignore_eos=True))
             for _ in range(batch)]
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
         engine.step()
-    parts = {"schedule": [], "prepare": [], "forward": [], "sample": [], "step": []}
+    parts = {"schedule": [], "prepare": [], "forward": [], "sample": [], "step": [], "overlapped": []}
+    engine.overlap = False  # the breakdown below is of a plain step
     runner = engine.runner
     for _ in range(steps):
         # Instrumented copy of Engine.step's work, each piece synchronized.
         sched, t = timed(engine.scheduler.schedule)
         parts["schedule"].append(t)
-        (batch_t, reqs), t = timed(lambda: runner.prepare(sched.items))
+        (batch_t, reqs, _), t = timed(lambda: runner.prepare(sched.items))
         parts["prepare"].append(t)
         logits, t = timed(lambda: runner.graphs.run(batch_t)[batch_t.logits_index]
                           if runner.graphs and runner.graphs.fits(batch_t) else engine.model.forward(batch_t, engine.pool))
@@ -57,6 +58,11 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
             req.token_ids.append(sampled.token_ids[i])
         _, t = timed(engine.step)
         parts["step"].append(t)
+    engine.overlap = True  # steady-state time of an overlapped step: wall time between steps
+    engine.step()
+    for _ in range(steps):
+        _, t = timed(engine.step, sync=False)
+        parts["overlapped"].append(t)
     for rid in rids:
         engine.abort(rid)
     engine.step()
@@ -72,7 +78,7 @@ def main() -> None:
 
     ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
     engine = Engine(ckpt, dtype="bfloat16", max_running=256, progress=False)
-    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step")))
+    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step", "overlapped")))
     for context in (512, 2048):
         for batch in (1, 32, 128):
             r = profile(engine, batch, context)
@@ -89,7 +95,7 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
         engine.step()
     sched = engine.scheduler.schedule()
-    batch_t, _ = engine.runner.prepare(sched.items)
+    batch_t, _, _ = engine.runner.prepare(sched.items)
     engine.model.forward(batch_t, engine.pool)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(3):

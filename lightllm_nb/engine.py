@@ -24,7 +24,7 @@ from .loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from .models.config import ModelConfig
 from .models.weights import build_model
-from .request import Completion, Request, request_metrics
+from .request import PENDING_TOKEN, Completion, Request, request_metrics
 from .sampler import RequestSampler, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
@@ -50,7 +50,8 @@ class Engine:
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
                  max_running: int = 128, scheduler: str = "conservative", prefix_cache: bool = True,
                  max_running_per_user: int | None = None, seed: int | None = None,
-                 kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, progress: bool = True):
+                 kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
+                 progress: bool = True):
         if scheduler not in POLICIES:
             raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}")
         self.device = resolve_device(device)
@@ -83,6 +84,9 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []   # outputs of aborts, delivered by the next step
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
+        self._inflight: _InflightTokens | None = None  # the previous overlapped step's tokens
+        # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
+        self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
         self._subscribers: list[tuple[Callable[[StepEvent], None], bool]] = []  # (callback, wants pages)
         self._step = 0
@@ -119,10 +123,16 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch: schedule, forward, sample, retire finished requests."""
+        """Run one batch: schedule, forward, sample, retire finished requests.
+
+        Overlapped (CUDA, when no request in the batch needs its tokens on the host to sample):
+        the step is launched, then the previous step's tokens are read back and handled while
+        the GPU computes, so the host's bookkeeping hides behind the GPU's work. A request that
+        stopped on a token seen this late has run one wasted step; its extra token is dropped.
+        """
         self._check_open()
         started = time.perf_counter()
         outputs, self._pending = self._pending, []
@@ -132,19 +142,45 @@ class Engine:
         # Rows are described only for listeners: at batch 256 this is measurable host time.
         rows = [BatchRow(r.request_id, r.user, "decode" if r.is_decoding else "prefill", n, r.num_computed + n)
                 for r, n in batch.items] if self._subscribers else []
+        inflight = None
         if batch:
-            logits, sampling_reqs = self.runner.run(batch.items)
-            sampled = self.sampler.sample(logits, [r.sampler for r in sampling_reqs])
+            logits, sampling_reqs, sample_rows = self.runner.run(batch.items)
             for req, n in batch.items:
                 req.num_computed += n
-            now = time.perf_counter()
-            for i, req in enumerate(sampling_reqs):
-                out = self._accept_token(req, sampled.token_ids[i], sampled, i, now)
-                if out.finished:
-                    decisions.append(self.scheduler.finish(req, out.finish_reason))
-                    out = self._retire(out)
-                outputs.append(out)
+            samplers = [r.sampler for r in sampling_reqs]
+            if self.overlap and self.sampler.can_defer(samplers):
+                tokens = self.sampler.sample_on_device(logits, samplers)
+                self.runner.remember_tokens(sample_rows, tokens)
+                inflight = _InflightTokens(sampling_reqs, tokens)
+                outputs += self._take_inflight(decisions)
+            else:
+                outputs += self._take_inflight(decisions)  # penalties must observe the previous token
+                sampled = self.sampler.sample(logits, samplers)
+                now = time.perf_counter()
+                for i, req in enumerate(sampling_reqs):
+                    if req.finished:  # stopped on the previous step's token, read back just now
+                        continue
+                    req.token_ids.append(sampled.token_ids[i])
+                    outputs.append(self._accept_token(req, len(req.token_ids) - 1, now, sampled, i, decisions))
+        else:
+            outputs += self._take_inflight(decisions)
+        self._inflight = inflight
         self._publish(started, rows, decisions)
+        return outputs
+
+    def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
+        """Read back the previous step's tokens (waiting for the GPU if need be) and handle them."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tokens = inflight.tokens()
+        now = time.perf_counter()
+        outputs = []
+        for req, index, token in zip(inflight.requests, inflight.indices, tokens):
+            if req.finished:  # aborted, or stopped a step ago on a token seen late
+                continue
+            req.token_ids[index] = token
+            outputs.append(self._accept_token(req, index, now, None, 0, decisions))
         return outputs
 
     # ---- high-level API --------------------------------------------------------------------
@@ -295,10 +331,12 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
                 f"context limit of {limit} tokens: set max_tokens to at most {limit - len(ids)}")
 
-    def _accept_token(self, req: Request, token: int, sampled, i: int, now: float) -> RequestOutput:
-        req.token_ids.append(token)
+    def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
+                      decisions: list[Decision]) -> RequestOutput:
+        """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
+        token = req.token_ids[index]
         req.sampler.observe(token)
-        if sampled.logprobs[i] is not None:
+        if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})
         if req.first_token_time is None:
@@ -310,16 +348,21 @@ class Engine:
         detok = self._detokenizers.get(req.request_id)
         if detok is not None and reason is None and detok.add(token):
             reason = "stop"
-        if reason is None and req.num_output >= p.max_tokens:
+        if reason is None and index + 1 - req.num_prompt >= p.max_tokens:
             reason = "length"
         delta = detok.take_delta(final=reason is not None) if detok is not None else ""
-        return RequestOutput(req.request_id, [token], delta, reason is not None, reason)
+        out = RequestOutput(req.request_id, [token], delta, reason is not None, reason)
+        if reason is None:
+            return out
+        del req.token_ids[index + 1:]  # a token the next overlapped step already asked for
+        decisions.append(self.scheduler.finish(req, reason))
+        return self._retire(out)
 
     def _retire(self, out: RequestOutput) -> RequestOutput:
         """Forget a finished request, attaching its Completion to its last output."""
         req = self._requests.pop(out.request_id)
         detok = self._detokenizers.pop(out.request_id, None)
-        ids = req.output_ids
+        ids = [t for t in req.output_ids if t != PENDING_TOKEN]
         if detok is not None:
             text = detok.text
         else:
@@ -345,3 +388,27 @@ class Engine:
             if pages and with_pages is None:
                 with_pages = replace(event, page_owner=pool.page_owner.tolist())
             callback(with_pages if pages else event)
+
+
+class _InflightTokens:
+    """Tokens sampled on the device for `requests`, copied back to the host without blocking."""
+
+    def __init__(self, requests: list[Request], tokens):
+        self.requests = requests
+        # Each request's newest token becomes a placeholder now, so the scheduler already sees
+        # one more uncomputed token and the next step can run before the value arrives.
+        for req in requests:
+            req.token_ids.append(PENDING_TOKEN)
+        self.indices = [len(req.token_ids) - 1 for req in requests]
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tokens, None
+
+    def tokens(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()

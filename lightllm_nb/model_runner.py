@@ -7,7 +7,7 @@ import torch
 
 from .kv_pool import KVPool
 from .models.llama import ForwardBatch, LlamaModel
-from .request import Request
+from .request import PENDING_TOKEN, Request
 
 
 class ModelRunner:
@@ -16,14 +16,18 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.device = model.device
+        # Each row's newest sampled token, kept on the device so an overlapped next step can
+        # read it before the host has seen it.
+        self.last_tokens = torch.zeros(pool.max_requests + 1, dtype=torch.int64, device=self.device)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(model, pool, max_batch, progress)
 
-    def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request]]:
-        """Flat tensors for this step, and the requests that sample a token after it (in logits order).
+    def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
+        """Flat tensors for this step, the requests that sample a token after it (in logits order)
+        and their rows of req_to_token (on the device).
 
         Also maps each new token's position to its slot in req_to_token, on the device, in one
         scatter: the kernels only ever look slots up there.
@@ -58,21 +62,28 @@ class ModelRunner:
         packed = torch.from_numpy(np.concatenate([
             np.asarray(ids, dtype=np.int64), positions_np, slots_np, row_per_token,
             np.asarray(rows, dtype=np.int64), np.asarray(q_starts, dtype=np.int64),
-            np.asarray(kv_lens, dtype=np.int64), np.asarray(logits_index, dtype=np.int64)]))
+            np.asarray(kv_lens, dtype=np.int64), np.asarray(logits_index, dtype=np.int64),
+            np.asarray([r.row for r in samplers], dtype=np.int64)]))
         packed = packed.to(self.device, non_blocking=True)
-        t, b = len(ids), len(rows)
-        offsets = np.cumsum([0, t, t, t, t, b, b + 1, b, len(logits_index)])
-        ids_t, pos_t, slot_t, row_tok_t, rows_t, qs_t, kv_t, li_t = (
-            packed[offsets[i]:offsets[i + 1]] for i in range(8))
+        t, b, s = len(ids), len(rows), len(samplers)
+        offsets = np.cumsum([0, t, t, t, t, b, b + 1, b, s, s])
+        ids_t, pos_t, slot_t, row_tok_t, rows_t, qs_t, kv_t, li_t, sample_rows_t = (
+            packed[offsets[i]:offsets[i + 1]] for i in range(9))
+        if PENDING_TOKEN in ids:  # tokens the previous (overlapped) step sampled are only on the device
+            ids_t = torch.where(ids_t == PENDING_TOKEN, self.last_tokens[row_tok_t], ids_t)
         pool.req_to_token[row_tok_t, pos_t] = slot_t.to(torch.int32)
         batch = ForwardBatch(
             input_ids=ids_t, positions=pos_t, out_slots=slot_t, req_rows=rows_t.to(torch.int32),
             q_starts=qs_t.to(torch.int32), kv_lens=kv_t.to(torch.int32), logits_index=li_t,
             num_decodes=num_decodes, max_q_len=max(n for _, n in items), max_kv_len=max(kv_lens))
-        return batch, samplers
+        return batch, samplers, sample_rows_t
 
-    def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request]]:
-        batch, samplers = self.prepare(items)
+    def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
+        """Launch the step; returns logits (still being computed), the sampling requests and their rows."""
+        batch, samplers, sample_rows = self.prepare(items)
         if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch)[batch.logits_index], samplers
-        return self.model.forward(batch, self.pool), samplers
+            return self.graphs.run(batch)[batch.logits_index], samplers, sample_rows
+        return self.model.forward(batch, self.pool), samplers, sample_rows
+
+    def remember_tokens(self, sample_rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.last_tokens[sample_rows] = tokens

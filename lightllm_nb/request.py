@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from .sampling_params import SamplingParams
 
 
+# Stands in token_ids for a sampled token still on its way back from the GPU: with overlapped
+# steps the next step is launched before this one's tokens reach the host.
+PENDING_TOKEN = -1
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -67,6 +72,11 @@ class Request:
     def max_length(self) -> int:
         """Tokens this request holds in the KV cache at most (prompt + max_tokens)."""
         return self.num_prompt + self.sampling.max_tokens
+
+    @property
+    def awaiting_final(self) -> bool:
+        """Its newest token is still on the GPU and will be its last (max_tokens): nothing left to compute."""
+        return self.token_ids[-1] == PENDING_TOKEN and self.num_output >= self.sampling.max_tokens
 
     @property
     def finished(self) -> bool:

@@ -121,6 +121,19 @@ class Sampler:
         token_ids = self._choose_tokens(logits, requests)
         return self._collect(logits, token_ids, params)
 
+    @staticmethod
+    def can_defer(requests: Sequence[RequestSampler]) -> bool:
+        """True when choosing these rows' tokens needs nothing from the host: no penalties (they
+        need the previous token observed) and no logprobs (they come back as numbers)."""
+        return all(not r.params.uses_penalties and r.params.logprobs is None for r in requests)
+
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
+        """Token ids [B] left on the device, without waiting for the GPU; only for `can_defer` rows."""
+        self._check_batch(logits, requests)
+        if all(r.params.greedy for r in requests):
+            return logits.argmax(dim=-1)
+        return self._choose_tokens(logits.float(), requests)
+
     def _check_batch(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(requests) or logits.shape[1] < self.vocab_size:
             raise ValueError(

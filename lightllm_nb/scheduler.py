@@ -98,7 +98,7 @@ class Scheduler:
         # Higher priorities first: a request that finds the pool dry may only preempt requests
         # not yet in this batch, so it must come before the ones it outranks.
         for req in sorted(self.running, key=lambda r: (r.num_uncomputed != 1, -r.priority)):
-            if req.status is not Status.RUNNING or budget == 0:
+            if req.status is not Status.RUNNING or budget == 0 or req.awaiting_final:
                 continue
             if self.cache is not None:
                 self.cache.share_prompt(req)

@@ -29,7 +29,7 @@ def test_prefill_logits_match_hf(tiny_model, kind):
         req = Request("probe", prompt, SamplingParams())
         req.row = engine.pool.alloc_row()
         req.pages = engine.pool.alloc_pages(engine.pool.pages_for(len(prompt)), owner=req.row)
-        batch, _ = engine.runner.prepare([(req, len(prompt))])
+        batch, _, _ = engine.runner.prepare([(req, len(prompt))])
         batch.logits_index = torch.arange(len(prompt))
         ours = engine.model.forward(batch, engine.pool)
         engine.pool.free_pages(req.pages)
@@ -46,6 +46,7 @@ def test_prefill_logits_match_hf(tiny_model, kind):
     dict(page_size=16),                                         # paged allocation
     dict(max_batch_tokens=16, max_running=8),                   # prompts prefilled in chunks
     dict(kv_tokens=96, scheduler="aggressive", max_running=8),  # so tight that requests are preempted
+    dict(kv_tokens=96, scheduler="aggressive", max_running=8, overlap=True),  # the same, steps overlapped
 ])
 def test_batched_greedy_equals_hf_one_by_one(tiny_model, kind, setting):
     folder, hf = tiny_model(kind)

@@ -12,12 +12,13 @@ request_st = st.tuples(
 )
 
 
-@pytest.fixture(scope="module", params=[(1, "aggressive"), (4, "conservative"), (16, "aggressive")],
-                ids=lambda p: f"page{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(1, "aggressive", False), (4, "conservative", False), (16, "aggressive", False),
+                        (1, "aggressive", True)],
+                ids=lambda p: f"page{p[0]}-{p[1]}" + ("-overlap" if p[2] else ""))
 def engine(request, tiny_model):
-    page_size, policy = request.param
+    page_size, policy, overlap = request.param
     folder, _ = tiny_model("qwen2")
-    with Engine(str(folder), device="cpu", progress=False, kv_tokens=128, page_size=page_size,
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=128, page_size=page_size, overlap=overlap,
                 scheduler=policy, max_running=6, max_batch_tokens=24) as eng:
         yield eng
 
