@@ -48,11 +48,11 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
     Only the exact string "demo" means the demo model; `Path("demo")` is a path like any other.
     """
     # Imported here, not at the top: each source module imports this one for `Checkpoint`, and
-    # gguf is only needed when a .gguf model is asked for.
-    from lightllm_nb.loading import demo, gguf_file, hf_folder
+    # the gguf package is needed (and may be installed) only when a .gguf model is asked for.
+    from lightllm_nb.loading import demo, hf_folder
 
     if isinstance(model, str) and model == "demo":
-        return gguf_file.load_gguf_file(demo.demo_model_path())
+        return _load_gguf(demo.demo_model_path())
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -62,8 +62,14 @@ def load_checkpoint(model: str | os.PathLike) -> Checkpoint:
     if path.is_dir():
         return hf_folder.load_hf_folder(path)
     if path.suffix.lower() == ".gguf":
-        return gguf_file.load_gguf_file(path)
+        return _load_gguf(path)
     raise ValueError(
         f"{str(path)!r} is a file but not a .gguf file. Pass {ACCEPTED_SOURCES}; for a Hugging "
         f"Face model pass the folder that holds {path.name!r}, not the file."
     )
+
+
+def _load_gguf(path: Path) -> Checkpoint:
+    from lightllm_nb.loading import gguf_file
+
+    return gguf_file.load_gguf_file(path)
