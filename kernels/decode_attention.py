@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dot_precision import dot_precision
+
 _BLOCK_N = 64
 # A split shorter than this spends more on launch and merge than it saves.
 _MIN_SPLIT_LEN = 256
@@ -32,6 +34,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_req,
     scale_log2, num_q_heads, group, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -62,14 +65,14 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         scores = tl.where(mask_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
@@ -133,7 +136,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale
 
     No host sync when max_kv_len or num_splits is given (CUDA-graph safe). workspace: optional
     flat float32 tensor of at least decode_workspace_numel(...) elements. On GPU, float32 inputs
-    multiply in TF32 (Triton's default for tl.dot).
+    multiply in full float32 (IEEE), so a float32 engine can be checked against a reference.
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -169,7 +172,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale
         # tl.dot needs at least 16 rows; the unused rows of a small GQA group cost little
         # because decode is bound by the K/V reads, not by the tensor cores.
         BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        BLOCK_N=_BLOCK_N, BLOCK_D=block_d, DOT_PRECISION=dot_precision(q.dtype),
     )
     _decode_merge_kernel[(batch, num_q_heads)](
         part_out, part_lse, out, out.stride(0), out.stride(1), num_q_heads, num_splits,

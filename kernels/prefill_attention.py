@@ -11,6 +11,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .dot_precision import dot_precision
+
 _BLOCK_M = 64
 _BLOCK_N = 64
 _LOG2E = 1.4426950408889634
@@ -22,6 +24,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh, stride_req,
     scale_log2, group,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     req = tl.program_id(0)
     head = tl.program_id(1)
@@ -57,7 +60,7 @@ def _prefill_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale_log2
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (offs_n[None, :] <= positions[:, None]) & mask_n[None, :]
         scores = tl.where(visible, scores, float("-inf"))
         # Every row sees key 0 in the first block, so m_new is finite from the start.
@@ -66,7 +69,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
@@ -82,7 +85,7 @@ def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_
     [R, max_ctx] int32, req_rows [B], q_starts [B+1] int32 cumulative token offsets, kv_lens [B]
     context length including the new tokens (whose K/V is already written). Returns [T, Hq, D]
     in q.dtype. No host sync when max_q_len is given or B == 1. On GPU, float32 inputs multiply
-    in TF32 (Triton's default for tl.dot).
+    in full float32 (IEEE), so a float32 engine can be checked against a reference.
     """
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -104,6 +107,7 @@ def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_
         v_cache.stride(0), v_cache.stride(1), out.stride(0), out.stride(1), req_to_token.stride(0),
         scale * _LOG2E, num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if block_d <= 64 else 8,
     )
     return out

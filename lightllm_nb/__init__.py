@@ -1,7 +1,10 @@
 """lightllm-nb: a Jupyter-native LLM serving engine in the spirit of LightLLM."""
 
+from .admission import AggressivePolicy, ConservativePolicy
 from .engine import Engine, RequestOutput
+from .past_future import PastFuturePolicy
 from .request import Completion
 from .sampling_params import InvalidRequestError, SamplingParams
 
-__all__ = ["Completion", "Engine", "InvalidRequestError", "RequestOutput", "SamplingParams"]
+__all__ = ["AggressivePolicy", "Completion", "ConservativePolicy", "Engine", "InvalidRequestError",
+           "PastFuturePolicy", "RequestOutput", "SamplingParams"]

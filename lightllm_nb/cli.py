@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dtype", default="auto")
         p.add_argument("--kv-tokens", type=int, default=None)
         p.add_argument("--page-size", type=int, default=1)
-        p.add_argument("--scheduler", default="conservative")
+        p.add_argument("--scheduler", default="past_future",
+                       choices=["past_future", "conservative", "aggressive"])
         p.add_argument("--max-tokens", type=int, default=64 if name == "demo" else 256)
         p.add_argument("--temperature", type=float, default=0.0)
         p.add_argument("--top-p", type=float, default=1.0)

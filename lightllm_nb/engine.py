@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .admission import AggressivePolicy, ConservativePolicy
+from .admission import AdmissionPolicy, AggressivePolicy, ConservativePolicy
 from .decisions import Decision
 from .detokenizer import IncrementalDetokenizer
 from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
@@ -22,6 +22,7 @@ from .kernel_set import kernels_for
 from .kv_pool import KVPool
 from .loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
+from .past_future import PastFuturePolicy
 from .models.config import ModelConfig
 from .models.weights import build_model
 from .request import PENDING_TOKEN, Completion, Request, request_metrics
@@ -30,7 +31,7 @@ from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
 from .telemetry import BatchRow, StepEvent
 
-POLICIES = {"conservative": ConservativePolicy, "aggressive": AggressivePolicy}
+POLICIES = {"past_future": PastFuturePolicy, "conservative": ConservativePolicy, "aggressive": AggressivePolicy}
 
 
 @dataclass
@@ -48,12 +49,13 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
-                 max_running: int = 128, scheduler: str = "conservative", prefix_cache: bool = True,
+                 max_running: int = 128, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
                  progress: bool = True):
-        if scheduler not in POLICIES:
-            raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}")
+        if isinstance(scheduler, str) and scheduler not in POLICIES:
+            raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}, "
+                             "or pass a policy object such as PastFuturePolicy(window=500, samples=8)")
         self.device = resolve_device(device)
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.config = ModelConfig.from_hf(checkpoint.config)
@@ -69,7 +71,8 @@ class Engine:
                            max_requests=max_running,
                            max_context=min(self.config.max_position_embeddings, kv_tokens),
                            dtype=self.dtype, device=self.device)
-        self.scheduler = Scheduler(self.pool, POLICIES[scheduler](), max_batch_tokens=max_batch_tokens,
+        policy = POLICIES[scheduler]() if isinstance(scheduler, str) else scheduler
+        self.scheduler = Scheduler(self.pool, policy, max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, prefix_cache=prefix_cache,
                                    max_running_per_user=max_running_per_user)
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,

