@@ -18,6 +18,7 @@ from .admission import AdmissionPolicy, AggressivePolicy, ConservativePolicy
 from .decisions import Decision
 from .detokenizer import IncrementalDetokenizer
 from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
+from .inflight import InflightTokens
 from .kernel_set import kernels_for
 from .kv_pool import KVPool
 from .loading import Checkpoint, load_checkpoint
@@ -25,6 +26,7 @@ from .model_runner import ModelRunner
 from .past_future import PastFuturePolicy
 from .models.config import ModelConfig
 from .models.weights import build_model
+from .prompt_checks import check_fits, prompt_ids
 from .request import PENDING_TOKEN, Completion, Request, request_metrics
 from .sampler import RequestSampler, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
@@ -87,7 +89,7 @@ class Engine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []   # outputs of aborts, delivered by the next step
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
-        self._inflight: _InflightTokens | None = None  # the previous overlapped step's tokens
+        self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
@@ -103,8 +105,8 @@ class Engine:
         """Queue a request; returns its id. Raises InvalidRequestError for bad input (nothing is queued)."""
         self._check_open()
         sampling = sampling or SamplingParams()
-        ids = self._prompt_ids(prompt, prompt_token_ids)
-        self._check_fits(ids, sampling)
+        ids = prompt_ids(self.tokenizer, self.config.vocab_size, prompt, prompt_token_ids)
+        check_fits(ids, sampling, self.pool.max_context)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id={request_id!r} is already in use: pick another or omit it")
@@ -154,7 +156,7 @@ class Engine:
             if self.overlap and self.sampler.can_defer(samplers):
                 tokens = self.sampler.sample_on_device(logits, samplers)
                 self.runner.remember_tokens(sample_rows, tokens)
-                inflight = _InflightTokens(sampling_reqs, tokens)
+                inflight = InflightTokens(sampling_reqs, tokens)
                 outputs += self._take_inflight(decisions)
             else:
                 outputs += self._take_inflight(decisions)  # penalties must observe the previous token
@@ -203,9 +205,10 @@ class Engine:
             raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(inputs)} prompts: "
                                       "pass one, or one per prompt")
         # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
-        encoded = [self._prompt_ids(p, None) if prompts is not None else self._prompt_ids(None, p) for p in inputs]
+        encoded = [prompt_ids(self.tokenizer, self.config.vocab_size, p, None) if prompts is not None
+                   else prompt_ids(self.tokenizer, self.config.vocab_size, None, p) for p in inputs]
         for ids, p in zip(encoded, params):
-            self._check_fits(ids, p or SamplingParams())
+            check_fits(ids, p or SamplingParams(), self.pool.max_context)
         rids = [self.add_request(sampling=p, prompt_token_ids=ids, user=user) for ids, p in zip(encoded, params)]
         show = progress if progress is not None else len(rids) >= 8
         done: dict[str, Completion] = {}
@@ -306,34 +309,6 @@ class Engine:
         if self._closed:
             raise RuntimeError("this Engine is closed: create a new one")
 
-    def _prompt_ids(self, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("pass exactly one of prompt (text) or prompt_token_ids")
-        if prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}")
-            ids = self.tokenizer(prompt).input_ids if prompt else []
-        else:
-            ids = [int(t) for t in prompt_token_ids]
-        if not ids:
-            raise InvalidRequestError("prompt is empty: give at least one token of text")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise InvalidRequestError(f"prompt_token_ids contains {bad[:5]}: token ids must be in "
-                                      f"[0, {self.config.vocab_size})")
-        return ids
-
-    def _check_fits(self, ids: list[int], sampling: SamplingParams) -> None:
-        limit = self.pool.max_context
-        total = len(ids) + sampling.max_tokens
-        if len(ids) >= limit:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens but the context limit is {limit}: "
-                                      f"shorten it to at most {limit - 1} tokens")
-        if total > limit:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} exceeds the "
-                f"context limit of {limit} tokens: set max_tokens to at most {limit - len(ids)}")
-
     def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
                       decisions: list[Decision]) -> RequestOutput:
         """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
@@ -392,26 +367,3 @@ class Engine:
                 with_pages = replace(event, page_owner=pool.page_owner.tolist())
             callback(with_pages if pages else event)
 
-
-class _InflightTokens:
-    """Tokens sampled on the device for `requests`, copied back to the host without blocking."""
-
-    def __init__(self, requests: list[Request], tokens):
-        self.requests = requests
-        # Each request's newest token becomes a placeholder now, so the scheduler already sees
-        # one more uncomputed token and the next step can run before the value arrives.
-        for req in requests:
-            req.token_ids.append(PENDING_TOKEN)
-        self.indices = [len(req.token_ids) - 1 for req in requests]
-        if tokens.device.type == "cuda":
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host, self._ready = tokens, None
-
-    def tokens(self) -> list[int]:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
