@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
+from .online_softmax import attend_kv_blocks
 
 _BLOCK_N = 64
 # A split shorter than this spends more on launch and merge than it saves.
@@ -54,26 +55,10 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        slots = tl.load(req_to_token_ptr + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        scores = tl.where(mask_n[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    acc, l_i, m_i = attend_kv_blocks(
+        q, offs_g, start, end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
+        stride_ks, stride_vs, kv_head * stride_kh, kv_head * stride_vh, offs_d, mask_d, scale_log2,
+        ROWS=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
 
     # A split past the end of its request's context stays empty: lse -inf, output 0.
     has_keys = l_i > 0

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
+from .online_softmax import attend_kv_blocks
 
 _BLOCK_M = 64
 _BLOCK_N = 64
@@ -50,28 +51,10 @@ def _prefill_kernel(
     # past the end of a shorter request (the grid is sized for the longest) do no work.
     kv_end = tl.where(block_m * BLOCK_M < q_len, tl.minimum(kv_len, prefix + (block_m + 1) * BLOCK_M), 0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < kv_end
-        slots = tl.load(req_to_token_ptr + row * stride_req + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + slots[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = (offs_n[None, :] <= positions[:, None]) & mask_n[None, :]
-        scores = tl.where(visible, scores, float("-inf"))
-        # Every row sees key 0 in the first block, so m_new is finite from the start.
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+    acc, l_i, _ = attend_kv_blocks(
+        q, positions, 0, kv_end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
+        stride_ks, stride_vs, kv_head * stride_kh, kv_head * stride_vh, offs_d, mask_d, scale_log2,
+        ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .decisions import Decision
@@ -34,7 +34,6 @@ class StepEvent:
     waiting: int
     page_size: int
     page_owner: list[int] | None = None   # per page: owner row, -1 free, -2 cached, -3 shared (when asked for)
-    counters: dict = field(default_factory=dict)
 
     @property
     def prefill_tokens(self) -> int:

@@ -21,7 +21,7 @@ def tiny_engine(folder, **kwargs):
     return Engine(str(folder), device="cpu", dtype="float64", progress=False, **kwargs)
 
 
-@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("kind", MODELS + ["mistral"])
 def test_prefill_logits_match_hf(tiny_model, kind):
     folder, hf = tiny_model(kind)
     prompt = random_prompts(seed=1, count=1, low=30, high=30)[0]

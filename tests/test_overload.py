@@ -42,7 +42,7 @@ def unloaded(tiny_model):
         yield reference
 
 
-@pytest.fixture(scope="module", params=[(policy, page) for policy in ("conservative", "aggressive")
+@pytest.fixture(scope="module", params=[(policy, page) for policy in ("past_future", "conservative", "aggressive")
                                         for page in (1, 16)], ids=lambda p: f"{p[0]}-page{p[1]}")
 def loaded(request, tiny_model):
     policy, page_size = request.param

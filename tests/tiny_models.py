@@ -20,6 +20,9 @@ KINDS = {
     # q/k/v biases, tied embeddings.
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
               dict(rope_theta=1000000.0, tie_word_embeddings=True)),
+    # Mistral: a Llama with a sliding window (longer than the context here, so plain causal).
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(rope_theta=10000.0, sliding_window=4096)),
     # per-head q/k RMSNorm and a head_dim that is not hidden/heads.
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=32, rope_theta=1000000.0)),
 }
