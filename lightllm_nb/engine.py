@@ -7,7 +7,9 @@ The engine is not thread-safe: a server runs it from one loop thread.
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
@@ -68,10 +70,11 @@ class Engine:
                                  kernels=kernels_for(self.device), max_positions=self.config.max_position_embeddings,
                                  progress=progress)
         kv_tokens = kv_tokens or size_kv_tokens(self.config, self.dtype, self.device, kv_memory_fraction)
+        capacity = kv_tokens // page_size * page_size if page_size >= 1 else kv_tokens  # whole pages only
         self.pool = KVPool(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
                            head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
                            max_requests=max_running,
-                           max_context=min(self.config.max_position_embeddings, kv_tokens),
+                           max_context=min(self.config.max_position_embeddings, capacity),
                            dtype=self.dtype, device=self.device)
         policy = POLICIES[scheduler]() if isinstance(scheduler, str) else scheduler
         self.scheduler = Scheduler(self.pool, policy, max_batch_tokens=max_batch_tokens,
@@ -87,7 +90,8 @@ class Engine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._pending: list[RequestOutput] = []   # outputs of aborts, delivered by the next step
+        self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts, others' steps)
+        self._outboxes: dict[str, list[RequestOutput]] = {}  # outputs of requests generate()/stream() await
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
@@ -102,13 +106,23 @@ class Engine:
     def add_request(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
                     prompt_token_ids: Sequence[int] | None = None, user: str = "default", priority: int = 0,
                     request_id: str | None = None, stream_text: bool = False) -> str:
-        """Queue a request; returns its id. Raises InvalidRequestError for bad input (nothing is queued)."""
+        """Queue a request; returns its id. Its outputs come back from `step()`.
+        Raises InvalidRequestError for bad input (nothing is queued)."""
         self._check_open()
         sampling = sampling or SamplingParams()
         ids = prompt_ids(self.tokenizer, self.config.vocab_size, prompt, prompt_token_ids)
         check_fits(ids, sampling, self.pool.max_context)
-        request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._requests:
+        return self._queue(ids, sampling, user, priority, request_id, stream_text)
+
+    def _queue(self, ids: list[int], sampling: SamplingParams, user: str, priority: int,
+               request_id: str | None, stream_text: bool) -> str:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority={priority!r} is invalid: it must be an integer (higher runs first)")
+        if not isinstance(user, str) or not user:
+            raise InvalidRequestError(f"user={user!r} is invalid: it must be a non-empty string")
+        if request_id is None:
+            request_id = next(rid for rid in (f"req-{n}" for n in self._ids) if rid not in self._requests)
+        elif request_id in self._requests:
             raise InvalidRequestError(f"request_id={request_id!r} is already in use: pick another or omit it")
         req = Request(request_id, ids, sampling, user=user, priority=priority)
         req.sampler = RequestSampler(sampling, ids, self.device)
@@ -124,7 +138,7 @@ class Engine:
         if req is None or req.finished:
             return False
         self._carried_decisions.append(self.scheduler.finish(req, "abort"))
-        self._pending.append(self._retire(RequestOutput(request_id, [], "", True, "abort")))
+        self._deliver([self._retire(RequestOutput(request_id, [], "", True, "abort"))], self._pending)
         return True
 
     def has_unfinished(self) -> bool:
@@ -139,8 +153,27 @@ class Engine:
         stopped on a token seen this late has run one wasted step; its extra token is dropped.
         """
         self._check_open()
-        started = time.perf_counter()
         outputs, self._pending = self._pending, []
+        self._deliver(self._run_step(), outputs)
+        return outputs
+
+    def _deliver(self, outputs: list[RequestOutput], others: list[RequestOutput]) -> None:
+        """Outputs of requests that generate()/stream() wait for go to their outboxes, so that
+        whoever's loop happens to run the step, nobody else's results are lost; the rest to `others`."""
+        for out in outputs:
+            box = self._outboxes.get(out.request_id)
+            (box if box is not None else others).append(out)
+
+    def _advance(self) -> None:
+        """One step on behalf of generate()/stream(): outputs of plain add_request() requests wait
+        in `_pending` for the next step() call."""
+        if not (self.scheduler.has_work() or self._inflight is not None):
+            raise RuntimeError("the engine has no work left but a request is still awaited: this is a bug")
+        self._deliver(self._run_step(), self._pending)
+
+    def _run_step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
+        outputs = []
         batch = self.scheduler.schedule()
         decisions = self._carried_decisions + batch.decisions
         self._carried_decisions = []
@@ -199,6 +232,9 @@ class Engine:
             raise InvalidRequestError("pass exactly one of prompts (text) or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if prompt_token_ids is not None and any(isinstance(p, numbers.Integral) for p in prompt_token_ids):
+            raise InvalidRequestError("prompt_token_ids takes a list of prompts, each a list of token ids: "
+                                      "wrap a single prompt as [ids]")
         inputs = list(prompts) if prompts is not None else [list(p) for p in prompt_token_ids]
         params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(inputs)
         if len(params) != len(inputs):
@@ -209,21 +245,29 @@ class Engine:
                    else prompt_ids(self.tokenizer, self.config.vocab_size, None, p) for p in inputs]
         for ids, p in zip(encoded, params):
             check_fits(ids, p or SamplingParams(), self.pool.max_context)
-        rids = [self.add_request(sampling=p, prompt_token_ids=ids, user=user) for ids, p in zip(encoded, params)]
-        show = progress if progress is not None else len(rids) >= 8
+        show = progress if progress is not None else len(inputs) >= 8
         done: dict[str, Completion] = {}
-        wanted = set(rids)
-        with tqdm(total=len(rids), disable=not show, desc="generating", unit="req") as bar:
+        rids: list[str] = []
+        with tqdm(total=len(inputs), disable=not show, desc="generating", unit="req") as bar:
             try:
-                while len(done) < len(rids):
-                    for out in self.step():
-                        if out.completion is not None and out.request_id in wanted:
-                            done[out.request_id] = out.completion
-                            bar.update(1)
+                for ids, p in zip(encoded, params):
+                    rids.append(self._queue(ids, p or SamplingParams(), user, 0, None, False))
+                    self._outboxes[rids[-1]] = []
+                while True:
+                    for rid in rids:
+                        for out in self._outboxes[rid]:
+                            if out.completion is not None:
+                                done[rid] = out.completion
+                                bar.update(1)
+                        self._outboxes[rid].clear()
+                    if len(done) == len(rids):
+                        break
+                    self._advance()
             finally:  # an interrupted generate must not leave its requests holding KV slots
                 for rid in rids:
                     if rid not in done:
                         self.abort(rid)
+                    self._outboxes.pop(rid, None)
         return [done[rid] for rid in rids]
 
     def stream(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
@@ -231,17 +275,21 @@ class Engine:
         """Yield text deltas as tokens are produced. Closing the iterator early aborts the request."""
         self._check_open()
         rid = self.add_request(prompt, sampling, prompt_token_ids=prompt_token_ids, user=user, stream_text=True)
+        self._outboxes[rid] = []
         done = False
         try:
             while not done:
-                for out in self.step():
-                    if out.request_id == rid:
-                        if out.text_delta:
-                            yield out.text_delta
-                        done = out.finished
+                box, self._outboxes[rid] = self._outboxes[rid], []
+                for out in box:
+                    if out.text_delta:
+                        yield out.text_delta
+                    done = done or out.finished
+                if not done and not self._outboxes[rid]:
+                    self._advance()
         finally:
             if not done:
                 self.abort(rid)
+            self._outboxes.pop(rid, None)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *,
              user: str = "default") -> Completion:
@@ -362,8 +410,13 @@ class Engine:
                           running=len(self.scheduler.running),
                           waiting=len(self.scheduler.waiting), page_size=pool.page_size)
         with_pages = None
-        for callback, pages in list(self._subscribers):
+        for entry in list(self._subscribers):
+            callback, pages = entry
             if pages and with_pages is None:
                 with_pages = replace(event, page_owner=pool.page_owner.tolist())
-            callback(with_pages if pages else event)
+            try:
+                callback(with_pages if pages else event)
+            except Exception as err:  # a broken panel must not lose anyone's results
+                self._subscribers.remove(entry)
+                warnings.warn(f"StepEvent subscriber {callback!r} raised {err!r} and was unsubscribed")
 

@@ -62,6 +62,10 @@ class KVPool:
         """`count` pages owned by `owner`, or None when fewer are free (the caller decides what to do)."""
         if count > len(self._free_pages):
             return None
+        if count == 1:  # every decode step of every request, at page_size 1: keep it cheap
+            page = self._free_pages.pop()
+            self.page_owner[page] = owner
+            return [page]
         pages = [self._free_pages.pop() for _ in range(count)]
         self.page_owner[pages] = owner
         return pages
@@ -96,10 +100,6 @@ class KVPool:
 
     def free_row(self, row: int) -> None:
         self._free_rows.append(row)
-
-    @property
-    def free_rows(self) -> int:
-        return len(self._free_rows)
 
     def is_whole(self) -> bool:
         """Every page and row is back in the free lists: nothing leaked. Pages the prefix cache

@@ -78,7 +78,10 @@ class PastFuturePolicy:
         return list(self._lengths)
 
     def record_finished(self, request: Request) -> None:
-        # Aborted requests count too: what a request really held is what the future will hold.
+        # Aborted requests count too (what a request really held is what the future will hold),
+        # but only once admitted: a mass cancel of queued requests would flood the window with 0s.
+        if request.admit_time is None:
+            return
         self._lengths.append(request.num_output)
         self._sorted = None
 

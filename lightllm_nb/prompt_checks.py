@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 from .sampling_params import InvalidRequestError, SamplingParams
@@ -16,6 +17,10 @@ def prompt_ids(tokenizer, vocab_size: int, prompt: str | None, prompt_token_ids:
             raise InvalidRequestError(f"prompt must be a string, got {type(prompt).__name__}")
         ids = tokenizer(prompt).input_ids if prompt else []
     else:
+        if isinstance(prompt_token_ids, (str, bytes)) or not all(
+                isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_token_ids):
+            raise InvalidRequestError("prompt_token_ids must be a list of integer token ids (for several "
+                                      "prompts, generate() takes a list of such lists)")
         ids = [int(t) for t in prompt_token_ids]
     if not ids:
         raise InvalidRequestError("prompt is empty: give at least one token of text")

@@ -19,7 +19,7 @@ from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
 from .kv_pool import KVPool
 from .prefix_cache import PrefixCache, PrefixMatch
-from .request import Request, Status
+from .request import PENDING_TOKEN, Request, Status
 from .waiting_queue import WaitingQueue
 
 # A waiting request whose next this-many tokens a running prefill is computing right now waits a
@@ -33,10 +33,6 @@ class ScheduledBatch:
 
     items: list[tuple[Request, int]] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.items)
 
     def __bool__(self) -> bool:
         return bool(self.items)
@@ -162,6 +158,8 @@ class Scheduler:
         whose next request would compute the same tokens as a prefill running now: a step later
         it finds them in the prefix cache.
         """
+        if not self.waiting or budget == 0 or len(self.running) >= self.max_running:
+            return  # the common decode-only step: nothing to look at
         skipped: set[str] = set()
         in_flight = {self._next_tokens(r, self.cache.held(r)): r.request_id
                      for r in self.running if r.num_computed < r.num_prompt} if self.cache is not None else {}
@@ -184,6 +182,10 @@ class Scheduler:
         cap = self.max_running_per_user
         for req in self.waiting.in_admission_order(self._running_per_user):
             if req.user in skipped:
+                continue
+            if req.token_ids[-1] == PENDING_TOKEN:
+                # Preempted this very step with its newest token still on the GPU: that token is
+                # read back at the end of the step, so it can resume from the next one.
                 continue
             running = self._running_per_user[req.user]
             if cap is not None and running >= cap:

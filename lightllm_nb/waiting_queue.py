@@ -31,12 +31,6 @@ class WaitingQueue:
     def __bool__(self) -> bool:
         return self._size > 0
 
-    def __iter__(self) -> Iterator[Request]:
-        yield from self._preempted
-        for priority in sorted(self._by_priority, reverse=True):
-            for queue in self._by_priority[priority].values():
-                yield from queue
-
     def add(self, req: Request) -> None:
         self._by_priority.setdefault(req.priority, {}).setdefault(req.user, deque()).append(req)
         self._size += 1

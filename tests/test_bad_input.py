@@ -94,3 +94,25 @@ def test_closed_engine_refuses_work(tiny_model):
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.generate(["hi"])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(stop_token_ids=5), "stop_token_ids=5 is invalid"),
+    (dict(temperature="0.5"), "temperature='0.5' is invalid"),
+    (dict(seed="a"), "seed='a' is invalid"),
+    (dict(seed=2**70), "seed=.* is invalid"),
+    (dict(max_tokens=True), "max_tokens=True is invalid"),
+])
+def test_wrong_types_in_sampling_params(kwargs, words):
+    with pytest.raises(InvalidRequestError, match=words):
+        SamplingParams(**kwargs)
+
+
+def test_wrong_shapes_of_prompt_token_ids(engine):
+    with pytest.raises(InvalidRequestError, match="list of integer token ids"):
+        engine.add_request(prompt_token_ids="hello")
+    with pytest.raises(InvalidRequestError, match="list of integer token ids"):
+        engine.add_request(prompt_token_ids=[3.7])
+    with pytest.raises(InvalidRequestError, match=r"wrap a single prompt as \[ids\]"):
+        engine.generate(prompt_token_ids=[3, 4, 5])
+    assert not engine.has_unfinished() and engine.pool.is_whole()

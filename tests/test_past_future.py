@@ -13,7 +13,17 @@ from lightllm_nb.sampling_params import SamplingParams
 def make_request(prompt_len: int, produced: int = 0, max_tokens: int = 100, rid: str = "r") -> Request:
     req = Request(rid, [1] * prompt_len, SamplingParams(max_tokens=max_tokens))
     req.token_ids.extend([2] * produced)
+    req.admit_time = 0.0  # as if it had been admitted: only those enter the history
     return req
+
+
+def test_requests_cancelled_before_admission_stay_out_of_the_history():
+    policy = PastFuturePolicy(min_history=1)
+    queued = Request("q", [1, 2], SamplingParams(max_tokens=10))
+    policy.record_finished(queued)
+    assert len(policy.history) == 0
+    policy.record_finished(make_request(2, produced=4))
+    assert list(policy.history) == [4]
 
 
 def policy_with_history(lengths, **kwargs) -> PastFuturePolicy:
