@@ -123,42 +123,5 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
     engine.step()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--shape", default="llama-1b")
-    args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
-    engine = Engine(ckpt, dtype="bfloat16", max_running=256, progress=False)
-    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step", "overlapped")))
-    for context in (512, 2048):
-        for batch in (1, 32, 128):
-            r = profile(engine, batch, context)
-            print(f"{batch:>5} {context:>5} " + " ".join(f"{r[k]:9.3f}" for k in r), flush=True)
-    kernel_table(engine, 1, 512)
-    kernel_table(engine, 128, 2048)
-
-
-def kernel_table(engine: Engine, batch: int, context: int) -> None:
-    """GPU time per kernel of eager decode forwards: which kernel to work on next."""
-    rng = np.random.default_rng(0)
-    for _ in range(batch):
-        engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                           sampling=SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
-    while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
-        engine.step()
-    sched = engine.scheduler.schedule()
-    batch_t, _, _ = engine.runner.prepare(sched.items)
-    engine.model.forward(batch_t, engine.pool)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            engine.model.forward(batch_t, engine.pool)
-        torch.cuda.synchronize()
-    print(f"eager decode forward, batch {batch}, context {context} (3 runs):")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
-
-
 if __name__ == "__main__":
     main()
