@@ -9,6 +9,8 @@ grid depends only on (batch, kv heads, num_splits) and the launch can be capture
 and replayed with other lengths.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -94,10 +96,16 @@ def _decode_merge_kernel(
              mask=mask_d)
 
 
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    # Asked once per device: the eager launcher runs every layer of every mixed step.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def decode_num_splits(batch, num_kv_heads, max_kv_len, device):
     """How many context chunks to give each (request, kv head) so ~2 programs land on every SM."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = _NOMINAL_SMS
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, max(batch * num_kv_heads, 1))
