@@ -65,3 +65,20 @@ def test_cli_reports_bad_input_clearly():
     run = subprocess.run([sys.executable, "-m", "lightllm_nb.cli", "generate", "--model", "/no/such/model", "hi"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "No model at" in run.stderr
+
+
+def test_overlapped_steps_give_the_same_text_and_stops(demo_engine):
+    questions = ["Count from 1 to 10, separated by commas.", "Name three primary colors.",
+                 "What is the capital of France?"]
+    prompts = [demo_engine.chat_prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    sampling = [SamplingParams(max_tokens=30, temperature=0, stop=["4"]),
+                SamplingParams(max_tokens=30, temperature=0),
+                SamplingParams(max_tokens=5, temperature=0)]
+    plain = demo_engine.generate(prompt_token_ids=prompts, sampling=sampling)
+    with Engine("demo", device="cpu", progress=False, kv_tokens=4096, overlap=True) as overlapped:
+        again = overlapped.generate(prompt_token_ids=prompts, sampling=sampling)
+        streamed = "".join(overlapped.stream(prompt_token_ids=prompts[0], sampling=sampling[0]))
+    assert [(c.text, c.token_ids, c.finish_reason) for c in again] == \
+        [(c.text, c.token_ids, c.finish_reason) for c in plain]
+    assert [c.finish_reason for c in plain] == ["stop", "stop", "length"]
+    assert streamed == plain[0].text
