@@ -51,7 +51,7 @@ def event_cost(engine: Engine, batch: int, subscribers, repeats: int = 200) -> f
     for _ in range(repeats):
         started = time.perf_counter()
         rows = [BatchRow(r.request_id, r.user, "decode", n, r.num_computed + n)
-                for r, n in items] if engine._subscribers else []
+                for r, n in items] if engine._events else []
         engine._publish(started, rows, [])
     cost = (time.perf_counter() - t) / repeats
     for u in undo:

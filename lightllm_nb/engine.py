@@ -9,14 +9,12 @@ from __future__ import annotations
 import itertools
 import numbers
 import time
-import warnings
-from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .admission import AdmissionPolicy, AggressivePolicy, ConservativePolicy
+from .admission import AdmissionPolicy
 from .decisions import Decision
 from .detokenizer import IncrementalDetokenizer
 from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
@@ -25,29 +23,16 @@ from .kernel_set import kernels_for
 from .kv_pool import KVPool
 from .loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
-from .past_future import PastFuturePolicy
+from .policies import make_policy
 from .models.config import ModelConfig
 from .models.weights import build_model
 from .prompt_checks import check_fits, prompt_ids
-from .request import PENDING_TOKEN, Completion, Request, request_metrics
+from .request import PENDING_TOKEN, Completion, Request, RequestOutput, request_metrics
 from .sampler import RequestSampler, Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
-from .telemetry import BatchRow, StepEvent
+from .telemetry import BatchRow, EventHub, StepEvent
 
-POLICIES = {"past_future": PastFuturePolicy, "conservative": ConservativePolicy, "aggressive": AggressivePolicy}
-
-
-@dataclass
-class RequestOutput:
-    """What one step did for one request."""
-
-    request_id: str
-    new_token_ids: list[int]
-    text_delta: str
-    finished: bool
-    finish_reason: str | None
-    completion: Completion | None = None  # set when finished
 
 
 class Engine:
@@ -57,9 +42,7 @@ class Engine:
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
                  progress: bool = True):
-        if isinstance(scheduler, str) and scheduler not in POLICIES:
-            raise ValueError(f"scheduler={scheduler!r} is unknown: choose one of {sorted(POLICIES)}, "
-                             "or pass a policy object such as PastFuturePolicy(window=500, samples=8)")
+        make_policy(scheduler)  # a bad name fails before the (slow) model load
         self.device = resolve_device(device)
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.config = ModelConfig.from_hf(checkpoint.config)
@@ -76,8 +59,7 @@ class Engine:
                            max_requests=max_running,
                            max_context=min(self.config.max_position_embeddings, capacity),
                            dtype=self.dtype, device=self.device)
-        policy = POLICIES[scheduler]() if isinstance(scheduler, str) else scheduler
-        self.scheduler = Scheduler(self.pool, policy, max_batch_tokens=max_batch_tokens,
+        self.scheduler = Scheduler(self.pool, make_policy(scheduler), max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, prefix_cache=prefix_cache,
                                    max_running_per_user=max_running_per_user)
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
@@ -97,7 +79,7 @@ class Engine:
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
-        self._subscribers: list[tuple[Callable[[StepEvent], None], bool]] = []  # (callback, wants pages)
+        self._events = EventHub()
         self._step = 0
         self._start = time.perf_counter()
         self._closed = False
@@ -179,7 +161,7 @@ class Engine:
         self._carried_decisions = []
         # Rows are described only for listeners: at batch 256 this is measurable host time.
         rows = [BatchRow(r.request_id, r.user, "decode" if r.is_decoding else "prefill", n, r.num_computed + n)
-                for r, n in batch.items] if self._subscribers else []
+                for r, n in batch.items] if self._events else []
         inflight = None
         if batch:
             logits, sampling_reqs, sample_rows = self.runner.run(batch.items)
@@ -309,9 +291,7 @@ class Engine:
 
         `pages=True` adds the owner of every KV page to the event (a list as long as the pool has
         pages: ask for it only where occupancy is drawn)."""
-        entry = (callback, pages)
-        self._subscribers.append(entry)
-        return lambda: self._subscribers.remove(entry)
+        return self._events.subscribe(callback, pages)
 
     def stats(self) -> dict:
         pool = self.pool
@@ -341,7 +321,7 @@ class Engine:
         self._closed = True
         self._requests.clear()
         self._detokenizers.clear()
-        self._subscribers.clear()
+        self._events.clear()
         del self.model, self.pool, self.runner, self.scheduler
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -401,22 +381,13 @@ class Engine:
 
     def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:
         self._step += 1
-        if not self._subscribers:
+        if not self._events:
             return
         pool = self.pool
-        event = StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
-                          rows=rows, decisions=decisions, kv_capacity=pool.capacity,
-                          kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
-                          running=len(self.scheduler.running),
-                          waiting=len(self.scheduler.waiting), page_size=pool.page_size)
-        with_pages = None
-        for entry in list(self._subscribers):
-            callback, pages = entry
-            if pages and with_pages is None:
-                with_pages = replace(event, page_owner=pool.page_owner.tolist())
-            try:
-                callback(with_pages if pages else event)
-            except Exception as err:  # a broken panel must not lose anyone's results
-                self._subscribers.remove(entry)
-                warnings.warn(f"StepEvent subscriber {callback!r} raised {err!r} and was unsubscribed")
-
+        self._events.publish(
+            StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
+                      rows=rows, decisions=decisions, kv_capacity=pool.capacity,
+                      kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
+                      running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                      page_size=pool.page_size),
+            page_owner=lambda: pool.page_owner.tolist())

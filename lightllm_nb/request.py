@@ -98,6 +98,18 @@ class Completion:
         return len(self.token_ids)
 
 
+@dataclass
+class RequestOutput:
+    """What one step did for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+    completion: Completion | None = None  # set when finished
+
+
 def request_metrics(req: Request) -> dict:
     """Latency figures in seconds: queueing, time to first token, time per output token."""
     end = req.finish_time or time.perf_counter()

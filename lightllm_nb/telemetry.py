@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
+from typing import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -83,6 +85,38 @@ class StepEvent:
                 f"{self.decode_tokens:3d} decode tokens | KV {used:6d}/{self.kv_capacity} "
                 f"({100 * used / self.kv_capacity:5.1f}%) | running {self.running} waiting {self.waiting}"
                 + (f" | {extra}" if extra else ""))
+
+
+class EventHub:
+    """Delivers each StepEvent to its subscribers; one that raises is dropped with a warning, so a
+    broken panel never costs anyone their results."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[tuple[Callable[[StepEvent], None], bool]] = []  # (callback, wants pages)
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+    def subscribe(self, callback: Callable[[StepEvent], None], pages: bool) -> Callable[[], None]:
+        entry = (callback, pages)
+        self._subscribers.append(entry)
+        return lambda: self._subscribers.remove(entry)
+
+    def publish(self, event: StepEvent, page_owner: Callable[[], list[int]]) -> None:
+        """`page_owner` is called at most once, and only if a subscriber asked for pages."""
+        with_pages = None
+        for entry in list(self._subscribers):
+            callback, pages = entry
+            if pages and with_pages is None:
+                with_pages = replace(event, page_owner=page_owner())
+            try:
+                callback(with_pages if pages else event)
+            except Exception as err:
+                self._subscribers.remove(entry)
+                warnings.warn(f"StepEvent subscriber {callback!r} raised {err!r} and was unsubscribed")
+
+    def clear(self) -> None:
+        self._subscribers.clear()
 
 
 class TraceRecorder:
