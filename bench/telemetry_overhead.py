@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -19,23 +18,8 @@ from pathlib import Path
 from lightllm_nb import Engine, SamplingParams
 from lightllm_nb.telemetry import BatchRow, TraceRecorder
 
-
-def step_times(engine: Engine, batch: int, steps: int = 40) -> float:
-    rng = random.Random(0)
-    rids = [engine.add_request(prompt_token_ids=[rng.randrange(3, 30000) for _ in range(64)],
-                               sampling=SamplingParams(max_tokens=steps + 20, temperature=0, ignore_eos=True))
-            for _ in range(batch)]
-    for _ in range(5):
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    for rid in rids:
-        engine.abort(rid)
-    engine.step()
-    return statistics.median(times)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import decode_latency  # noqa: E402  (the same median-step measurement as on the GPU)
 
 
 def event_cost(engine: Engine, batch: int, subscribers, repeats: int = 200) -> float:
@@ -86,7 +70,7 @@ def main() -> None:
         for _ in range(3):  # interleaved rounds, best of three: the CPU's noise is larger than the effect
             for name, subscribers in settings.items():
                 undo = [engine.subscribe(cb, pages=pages) for cb, pages in subscribers]
-                results[name] = min(results[name], step_times(engine, args.batch))
+                results[name] = min(results[name], decode_latency(engine, args.batch, 64, steps=40))
                 for u in undo:
                     u()
         per_event = {name: event_cost(engine, args.batch, subscribers) for name, subscribers in settings.items()}

@@ -87,7 +87,7 @@ def matmul_rate() -> float:
 
 
 def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30) -> float:
-    """Median wall time of a whole engine step (schedule + graph replay + sample) at this batch."""
+    """Median wall time of a whole engine step (schedule + forward + sample) at this batch."""
     rng = np.random.default_rng(batch * 7 + context)
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
                                sampling=SamplingParams(max_tokens=steps + 40, temperature=0, ignore_eos=True))
@@ -96,7 +96,8 @@ def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30) ->
         engine.step()
     for _ in range(5):
         engine.step()
-    torch.cuda.synchronize()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         t = time.perf_counter()

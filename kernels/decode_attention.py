@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
-from .online_softmax import attend_kv_blocks
+from .online_softmax import attend_kv_blocks, check_attention_inputs
 
 _BLOCK_N = 64
 # A split shorter than this spends more on launch and merge than it saves.
@@ -132,10 +132,7 @@ def decode_attention(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale
     """
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, req_to_token)):
-        raise ValueError("q, the KV caches and req_to_token need a contiguous last dim")
+    check_attention_inputs(q, k_cache, v_cache, req_to_token)
     out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out

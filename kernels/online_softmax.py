@@ -1,5 +1,6 @@
-"""The inner loop both attention kernels share: flash-attention's online softmax over KV blocks
-gathered through a request's row of req_to_token. A @triton.jit helper, inlined into each kernel."""
+"""What both attention kernels share: flash-attention's online softmax over KV blocks gathered
+through a request's row of req_to_token (a @triton.jit helper, inlined into each kernel), and
+the checks their launchers make on the inputs."""
 
 import triton
 import triton.language as tl
@@ -40,3 +41,11 @@ def attend_kv_blocks(q, positions, start, end, row, req_to_token_ptr, stride_req
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     return acc, l_i, m_i
+
+
+def check_attention_inputs(q, k_cache, v_cache, req_to_token) -> None:
+    num_q_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, req_to_token)):
+        raise ValueError("q, the KV caches and req_to_token need a contiguous last dim")

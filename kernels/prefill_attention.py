@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
-from .online_softmax import attend_kv_blocks
+from .online_softmax import attend_kv_blocks, check_attention_inputs
 
 _BLOCK_M = 64
 _BLOCK_N = 64
@@ -72,10 +72,7 @@ def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_
     """
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
-    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, req_to_token)):
-        raise ValueError("q, the KV caches and req_to_token need a contiguous last dim")
+    check_attention_inputs(q, k_cache, v_cache, req_to_token)
     out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     batch = kv_lens.shape[0]
     if tokens == 0 or batch == 0:
