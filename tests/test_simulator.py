@@ -100,3 +100,25 @@ def test_poisson_trace_caps_outputs_and_orders_arrivals():
     assert all(1 <= t.output_len <= t.max_tokens == 128 for t in trace)
     assert 300 / arrivals[-1] == pytest.approx(10.0, rel=0.25)
     assert all(t.arrival == 0 for t in poisson_trace(lengths, num_requests=5, rate=math.inf, max_tokens=8))
+
+
+@pytest.mark.parametrize("clients", [1, 7])
+def test_closed_loop_keeps_at_most_n_requests_outstanding(trace, clients):
+    result = run(trace, PastFuturePolicy(min_history=10), clients=clients)
+    assert result.pool_whole and all(r.finished is not None for r in result.records)
+    by_id = {r.request_id: r for r in result.records}
+    records = [by_id[t.request_id] for t in trace]      # clients send requests in trace order
+    assert [r.arrival for r in records[:clients]] == [0.0] * clients
+    finishes = sorted(r.finished for r in records)
+    for i, r in enumerate(records[clients:]):
+        # The (clients + i)-th request goes out when the (i + 1)-th request has come back.
+        assert r.arrival == finishes[i]
+    for r in records:
+        in_flight = sum(1 for o in records if o.arrival <= r.arrival < o.finished)
+        assert in_flight <= clients
+
+
+def test_a_closed_loop_needs_a_client():
+    with pytest.raises(ValueError, match="clients"):
+        simulate(poisson_trace(synthetic_lengths(10), num_requests=2, rate=1.0, max_tokens=4),
+                 ConservativePolicy(), kv_tokens=2000, clients=0)
