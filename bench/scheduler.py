@@ -22,6 +22,8 @@ other policies keep no state). `--warmup 0` measures a cold start instead.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import random
 import shlex
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--sim", action="store_true", help="trace-driven simulator with a step-cost model (CPU)")
+    mode.add_argument("--from-records", metavar="FILE",
+                      help="no run: tabulate records saved by --save-records under this run's objectives")
     mode.add_argument("--engine", metavar="MODEL",
                       help="the real Engine with this model ('demo', a folder, a .gguf, or random:SHAPE with "
                            "--tokenizer, e.g. random:llama-8b: random bf16 weights of a real shape, for the GPU)")
@@ -271,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--decode-row-us", type=float, default=defaults.per_decode_row * 1e6)
     c.add_argument("--context-token-us", type=float, default=defaults.per_context_token * 1e6)
     p.add_argument("--device", default="auto", help="engine device")
+    p.add_argument("--save-records", metavar="FILE",
+                   help="append every request's record (JSON lines, one per policy and load) to FILE, so other "
+                        "objectives can be applied later with --from-records")
     args = p.parse_args(argv)
 
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
@@ -280,6 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     loads = ([Load(clients=int(c)) for c in args.clients.split(",")] if args.clients
              else [Load(rate=float(r)) for r in args.rates.split(",")])
     objectives = Objectives(args.ttft_slo, args.tpot_slo, args.gap_slo)
+    if args.from_records:
+        rows = [summarize(run["policy"], Load(**run["load"]), [RequestRecord(**r) for r in run["records"]],
+                          run["duration"], objectives, run["kv_used"])
+                for run in map(json.loads, Path(args.from_records).read_text().splitlines())]
+        add_ratios(rows)
+        print(table(rows, objectives))
+        return
     if args.max_prompt + args.max_tokens > args.kv_tokens:
         p.error(f"--max-prompt {args.max_prompt} + --max-tokens {args.max_tokens} exceeds --kv-tokens "
                 f"{args.kv_tokens}: the longest request could never fit; lower them or raise --kv-tokens")
@@ -303,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     # The warm-up draws from the same lengths with another seed: the server's past, not the trace itself.
     warmup = (poisson_trace(lengths, num_requests=args.warmup, rate=math.inf, max_tokens=args.max_tokens,
                             seed=args.seed + 1) if args.warmup else [])
+    model = None if args.sim else engine_model(args)  # built once: random weights are reused by every run
     rows = []
     for load in loads:
         # A closed loop ignores arrival times: all requests are ready, clients send them in order.
@@ -312,12 +327,16 @@ def main(argv: list[str] | None = None) -> None:
             if args.sim:
                 records, duration, kv_used = run_sim(trace, warmup, name, load, args)
             else:
-                with Engine(engine_model(args), device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
+                with Engine(model, device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
                             max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
                             seed=args.seed, progress=False) as engine:
                     warm_up(engine, warmup or trace[:2], args.seed)
                     records, duration = run_engine(engine, trace, name, load, args.seed)
                 kv_used = None
+            if args.save_records:
+                with open(args.save_records, "a") as f:
+                    f.write(json.dumps({"policy": name, "load": dataclasses.asdict(load), "duration": duration,
+                                        "kv_used": kv_used, "records": [dataclasses.asdict(r) for r in records]}) + "\n")
             rows.append(summarize(name, load, records, duration, objectives, kv_used))
             print(f"# done: {rows[-1]}", flush=True)
     add_ratios(rows)
