@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import math
 import random
@@ -212,6 +213,11 @@ def warm_up(engine: Engine, warmup: list[TraceRequest], seed: int) -> None:
                     progress=False)
 
 
+def read_text(path: str) -> str:
+    """A text file's contents, gunzipped if its name ends in .gz (saved records are large)."""
+    return gzip.decompress(Path(path).read_bytes()).decode() if path.endswith(".gz") else Path(path).read_text()
+
+
 def lengths_from_file(path: str, max_prompt: int) -> Lengths:
     saved = np.load(path)
     keep = (saved["prompt"] >= 1) & (saved["prompt"] <= max_prompt) & (saved["output"] >= 1)
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.from_records:
         rows = [summarize(run["policy"], Load(**run["load"]), [RequestRecord(**r) for r in run["records"]],
                           run["duration"], objectives, run["kv_used"])
-                for run in map(json.loads, Path(args.from_records).read_text().splitlines())]
+                for run in map(json.loads, read_text(args.from_records).splitlines())]
         add_ratios(rows)
         print(table(rows, objectives))
         return
