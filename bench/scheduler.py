@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=100, help="requests served before the measured trace (0: cold start)")
     p.add_argument("--synthetic", action="store_true", help="synthetic lengths even if ShareGPT is installed")
     p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("past_future (simulator only: the engine builds its policy with defaults)")
+    g = p.add_argument_group("past_future")
     g.add_argument("--window", type=int, default=1000)
     g.add_argument("--samples", type=int, default=4)
     g.add_argument("--reserve", type=float, default=0.05)
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.sim:
                 records, duration, kv_used = run_sim(trace, warmup, name, load, args)
             else:
-                with Engine(model, device=args.device, kv_tokens=args.kv_tokens, scheduler=name,
+                with Engine(model, device=args.device, kv_tokens=args.kv_tokens, scheduler=make_policy(name, args),
                             max_running=args.max_running, max_batch_tokens=args.max_batch_tokens,
                             seed=args.seed, progress=False) as engine:
                     warm_up(engine, warmup or trace[:2], args.seed)
