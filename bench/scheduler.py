@@ -54,9 +54,11 @@ class Load:
 
     rate: float | None = None
     clients: int | None = None
+    seed: int = 0            # of the trace: which requests, in which order, when
 
     def __str__(self) -> str:
-        return f"{self.clients} clients" if self.clients else f"{self.rate:g} req/s"
+        load = f"{self.clients} clients" if self.clients else f"{self.rate:g} req/s"
+        return f"{load}, seed {self.seed}" if self.seed else load
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,22 @@ class Row:
     ratio: float | None = None  # past_future goodput over the better other policy
 
 
+def steady_part(records: list[RequestRecord], duration: float, trim: int) -> tuple[list[RequestRecord], float]:
+    """The requests that finished after the first `trim` completions and before the last `trim`,
+    and the time between those two marks. A closed loop opens with a burst (every client sends at
+    once) and ends draining; neither is the steady state a server lives in. LightLLM's overload
+    benchmark trims 200 requests at each end."""
+    if not trim:
+        return records, duration
+    if 2 * trim >= len(records):
+        raise ValueError(f"--trim {trim} leaves nothing of {len(records)} requests: trim fewer than half")
+    done = sorted(records, key=lambda r: r.finished)
+    return done[trim:len(done) - trim], done[-trim - 1].finished - done[trim - 1].finished
+
+
 def summarize(policy: str, load: Load, records: list[RequestRecord], duration: float,
-              objectives: Objectives, kv_used: float | None = None) -> Row:
+              objectives: Objectives, kv_used: float | None = None, trim: int = 0) -> Row:
+    records, duration = steady_part(records, duration, trim)
     good = sum(1 for r in records if objectives.met(r))
     queue = np.array([r.queueing for r in records])
     return Row(policy, load, good / duration, good / len(records), sum(r.output_len for r in records) / duration,
@@ -266,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gap-slo", type=float, default=math.inf,
                    help="objective on a request's longest wait between two output tokens, seconds (a stall a "
                         "reader sees; LightLLM's benchmark calls it MTPOT); default: none")
+    p.add_argument("--trim", type=int, default=0,
+                   help="count only requests finishing after the first and before the last TRIM completions, "
+                        "over the time between (the steady state of a closed loop)")
     p.add_argument("--warmup", type=int, default=100, help="requests served before the measured trace (0: cold start)")
     p.add_argument("--synthetic", action="store_true", help="synthetic lengths even if ShareGPT is installed")
     p.add_argument("--seed", type=int, default=0)
@@ -290,12 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(policies) - set(POLICY_NAMES))
     if unknown:
         p.error(f"--policies: unknown {unknown}; choose from {', '.join(POLICY_NAMES)}")
-    loads = ([Load(clients=int(c)) for c in args.clients.split(",")] if args.clients
-             else [Load(rate=float(r)) for r in args.rates.split(",")])
+    loads = ([Load(clients=int(c), seed=args.seed) for c in args.clients.split(",")] if args.clients
+             else [Load(rate=float(r), seed=args.seed) for r in args.rates.split(",")])
     objectives = Objectives(args.ttft_slo, args.tpot_slo, args.gap_slo)
     if args.from_records:
         rows = [summarize(run["policy"], Load(**run["load"]), [RequestRecord(**r) for r in run["records"]],
-                          run["duration"], objectives, run["kv_used"])
+                          run["duration"], objectives, run["kv_used"], args.trim)
                 for run in map(json.loads, read_text(args.from_records).splitlines())]
         add_ratios(rows)
         print(table(rows, objectives))
@@ -343,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.save_records, "a") as f:
                     f.write(json.dumps({"policy": name, "load": dataclasses.asdict(load), "duration": duration,
                                         "kv_used": kv_used, "records": [dataclasses.asdict(r) for r in records]}) + "\n")
-            rows.append(summarize(name, load, records, duration, objectives, kv_used))
+            rows.append(summarize(name, load, records, duration, objectives, kv_used, args.trim))
             print(f"# done: {rows[-1]}", flush=True)
     add_ratios(rows)
     print(table(rows, objectives))
