@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # roofline, throughput: random weights
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.admission import AggressivePolicy, ConservativePolicy
-from lightllm_nb.past_future import PastFuturePolicy
-from lightllm_nb.simulator import RequestRecord, StepCost, simulate
-from lightllm_nb.workloads import Lengths, TraceRequest, load_lengths, poisson_trace, synthetic_lengths
+from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy
+from lightllm_nb.scheduling.past_future import PastFuturePolicy
+from lightllm_nb.sim.simulator import RequestRecord, StepCost, simulate
+from lightllm_nb.sim.workloads import Lengths, TraceRequest, load_lengths, poisson_trace, synthetic_lengths
 
 POLICY_NAMES = ("conservative", "aggressive", "past_future")
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.telemetry import BatchRow, TraceRecorder
+from lightllm_nb.telemetry.events import BatchRow, TraceRecorder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import decode_latency  # noqa: E402  (the same median-step measurement as on the GPU)

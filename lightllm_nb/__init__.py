@@ -1,9 +1,9 @@
 """lightllm-nb: a Jupyter-native LLM serving engine in the spirit of LightLLM."""
 
-from .admission import AggressivePolicy, ConservativePolicy
-from .engine import Engine
-from .past_future import PastFuturePolicy
-from .request import Completion, RequestOutput
+from .scheduling.admission import AggressivePolicy, ConservativePolicy
+from .engine.engine import Engine
+from .scheduling.past_future import PastFuturePolicy
+from .scheduling.request import Completion, RequestOutput
 from .sampling_params import InvalidRequestError, SamplingParams
 
 __all__ = ["AggressivePolicy", "Completion", "ConservativePolicy", "Engine", "InvalidRequestError",

@@ -16,7 +16,7 @@ DEMO_QUESTIONS = [
 
 
 def _engine(args):
-    from .engine import Engine
+    from .engine.engine import Engine
 
     return Engine(args.model, device=args.device, dtype=args.dtype, kv_tokens=args.kv_tokens,
                   page_size=args.page_size, scheduler=args.scheduler)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lightllm_nb.simulator import RequestRecord
+from lightllm_nb.sim.simulator import RequestRecord
 
 _spec = importlib.util.spec_from_file_location("bench_scheduler", Path(__file__).parents[1] / "bench" / "scheduler.py")
 bench = importlib.util.module_from_spec(_spec)

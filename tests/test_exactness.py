@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.request import Request
+from lightllm_nb.scheduling.request import Request
 from tiny_models import hf_greedy
 
 MODELS = ["llama", "qwen2", "qwen3"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.admission import AggressivePolicy, ConservativePolicy
-from lightllm_nb.kv_pool import KVPool
-from lightllm_nb.request import Request
-from lightllm_nb.scheduler import Scheduler
+from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy
+from lightllm_nb.kv.kv_pool import KVPool
+from lightllm_nb.scheduling.request import Request
+from lightllm_nb.scheduling.scheduler import Scheduler
 
 
 def make_scheduler(*, capacity=256, max_running=4, policy=None, **kwargs):

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lightllm_nb.admission import PoolView
-from lightllm_nb.past_future import PastFuturePolicy, future_peak
-from lightllm_nb.request import Request
+from lightllm_nb.scheduling.admission import PoolView
+from lightllm_nb.scheduling.past_future import PastFuturePolicy, future_peak
+from lightllm_nb.scheduling.request import Request
 from lightllm_nb.sampling_params import SamplingParams
 
 

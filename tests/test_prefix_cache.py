@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.kv_pool import CACHED, FREE, SHARED, KVPool
-from lightllm_nb.prefix_cache import PrefixCache
-from lightllm_nb.request import Request
+from lightllm_nb.kv.kv_pool import CACHED, FREE, SHARED, KVPool
+from lightllm_nb.kv.prefix_cache import PrefixCache
+from lightllm_nb.scheduling.request import Request
 from tiny_models import hf_greedy
 
 GREEDY = dict(temperature=0, ignore_eos=True)

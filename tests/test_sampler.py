@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightllm_nb.sampler import RequestSampler, Sampler
+from lightllm_nb.engine.sampler import RequestSampler, Sampler
 from lightllm_nb.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")

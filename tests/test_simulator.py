@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from lightllm_nb.admission import AggressivePolicy, ConservativePolicy
-from lightllm_nb.past_future import PastFuturePolicy
-from lightllm_nb.simulator import StepCost, simulate
-from lightllm_nb.workloads import (Lengths, first_exchange, parse_truncated_json_array, poisson_trace,
+from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy
+from lightllm_nb.scheduling.past_future import PastFuturePolicy
+from lightllm_nb.sim.simulator import StepCost, simulate
+from lightllm_nb.sim.workloads import (Lengths, first_exchange, parse_truncated_json_array, poisson_trace,
                                    synthetic_lengths)
 
 POLICIES = {"conservative": ConservativePolicy, "aggressive": AggressivePolicy,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernel_set import KernelSet
-from ..kv_pool import KVPool
+from .kernel_set import KernelSet
+from ..kv.kv_pool import KVPool
 from .config import ModelConfig
 from .rope import rotary_tables
 

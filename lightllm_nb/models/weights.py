@@ -7,7 +7,7 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from ..kernel_set import KernelSet
+from .kernel_set import KernelSet
 from .config import ModelConfig
 from .llama import LayerWeights, LlamaModel
 

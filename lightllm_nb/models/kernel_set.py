@@ -21,7 +21,7 @@ class KernelSet:
 
 
 def kernels_for(device: torch.device) -> KernelSet:
-    from . import kernels as k
+    from .. import kernels as k
 
     if device.type == "cuda":
         return KernelSet("triton", k.rmsnorm, k.add_rmsnorm, k.apply_rotary, k.silu_mul, k.write_kv,

@@ -76,7 +76,7 @@ def first_exchange(conversation: dict) -> tuple[str, str] | None:
 def _token_counter():
     """(count(texts) -> lengths, name): the demo tokenizer, or about 4 characters a token without it."""
     try:
-        from .loading import load_checkpoint
+        from ..loading import load_checkpoint
         tokenizer = load_checkpoint("demo").tokenizer
     except (FileNotFoundError, ImportError, OSError):
         return (lambda texts: np.array([math.ceil(len(t) / 4) for t in texts], dtype=np.int64),

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
-from .kv_pool import KVPool
-from .prefix_cache import PrefixCache, PrefixMatch
+from ..kv.kv_pool import KVPool
+from ..kv.prefix_cache import PrefixCache, PrefixMatch
 from .request import PENDING_TOKEN, Request, Status
 from .waiting_queue import WaitingQueue
 

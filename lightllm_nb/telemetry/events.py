@@ -10,7 +10,7 @@ from typing import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .decisions import Decision
+from ..scheduling.decisions import Decision
 
 
 @dataclass

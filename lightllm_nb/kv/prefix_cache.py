@@ -26,7 +26,7 @@ import itertools
 from dataclasses import dataclass
 
 from .kv_pool import CACHED, SHARED, KVPool
-from .request import Request
+from ..scheduling.request import Request
 
 
 class _Node:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Sequence
 
-from .sampling_params import InvalidRequestError, SamplingParams
+from ..sampling_params import InvalidRequestError, SamplingParams
 
 
 def prompt_ids(tokenizer, vocab_size: int, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:

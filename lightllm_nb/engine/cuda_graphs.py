@@ -14,9 +14,9 @@ import bisect
 import torch
 from tqdm.auto import tqdm
 
-from .kernels import decode_num_splits
-from .kv_pool import KVPool
-from .models.llama import ForwardBatch, LlamaModel
+from ..kernels import decode_num_splits
+from ..kv.kv_pool import KVPool
+from ..models.llama import ForwardBatch, LlamaModel
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
 

@@ -14,24 +14,24 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .admission import AdmissionPolicy
-from .decisions import Decision
+from ..scheduling.admission import AdmissionPolicy
+from ..scheduling.decisions import Decision
 from .detokenizer import IncrementalDetokenizer
 from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
-from .kernel_set import kernels_for
-from .kv_pool import KVPool
-from .loading import Checkpoint, load_checkpoint
+from ..models.kernel_set import kernels_for
+from ..kv.kv_pool import KVPool
+from ..loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
-from .policies import make_policy
-from .models.config import ModelConfig
-from .models.weights import build_model
+from ..scheduling.policies import make_policy
+from ..models.config import ModelConfig
+from ..models.weights import build_model
 from .prompt_checks import check_fits, prompt_ids
-from .request import PENDING_TOKEN, Completion, Request, RequestOutput, request_metrics
+from ..scheduling.request import PENDING_TOKEN, Completion, Request, RequestOutput, request_metrics
 from .sampler import RequestSampler, Sampler
-from .sampling_params import InvalidRequestError, SamplingParams
-from .scheduler import Scheduler
-from .telemetry import BatchRow, EventHub, StepEvent
+from ..sampling_params import InvalidRequestError, SamplingParams
+from ..scheduling.scheduler import Scheduler
+from ..telemetry.events import BatchRow, EventHub, StepEvent
 
 
 

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from .models.config import ModelConfig
+from ..models.config import ModelConfig
 
 # Enough for a teaching session on a laptop without taking its memory: the CPU path is for
 # small models and correctness, not for serving thousands of tokens in flight.

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .admission import AdmissionPolicy
-from .kv_pool import KVPool
-from .request import Request
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from ..scheduling.admission import AdmissionPolicy
+from ..kv.kv_pool import KVPool
+from ..scheduling.request import Request
+from ..sampling_params import SamplingParams
+from ..scheduling.scheduler import Scheduler
 from .workloads import TraceRequest
 
 DUMMY_TOKEN = 0

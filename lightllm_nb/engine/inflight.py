@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .request import PENDING_TOKEN, Request
+from ..scheduling.request import PENDING_TOKEN, Request
 
 
 class InflightTokens:

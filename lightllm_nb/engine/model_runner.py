@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kv_pool import KVPool
-from .models.llama import ForwardBatch, LlamaModel
-from .request import PENDING_TOKEN, Request
+from ..kv.kv_pool import KVPool
+from ..models.llama import ForwardBatch, LlamaModel
+from ..scheduling.request import PENDING_TOKEN, Request
 
 
 class ModelRunner:

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 # Stands in token_ids for a sampled token still on its way back from the GPU: with overlapped

@@ -1,0 +1,1 @@
+"""Who runs next: requests, admission policies (Past-Future, conservative, aggressive), the waiting queue, the scheduler and its decisions."""

@@ -1,0 +1,1 @@
+"""The scheduler simulator and its workloads (ShareGPT and synthetic lengths)."""

@@ -1,0 +1,1 @@
+"""StepEvents (one per engine step) and the traces written from them."""
