@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from ..scheduling.admission import AdmissionPolicy
 from ..scheduling.decisions import Decision
 from .detokenizer import IncrementalDetokenizer
-from .engine_setup import resolve_device, resolve_dtype, size_kv_tokens
+from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
 from ..kv.kv_pool import KVPool
@@ -37,8 +37,8 @@ from ..telemetry.events import BatchRow, EventHub, StepEvent
 
 class Engine:
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
-                 kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int = 2048,
-                 max_running: int = 128, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
+                 kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int | None = None,
+                 max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
                  progress: bool = True):
@@ -54,6 +54,9 @@ class Engine:
                                  progress=progress)
         kv_tokens = kv_tokens or size_kv_tokens(self.config, self.dtype, self.device, kv_memory_fraction)
         capacity = kv_tokens // page_size * page_size if page_size >= 1 else kv_tokens  # whole pages only
+        # None: chosen from the device, the model and the pool (the rule is in engine_setup).
+        max_running, max_batch_tokens = choose_batch_limits(self.config, self.dtype, self.device, kv_tokens,
+                                                            max_running, max_batch_tokens)
         self.pool = KVPool(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
                            head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
                            max_requests=max_running,
@@ -303,6 +306,7 @@ class Engine:
             "kv_cached_tokens": self.scheduler.reclaimable_tokens,  # unused prefix cache, inside kv_used
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "steps": self._step, "weight_bytes": self.model.weight_bytes(),
+            "max_running": self.scheduler.max_running, "max_batch_tokens": self.scheduler.max_batch_tokens,
         }
 
     def clear_prefix_cache(self) -> int:
