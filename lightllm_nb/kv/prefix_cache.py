@@ -15,6 +15,12 @@ Requests give their pages to the tree twice: their prompt as soon as it is compu
 arriving while it decodes hit it), and everything computed when they stop (finish, abort or
 preemption, so a resumed request recomputes almost nothing).
 
+Scopes (see cache_scope.py): every node belongs to one scope, part of its key among its parent's
+children, so a request walks, matches and inserts only nodes of its own scope, below the nodes of
+a declared shared prefix (if its tokens start like one). A page enters the tree under the scope of
+the request that computed it and leaves it only when freed, so no page ever crosses scopes, however
+often it is evicted and handed out again.
+
 Page owners in the pool (see kv_pool.py): an unreferenced cached page is CACHED, a page held by one
 request shows that request's row, a page held by several shows SHARED.
 """
@@ -25,16 +31,18 @@ import heapq
 import itertools
 from dataclasses import dataclass
 
+from .cache_scope import DECLARED, CacheScopes
 from .kv_pool import CACHED, SHARED, KVPool
 from ..scheduling.request import Request
 
 
 class _Node:
-    __slots__ = ("parent", "children", "tokens", "pages", "holders", "last_access")
+    __slots__ = ("parent", "scope", "children", "tokens", "pages", "holders", "last_access")
 
-    def __init__(self, parent: "_Node | None", tokens: list[int], pages: list[int], last_access: int):
+    def __init__(self, parent: "_Node | None", scope: tuple, tokens: list[int], pages: list[int], last_access: int):
         self.parent = parent
-        self.children: dict[tuple[int, ...], _Node] = {}  # keyed by the child's first page of tokens
+        self.scope = scope
+        self.children: dict[tuple, _Node] = {}  # keyed by the child's (scope, first page of tokens)
         self.tokens = tokens
         self.pages = pages
         self.holders: set[int] = set()
@@ -43,20 +51,31 @@ class _Node:
 
 @dataclass
 class PrefixMatch:
-    """The longest cached prefix of some tokens: `length` tokens held in `pages`. Pass it to
-    `hold` (a request) or `lock` / `unlock` (a row)."""
+    """The longest cached prefix of some tokens that a user may reuse: `length` tokens held in
+    `pages`, the first `declared` of them from a declared shared prefix. Pass it to `hold` (a
+    request) or `lock` / `unlock` (a row)."""
 
     node: _Node
     pages: list[int]
     length: int
+    declared: int = 0
+    next_scope: tuple = ()   # the scope the tokens after the match are cached under
+    source: str = "own"      # what the rest is called: "own" or "shared" (never whose)
+
+    def sources(self) -> dict[str, int]:
+        """Reused tokens by where they came from, for decisions and panels."""
+        counts = {"own": 0, "declared": self.declared, "shared": 0}
+        counts[self.source] += self.length - self.declared
+        return counts
 
 
 class PrefixCache:
-    def __init__(self, pool: KVPool):
+    def __init__(self, pool: KVPool, scopes: CacheScopes | None = None):
         self.pool = pool
         self.page_size = pool.page_size
+        self.scopes = scopes if scopes is not None else CacheScopes()
         self._clock = itertools.count(1)      # logical time for LRU: deterministic, unlike wall time
-        self._root = _Node(None, [], [], 0)
+        self._root = _Node(None, (), [], [], 0)
         self._num_nodes = 0
         self._num_pages = 0                   # pages the tree owns
         self._num_held_pages = 0              # of those, pages in nodes some request holds
@@ -82,25 +101,31 @@ class PrefixCache:
         return self.reclaimable_pages * self.page_size
 
     # ---- lookups ---------------------------------------------------------------------------
-    def match(self, token_ids: list[int]) -> PrefixMatch:
-        """The longest cached prefix of `token_ids`, in whole pages. Splits a node where the
-        match ends inside it, so that the match can be held exactly."""
+    def match(self, token_ids: list[int], user: str = "default") -> PrefixMatch:
+        """The longest prefix of `token_ids` cached in a scope `user` may read, in whole pages.
+        Splits a node where the match ends inside it, so that the match can be held exactly."""
         p = self.page_size
-        end = len(token_ids) // p * p
         now = next(self._clock)
         node, pos, pages = self._root, 0, []
-        while pos < end:
-            child = node.children.get(tuple(token_ids[pos:pos + p]))
-            if child is None:
-                break
-            common = self._common_pages(child.tokens, token_ids, pos, end)
-            if common < len(child.pages):
-                child = self._split(child, common)
-            self._touch(child, now)
-            pages.extend(child.pages)
-            pos += common * p
-            node = child
-        return PrefixMatch(node, pages, pos)
+        zones = self._zones(token_ids, user, len(token_ids) // p * p)
+        for scope, stop in zones:
+            while pos < stop:
+                child = node.children.get((scope, tuple(token_ids[pos:pos + p])))
+                if child is None:
+                    break
+                common = self._common_pages(child.tokens, token_ids, pos, stop)
+                if common < len(child.pages):
+                    child = self._split(child, common)
+                self._touch(child, now)
+                pages.extend(child.pages)
+                pos += common * p
+                node = child
+            if pos < stop:
+                break  # a scope's part ends the match: the next part hangs below its end only
+        (declared_scope, declared_end), (own_scope, _) = zones
+        return PrefixMatch(node, pages, pos, declared=min(pos, declared_end),
+                           next_scope=declared_scope if pos < declared_end else own_scope,
+                           source=self.scopes.source_name())
 
     def lock(self, match: PrefixMatch, row: int) -> None:
         """Request `row` uses the matched prefix: none of it may be evicted until `unlock`."""
@@ -145,9 +170,9 @@ class PrefixCache:
         held = self._held[req.request_id]
         if length <= held.length:
             return
-        duplicates = self.insert(req.token_ids[:length], req.pages[:length // p])
+        duplicates = self.insert(req.token_ids[:length], req.pages[:length // p], req.user)
         self.unlock(held, req.row)
-        match = self.match(req.token_ids[:length])
+        match = self.match(req.token_ids[:length], req.user)
         self.lock(match, req.row)
         self._held[req.request_id] = match
         if duplicates:
@@ -160,13 +185,14 @@ class PrefixCache:
         those new to it), the rest return to the pool, and its hold is dropped."""
         pages, req.pages = req.pages, []
         kept = min(req.num_computed // self.page_size, len(pages))
-        duplicates = self.insert(req.token_ids[:kept * self.page_size], pages[:kept])
+        duplicates = self.insert(req.token_ids[:kept * self.page_size], pages[:kept], req.user)
         self.pool.free_pages(duplicates + pages[kept:])
         self.unlock(self._held.pop(req.request_id), req.row)
 
     # ---- growing and shrinking -------------------------------------------------------------
-    def insert(self, token_ids: list[int], pages: list[int]) -> list[int]:
-        """Cache the K/V of `token_ids` (whole pages only), held in `pages`, one page per page of tokens.
+    def insert(self, token_ids: list[int], pages: list[int], user: str = "default") -> list[int]:
+        """Cache the K/V of `token_ids` (whole pages only), held in `pages`, one page per page of
+        tokens, under the scopes of `user`, who computed them (or got them from this cache).
 
         The tree takes the pages of tokens new to it. Returns the pages it did not take: tokens
         another request cached meanwhile, whose duplicate pages the caller must free. Pages the
@@ -174,29 +200,31 @@ class PrefixCache:
         """
         p = self.page_size
         num_pages = min(len(pages), len(token_ids) // p)
-        end = num_pages * p
         now = next(self._clock)
         duplicates: list[int] = []
         node, pos = self._root, 0
-        while pos < end:
-            key = tuple(token_ids[pos:pos + p])
-            child = node.children.get(key)
-            if child is None:
-                leaf = _Node(node, list(token_ids[pos:end]), list(pages[pos // p:num_pages]), now)
-                node.children[key] = leaf
-                self._num_nodes += 1
-                self._num_pages += len(leaf.pages)
-                self.pool.set_owner(leaf.pages, CACHED)
-                self._offer_for_eviction(leaf)
-                break
-            common = self._common_pages(child.tokens, token_ids, pos, end)
-            if common < len(child.pages):
-                child = self._split(child, common)
-            first = pos // p
-            duplicates += [mine for mine, theirs in zip(pages[first:first + common], child.pages) if mine != theirs]
-            self._touch(child, now)
-            pos += common * p
-            node = child
+        for scope, stop in self._zones(token_ids, user, num_pages * p):
+            while pos < stop:
+                key = (scope, tuple(token_ids[pos:pos + p]))
+                child = node.children.get(key)
+                if child is None:
+                    child = _Node(node, scope, list(token_ids[pos:stop]), list(pages[pos // p:stop // p]), now)
+                    node.children[key] = child
+                    self._num_nodes += 1
+                    self._num_pages += len(child.pages)
+                    self.pool.set_owner(child.pages, CACHED)
+                    self._offer_for_eviction(child)
+                    node, pos = child, stop
+                    break
+                common = self._common_pages(child.tokens, token_ids, pos, stop)
+                if common < len(child.pages):
+                    child = self._split(child, common)
+                first = pos // p
+                duplicates += [mine for mine, theirs in zip(pages[first:first + common], child.pages)
+                               if mine != theirs]
+                self._touch(child, now)
+                pos += common * p
+                node = child
         return duplicates
 
     def evict(self, num_pages: int) -> int:
@@ -225,6 +253,15 @@ class PrefixCache:
         return self.evict(self.reclaimable_pages)
 
     # ---- internals -------------------------------------------------------------------------
+    def _zones(self, token_ids: list[int], user: str, end: int) -> tuple[tuple[tuple, int], tuple[tuple, int]]:
+        """The scopes `token_ids[:end]` are cached under, as (scope, end) parts: the whole pages
+        they share with a declared prefix, then `user`'s scope."""
+        declared = self.scopes.declared_length(token_ids) // self.page_size * self.page_size
+        return (DECLARED, min(declared, end)), (self.scopes.key(user), end)
+
+    def _key(self, node: _Node) -> tuple:
+        return node.scope, tuple(node.tokens[:self.page_size])
+
     def _common_pages(self, node_tokens: list[int], token_ids: list[int], pos: int, end: int) -> int:
         n = min(len(node_tokens), end - pos)
         if token_ids[pos:pos + n] == node_tokens[:n]:  # the usual case, compared at C speed
@@ -237,17 +274,17 @@ class PrefixCache:
         """Cut `node` after `num_pages` pages; returns the new upper part. Holders and access time
         carry over to both halves, so references stay path-shaped."""
         cut = num_pages * self.page_size
-        head = _Node(node.parent, node.tokens[:cut], node.pages[:num_pages], node.last_access)
+        head = _Node(node.parent, node.scope, node.tokens[:cut], node.pages[:num_pages], node.last_access)
         head.holders = set(node.holders)
-        node.parent.children[tuple(head.tokens[:self.page_size])] = head
+        node.parent.children[self._key(head)] = head
         node.tokens, node.pages, node.parent = node.tokens[cut:], node.pages[num_pages:], head
-        head.children[tuple(node.tokens[:self.page_size])] = node
+        head.children[self._key(node)] = node
         self._num_nodes += 1
         return head
 
     def _remove_leaf(self, node: _Node) -> None:
         parent = node.parent
-        del parent.children[tuple(node.tokens[:self.page_size])]
+        del parent.children[self._key(node)]
         node.parent = None
         self.pool.free_pages(node.pages)
         self._num_pages -= len(node.pages)
