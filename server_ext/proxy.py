@@ -1,0 +1,176 @@
+"""`/lightllm/...` handlers: authenticated, authorized proxies to the engine host, as the Jupyter user.
+
+HTTP requests (native API, OpenAI API, stats, abort) are forwarded chunk by chunk, so a stream
+reaches the browser or kernel as the engine produces it; a caller that goes away (kernel interrupt,
+restart, closed tab) cancels the upstream request, and the engine host aborts it at once. The event
+stream is a websocket relayed message by message. Both act for the Jupyter user through the engine
+host's `proxy` role and the `X-LightLLM-User` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+from jupyter_server.auth.decorator import authorized, ws_authenticated
+from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.base.websocket import WebSocketMixin
+from jupyter_server.extension.handler import ExtensionHandlerMixin
+from jupyter_server.utils import url_path_join
+from tornado import web, websocket
+from tornado.httpclient import HTTPRequest
+from tornado.iostream import StreamClosedError
+
+AUTH_RESOURCE = "lightllm"
+# Headers that describe one hop of the connection, not the message: never forwarded.
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer",
+               "upgrade", "proxy-authorization", "authorization", "cookie", "x-lightllm-user", "x-xsrftoken",
+               "origin", "referer", "content-encoding", "accept-encoding"}
+
+
+def _user_name(handler: JupyterHandler) -> str:
+    user = handler.current_user
+    return getattr(user, "username", None) or str(user)
+
+
+class _EngineMixin(ExtensionHandlerMixin):
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def engine(self):
+        """The extension's `EngineLink`: where the engine host is and how to speak to it."""
+        return self.settings["lightllm_engine"]
+
+    def upstream_headers(self) -> dict[str, str]:
+        return self.engine.auth_headers(_user_name(self))
+
+
+class EngineProxyHandler(_EngineMixin, JupyterHandler):
+    """Every HTTP route of the engine host, under `/lightllm/`."""
+
+    @web.authenticated
+    @authorized
+    async def get(self, path: str) -> None:
+        await self._forward(path)
+
+    @web.authenticated
+    @authorized
+    async def post(self, path: str) -> None:
+        await self._forward(path)
+
+    async def _forward(self, path: str) -> None:
+        if not await self.engine.ready():
+            self._error(503, self.engine.unavailable_reason())
+            return
+        url = url_path_join(self.engine.url, path)
+        if self.request.query:
+            url += "?" + self.request.query
+        headers = {k: v for k, v in self.request.headers.get_all() if k.lower() not in HOP_HEADERS}
+        headers.update(self.upstream_headers())
+        # The relay runs as its own task so that a caller who leaves (kernel interrupted or
+        # restarted, tab closed) cancels it at once, closing the upstream request: the engine host
+        # aborts the request and frees its KV without waiting for the next token.
+        self._relay = asyncio.ensure_future(self._relay_response(url, headers))
+        self.engine.stream_started()
+        try:
+            await self._relay
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self.engine.stream_finished()
+
+    async def _relay_response(self, url: str, headers: dict[str, str]) -> None:
+        started = False
+        try:
+            async with self.engine.http.stream(self.request.method, url, headers=headers,
+                                               content=self.request.body or None) as response:
+                self.set_status(response.status_code)
+                for name in ("content-type", "cache-control"):
+                    if name in response.headers:
+                        self.set_header(name, response.headers[name])
+                started = True
+                async for chunk in response.aiter_raw():
+                    self.write(chunk)
+                    await self.flush()
+                    self.engine.touch()
+        except (httpx.HTTPError, OSError) as exc:
+            reason = (f"the engine host stopped while answering ({type(exc).__name__}); it is being "
+                      "restarted: send the request again in a few seconds")
+            self.log.warning("lightllm: %s", reason)
+            if not started:
+                self._error(502, reason)
+            else:
+                # The status line has gone already: the stream's last event carries the error.
+                event = {"error": {"message": reason, "type": "engine_unavailable", "param": None, "code": 502}}
+                self.write(f"data: {json.dumps(event)}\n\n")
+        except StreamClosedError:
+            pass  # the caller left; leaving `async with` closed the upstream request, which aborts it
+
+    def on_connection_close(self) -> None:
+        relay = getattr(self, "_relay", None)
+        if relay is not None:
+            relay.cancel()
+        super().on_connection_close()
+
+    def _error(self, status: int, message: str) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"error": {"message": message, "type": "engine_unavailable", "param": None,
+                                          "code": status}}))
+
+
+class EngineEventsHandler(_EngineMixin, WebSocketMixin, websocket.WebSocketHandler, JupyterHandler):
+    """The StepEvent stream (`/lightllm/api/events`), relayed message by message, redacted for this user."""
+
+    upstream: websocket.WebSocketClientConnection | None = None
+
+    @ws_authenticated
+    @authorized
+    async def get(self, *args, **kwargs):
+        if not await self.engine.ready():
+            raise web.HTTPError(503, self.engine.unavailable_reason())
+        ws_url = self.engine.url.replace("http://", "ws://", 1) + "/api/events"
+        if self.request.query:
+            ws_url += "?" + self.request.query
+        request = HTTPRequest(ws_url, headers=self.upstream_headers(), connect_timeout=10)
+        try:
+            self.upstream = await websocket.websocket_connect(request)
+        except Exception as exc:
+            raise web.HTTPError(502, f"the engine host refused the event stream: {exc}") from exc
+        return await super().get(*args, **kwargs)
+
+    async def open(self, *args, **kwargs):
+        super().open(*args, **kwargs)
+        self._relay = asyncio.get_running_loop().create_task(self._relay_upstream())
+
+    async def _relay_upstream(self) -> None:
+        while True:
+            message = await self.upstream.read_message()
+            if message is None:
+                self.close(1011, "the engine host closed the event stream")
+                return
+            try:
+                await self.write_message(message, binary=isinstance(message, bytes))
+            except websocket.WebSocketClosedError:
+                return
+
+    def on_message(self, message) -> None:
+        pass  # the event stream is one-way
+
+    def on_close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+        relay = getattr(self, "_relay", None)
+        if relay is not None:
+            relay.cancel()
+
+
+class StatusHandler(_EngineMixin, JupyterHandler):
+    """`/lightllm/status`: what the extension knows about its engine host (for people and tests)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(self.engine.status()))
