@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..scheduling.admission import AdmissionPolicy
 from ..scheduling.decisions import Decision
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarCompiler, RequestGrammar, TokenMask
 from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
@@ -73,6 +74,7 @@ class Engine:
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts, others' steps)
@@ -111,6 +113,8 @@ class Engine:
             raise InvalidRequestError(f"request_id={request_id!r} is already in use: pick another or omit it")
         req = Request(request_id, ids, sampling, user=user, priority=priority)
         req.sampler = RequestSampler(sampling, ids, self.device)
+        if sampling.constraint is not None:  # compiles off this thread; the request waits until then
+            req.grammar = RequestGrammar(self.grammars.compile(sampling.constraint))
         if stream_text or sampling.stop:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop)
         self._requests[request_id] = req
@@ -178,7 +182,12 @@ class Engine:
                 outputs += self._take_inflight(decisions)
             else:
                 outputs += self._take_inflight(decisions)  # penalties must observe the previous token
-                sampled = self.sampler.sample(logits, samplers)
+                mask = TokenMask.for_batch([r.grammar for r in sampling_reqs], self.config.vocab_size)
+                if mask is not None and rows:  # show the grammar narrowing each constrained row's choice
+                    allowed = {sampling_reqs[i].request_id: n for i, n in mask.allowed_counts().items()}
+                    for row in rows:
+                        row.allowed_tokens = allowed.get(row.request_id)
+                sampled = self.sampler.sample(logits, samplers, mask)
                 now = time.perf_counter()
                 for i, req in enumerate(sampling_reqs):
                     if req.finished:  # stopped on the previous step's token, read back just now
@@ -187,6 +196,7 @@ class Engine:
                     outputs.append(self._accept_token(req, len(req.token_ids) - 1, now, sampled, i, decisions))
         else:
             outputs += self._take_inflight(decisions)
+            self.grammars.wait_for_pending(timeout=0.05)  # nothing to run until a grammar is compiled
         self._inflight = inflight
         self._publish(started, rows, decisions)
         return outputs
@@ -326,6 +336,7 @@ class Engine:
         self._requests.clear()
         self._detokenizers.clear()
         self._events.clear()
+        self.grammars.close()
         del self.model, self.pool, self.runner, self.scheduler
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -346,6 +357,9 @@ class Engine:
         """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
         token = req.token_ids[index]
         req.sampler.observe(token)
+        if req.grammar is not None and not req.grammar.accept(token):
+            raise RuntimeError(f"{req.request_id}: token {token} passed the grammar's mask but the grammar "
+                               "refused it: this is a bug")
         if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})
@@ -353,7 +367,8 @@ class Engine:
             req.first_token_time = now
         p = req.sampling
         reason = None
-        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids):
+        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
+                req.grammar is not None and req.grammar.terminated):
             reason = "stop"
         detok = self._detokenizers.get(req.request_id)
         if detok is not None and reason is None and detok.add(token):

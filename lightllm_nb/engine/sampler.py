@@ -29,6 +29,8 @@ import torch
 
 from lightllm_nb.sampling_params import SamplingParams
 
+from .grammar import TokenMask
+
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     host = torch.tensor(values, dtype=dtype)
@@ -72,6 +74,7 @@ class RequestSampler:
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device):
         device = torch.device(device)
         self.params = params
+        self.constrained = params.constraint is not None  # its tokens pass a grammar's mask
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             # Seeded once and consumed only by this request's draws, so its tokens don't depend on
@@ -109,8 +112,11 @@ class Sampler:
         # Engine(seed=...) reproduces a whole run without touching torch's global RNG.
         self.generator = generator
 
-    def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> SampledTokens:
+    def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
+               mask: TokenMask | None = None) -> SampledTokens:
         self._check_batch(logits, requests)
+        if mask is not None:  # structured output: disallowed tokens leave the race before it starts
+            logits = mask.apply(logits)
         params = [request.params for request in requests]
         if all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params):
             return SampledTokens.without_logprobs(logits.argmax(dim=-1).tolist())
@@ -124,8 +130,10 @@ class Sampler:
     @staticmethod
     def can_defer(requests: Sequence[RequestSampler]) -> bool:
         """True when choosing these rows' tokens needs nothing from the host: no penalties (they
-        need the previous token observed) and no logprobs (they come back as numbers)."""
-        return all(not r.params.uses_penalties and r.params.logprobs is None for r in requests)
+        need the previous token observed), no logprobs (they come back as numbers) and no grammar
+        (its mask needs the previous token accepted)."""
+        return all(not r.params.uses_penalties and r.params.logprobs is None and not r.constrained
+                   for r in requests)
 
     def sample_on_device(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
         """Token ids [B] left on the device, without waiting for the GPU; only for `can_defer` rows."""

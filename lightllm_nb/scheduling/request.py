@@ -43,6 +43,7 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     sampler: object = None        # RequestSampler, set on first admission
+    grammar: object = None        # RequestGrammar of a structured-output request
     logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -63,6 +64,11 @@ class Request:
     @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
+
+    @property
+    def ready(self) -> bool:
+        """May be admitted: a structured-output request's grammar must be compiled first."""
+        return self.grammar is None or self.grammar.ready
 
     @property
     def is_decoding(self) -> bool:

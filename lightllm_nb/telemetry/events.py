@@ -20,6 +20,7 @@ class BatchRow:
     phase: str          # "prefill" or "decode"
     tokens: int         # tokens computed for this request in this step
     context: int        # its context length after the step
+    allowed_tokens: int | None = None  # structured output: tokens its grammar's mask allowed this step
 
 
 @dataclass
