@@ -1,0 +1,60 @@
+"""`GET /api/events`: StepEvents over a websocket, as JSON, redacted for the caller's user.
+
+With `?pages=1` each event's page map (owner per KV page) travels as a binary frame right after
+its JSON text frame: int32 little-endian, one entry per page."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import tornado.ioloop
+import tornado.websocket
+
+from .api_errors import ApiError
+from .http_app import ServingContext, identify, log
+
+
+class EventStreamHandler(tornado.websocket.WebSocketHandler):
+    def initialize(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+        self.subscription = None
+
+    def prepare(self) -> None:
+        try:
+            self.caller = identify(self, self.ctx)
+        except ApiError as err:
+            self.set_status(err.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(err.body()))
+
+    def check_origin(self, origin: str) -> bool:
+        return True  # a bearer token, never a cookie, authorizes this socket
+
+    def open(self) -> None:
+        pages = self.get_query_argument("pages", "0") in ("1", "true")
+        self.subscription = self.ctx.driver.subscribe(user=self.caller.view, pages=pages)
+        self.ctx.sockets.add(self)
+        tornado.ioloop.IOLoop.current().spawn_callback(self._forward)
+
+    async def _forward(self) -> None:
+        try:
+            async for event in self.subscription:
+                owners = event.page_owner
+                record = dataclasses.replace(event, page_owner=None).to_dict()
+                record["dropped"] = self.subscription.dropped
+                await self.write_message(json.dumps(record))
+                if owners is not None:
+                    await self.write_message(np.asarray(owners, dtype="<i4").tobytes(), binary=True)
+        except tornado.websocket.WebSocketClosedError:
+            pass
+        except Exception:  # a broken event must end this socket, never the server
+            log.exception("event stream for %s failed", self.caller.user)
+        finally:
+            self.close()
+
+    def on_close(self) -> None:
+        self.ctx.sockets.discard(self)
+        if self.subscription is not None:
+            self.subscription.close()

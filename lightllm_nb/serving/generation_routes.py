@@ -1,0 +1,143 @@
+"""The routes that generate: OpenAI's completions and chat completions and the native
+`/api/generate`, streaming (server-sent events) or not. A client that goes away aborts its request."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tornado.iostream import StreamClosedError
+
+from ..sampling_params import InvalidRequestError
+from .api_errors import ApiError
+from .http_app import ApiHandler, log
+from .native_api import completion_record, output_record, parse_generate
+from .openai_api import OpenAIShapes, parse_chat, parse_completion
+from .request_fields import parse_json_object
+
+
+def sse(record: dict | str) -> bytes:
+    return b"data: " + (record if isinstance(record, str) else json.dumps(record)).encode() + b"\n\n"
+
+
+class _GenerationHandler(ApiHandler):
+    """Parse, submit, then stream or collect; subclasses say how a body is read and outputs look."""
+
+    def parse(self, body: dict):
+        raise NotImplementedError
+
+    async def post(self) -> None:
+        if self.ctx.stopping:
+            raise ApiError(503, "the server is shutting down: retry against its successor")
+        try:
+            request = self.parse(parse_json_object(self.request.body))
+        except ApiError:
+            self.ctx.metrics.request_rejected()
+            raise
+        try:
+            self.handle = self.ctx.driver.submit(request.prompt_ids, request.sampling, user=self.caller.user,
+                                                 priority=request.priority, stream_text=True)
+        except InvalidRequestError as err:
+            self.ctx.metrics.request_rejected()
+            raise ApiError(429 if "waiting" in str(err) else 400, str(err)) from None
+        self.started = time.perf_counter()
+        self.ctx.active.add(self)
+        completion = None
+        try:
+            completion = await (self.stream(request) if request.stream else self.collect())
+        except StreamClosedError:
+            pass  # the client left; the finally below aborts its request
+        finally:
+            self.ctx.active.discard(self)
+            if completion is None:
+                self.handle.abort()
+        if completion is not None:
+            self.ctx.metrics.request_finished(completion)
+            self._log_request(completion)
+
+    async def collect(self):
+        async for out in self.handle:
+            if out.completion is not None:
+                self.send_json(self.complete(out.completion))
+                return out.completion
+        raise ApiError(503, "the engine stopped before this request finished")
+
+    async def stream(self, request):
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Request-Id", self.handle.request_id)
+        self.flush()
+        async for out in self.handle:
+            self.write(b"".join(sse(r) for r in self.records(out, request)))
+            await self.flush()
+            if out.completion is not None:
+                self.finish()
+                return out.completion
+        raise StreamClosedError()  # the loop shut down under us: nothing more will come
+
+    def on_connection_close(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            handle.abort()
+
+    def complete(self, completion) -> dict:
+        raise NotImplementedError
+
+    def records(self, out, request) -> list:
+        raise NotImplementedError
+
+    def _log_request(self, completion) -> None:
+        m = completion.metrics
+        ttft = m.get("time_to_first_token")
+        log.info("%s %s user=%s prompt=%d output=%d finish=%s ttft=%s e2e=%.3fs", self.request.path,
+                 completion.request_id, self.caller.user, completion.prompt_tokens, completion.completion_tokens,
+                 completion.finish_reason, f"{ttft:.3f}s" if ttft is not None else "-",
+                 time.perf_counter() - self.started)
+
+
+class NativeGenerateHandler(_GenerationHandler):
+    def parse(self, body):
+        return parse_generate(body, self.ctx.model)
+
+    def complete(self, completion):
+        return completion_record(completion)
+
+    def records(self, out, request):
+        return [output_record(out)]
+
+
+class _OpenAIHandler(_GenerationHandler):
+    chat = False
+
+    def complete(self, completion):
+        return OpenAIShapes(self.ctx.model, completion.request_id, chat=self.chat).response(completion)
+
+    def records(self, out, request):
+        shapes = getattr(self, "shapes", None)
+        first = shapes is None
+        if first:
+            shapes = self.shapes = OpenAIShapes(self.ctx.model, out.request_id, chat=self.chat)
+        done = out.completion
+        # Logprobs are known per request once it finishes: they ride on the last chunk.
+        logprobs = done.logprobs if done is not None else None
+        records = []
+        if out.text_delta or first or done is None:
+            records.append(shapes.chunk(out.text_delta, None, first=first))
+        if done is not None:
+            records.append(shapes.chunk("", done.finish_reason, logprobs))
+            if request.include_usage:
+                records.append(shapes.usage_chunk(done))
+            records.append("[DONE]")
+        return records
+
+
+class CompletionHandler(_OpenAIHandler):
+    def parse(self, body):
+        return parse_completion(body, self.ctx.model)
+
+
+class ChatHandler(_OpenAIHandler):
+    chat = True
+
+    def parse(self, body):
+        return parse_chat(body, self.ctx.model)

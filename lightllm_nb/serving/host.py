@@ -1,0 +1,120 @@
+"""`lightllm-nb serve`: one process that loads a model, runs its DriverLoop and serves HTTP.
+
+The step loop runs in the DriverLoop's thread, tornado's IOLoop in the main thread; HTTP parsing,
+tokenization and templating happen on the IOLoop, so the engine thread only schedules and runs.
+SIGTERM (or Ctrl-C) stops gracefully: no new requests, in-flight ones get `--shutdown-timeout`
+seconds to finish, the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .auth import TokenTable, generate_key_file, read_key_file
+
+log = logging.getLogger("lightllm_nb.serve")
+MAX_HTTP_BODY = 16 << 20  # above the API's own limit, so a too-large body gets a JSON 400, not a reset
+API_KEY_ENV = "LIGHTLLM_API_KEY"
+
+
+@dataclass
+class KeySetup:
+    tokens: TokenTable
+    generated_key_file: Path | None = None
+
+
+def resolve_tokens(api_key: str | None, api_key_file: str | None, tokens_file: str | None,
+                   default_key_file: Path, hub: bool = False) -> KeySetup:
+    """The tokens this server accepts; with none given (and no Hub), a fresh operator key written mode 0600."""
+    key = api_key or os.environ.get(API_KEY_ENV) or (read_key_file(api_key_file) if api_key_file else None)
+    local = TokenTable.from_sources(key, tokens_file) if key or tokens_file else None
+    if hub:
+        from .hub_auth import HubTokens
+
+        return KeySetup(HubTokens(local=local))
+    if local is not None:
+        return KeySetup(local)
+    return KeySetup(TokenTable.from_sources(generate_key_file(default_key_file)), default_key_file)
+
+
+def default_key_path(port: int, uds: str | None) -> Path:
+    home = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".lightllm-nb")
+    return home / ("lightllm-nb-api-key-" + (Path(uds).name if uds else str(port)))
+
+
+def listening_sockets(host: str, port: int, uds: str | None) -> list[socket.socket]:
+    from tornado.netutil import bind_sockets, bind_unix_socket
+
+    if uds:
+        return [bind_unix_socket(uds, mode=0o600)]
+    return bind_sockets(port, address=host)
+
+
+def run_host(args, engine_factory) -> int:
+    """Serve until SIGTERM/SIGINT. `engine_factory()` loads the model (after every cheap check)."""
+    from .driver import DriverLoop
+    from .http_app import ServingContext, make_app
+    from .metrics import ServingMetrics
+    from .served_model import ServedModel
+
+    keys = resolve_tokens(args.api_key, args.api_key_file, args.tokens_file, default_key_path(args.port, args.uds),
+                          args.hub)
+    sockets = listening_sockets(args.host, args.port, args.uds)  # a busy port fails before the slow load
+    engine = engine_factory()
+    driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
+    model = ServedModel.of(engine, args.served_model_name or args.model)
+    ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name))
+    where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{sockets[0].getsockname()[1]}"
+    if keys.generated_key_file:
+        print(f"lightllm-nb serve: API key written to {keys.generated_key_file} (mode 0600)", flush=True)
+    try:
+        asyncio.run(_serve(ctx, sockets, where, args.shutdown_timeout))
+    finally:
+        engine.close()
+    return 0
+
+
+async def _serve(ctx, sockets, where: str, shutdown_timeout: float) -> None:
+    from tornado.httpserver import HTTPServer
+
+    from .http_app import make_app
+
+    server = HTTPServer(make_app(ctx), max_body_size=MAX_HTTP_BODY, xheaders=False)
+    server.add_sockets(sockets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"lightllm-nb serve: model {ctx.model.name!r} listening on {where}", flush=True)
+    await stop.wait()
+    log.info("stopping: no new requests; %d in flight get %.0f s to finish", len(ctx.active), shutdown_timeout)
+    ctx.stopping = True
+    server.stop()
+    deadline = time.monotonic() + shutdown_timeout
+    while ctx.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    for ws in list(ctx.sockets):
+        ws.close()
+    # Finishes whatever is left with reason "abort"; their handlers then answer and return.
+    await ctx.call(ctx.driver.shutdown)
+    deadline = time.monotonic() + 5
+    while ctx.active and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(server.close_all_connections(), 5)
+    except asyncio.TimeoutError:
+        log.warning("some connections did not close within 5 s; exiting anyway")
+    log.info("stopped")
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")

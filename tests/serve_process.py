@@ -1,0 +1,96 @@
+"""A real `lightllm-nb serve` process on loopback for the HTTP tests: start, wait, stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OPERATOR_KEY = "operator-key-for-tests"
+TOKENS = {"alice-token-123": {"user": "alice"}, "bob-token-4567": {"user": "bob"},
+          "proxy-token-890": {"user": "jupyter-proxy", "role": "proxy"}}
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen
+    url: str
+    log: list = field(default_factory=list)
+
+    def get(self, path: str, token: str | None = OPERATOR_KEY) -> tuple[int, bytes]:
+        return request(self.url + path, token=token)
+
+    def post(self, path: str, body, token: str | None = OPERATOR_KEY, headers: dict | None = None):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return request(self.url + path, data, token=token, headers=headers)
+
+    def stats(self, token: str = OPERATOR_KEY) -> dict:
+        status, body = self.get("/api/stats", token)
+        assert status == 200, body
+        return json.loads(body)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+
+def request(url: str, data: bytes | None = None, *, token: str | None = None, headers: dict | None = None,
+            timeout: float = 120) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def start_serve(tmp: Path, *extra: str, timeout: float = 120) -> ServeProcess:
+    tokens = tmp / "tokens.json"
+    tokens.write_text(json.dumps(TOKENS))
+    cmd = [sys.executable, "-m", "lightllm_nb.cli", "serve", "--model", "demo", "--device", "cpu",
+           "--port", "0", "--api-key", OPERATOR_KEY, "--tokens-file", str(tokens), "--kv-tokens", "8192",
+           "--seed", "0", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    log: list[str] = []
+    found = threading.Event()
+    url = []
+
+    def pump():  # keep reading, so a chatty server never blocks on a full pipe
+        for line in process.stdout:
+            log.append(line)
+            m = re.search(r"listening on (http://\S+)", line)
+            if m:
+                url.append(m.group(1))
+                found.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not found.wait(0.2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("lightllm-nb serve did not start:\n" + "".join(log))
+    served = ServeProcess(process, url[0], log)
+    while served.get("/health", None)[0] != 200:
+        time.sleep(0.1)
+    return served
