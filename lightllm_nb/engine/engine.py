@@ -21,6 +21,7 @@ from .grammar import GrammarCompiler, RequestGrammar, TokenMask
 from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
+from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
 from ..kv.kv_pool import KVPool
 from ..loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
@@ -42,8 +43,9 @@ class Engine:
                  max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
-                 progress: bool = True):
+                 progress: bool = True, prefix_cache_scope: str = "user", shared_prefixes: Sequence | None = None):
         make_policy(scheduler)  # a bad name fails before the (slow) model load
+        check_scope_settings(prefix_cache_scope, shared_prefixes, prefix_cache)  # see kv/cache_scope.py
         self.device = resolve_device(device)
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.config = ModelConfig.from_hf(checkpoint.config)
@@ -63,9 +65,10 @@ class Engine:
                            max_requests=max_running,
                            max_context=min(self.config.max_position_embeddings, capacity),
                            dtype=self.dtype, device=self.device)
+        self.cache_scopes = CacheScopes(prefix_cache_scope, tokenize_shared_prefixes(shared_prefixes, self.tokenizer))
         self.scheduler = Scheduler(self.pool, make_policy(scheduler), max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, prefix_cache=prefix_cache,
-                                   max_running_per_user=max_running_per_user)
+                                   max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes)
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
                                   progress=progress)
         generator = torch.Generator(device=self.device)
@@ -316,6 +319,7 @@ class Engine:
             "kv_cached_tokens": self.scheduler.reclaimable_tokens,  # unused prefix cache, inside kv_used
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "steps": self._step, "weight_bytes": self.model.weight_bytes(),
+            **self.cache_scopes.describe(),
             "max_running": self.scheduler.max_running, "max_batch_tokens": self.scheduler.max_batch_tokens,
         }
 

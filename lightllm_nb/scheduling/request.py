@@ -128,6 +128,6 @@ def request_metrics(req: Request) -> dict:
         "time_to_first_token": ttft,
         "time_per_output_token": tpot,
         "e2e_latency": end - req.arrival_time,
-        "cached_prompt_tokens": req.num_cached,
+        "cached_tokens": req.num_cached,  # prompt tokens reused from the prefix cache
         "preemptions": req.num_preemptions,
     }

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
 from ..kv.kv_pool import KVPool
+from ..kv.cache_scope import CacheScopes
 from ..kv.prefix_cache import PrefixCache, PrefixMatch
 from .request import PENDING_TOKEN, Request, Status
 from .waiting_queue import WaitingQueue
@@ -40,7 +41,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int,
-                 prefix_cache: bool = False, max_running_per_user: int | None = None):
+                 prefix_cache: bool = False, max_running_per_user: int | None = None,
+                 cache_scopes: CacheScopes | None = None):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_running={max_running}: "
                              "every running request needs room for its next token each step")
@@ -52,7 +54,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_running_per_user = max_running_per_user
-        self.cache = PrefixCache(pool) if prefix_cache else None
+        self.cache = PrefixCache(pool, cache_scopes) if prefix_cache else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self._running_per_user: Counter[str] = Counter()
@@ -199,7 +201,7 @@ class Scheduler:
             if self.cache is None:
                 return req, None
             # Never match the last token: the step must compute at least one token to yield logits.
-            match = self.cache.match(req.token_ids[:-1])
+            match = self.cache.match(req.token_ids[:-1], req.user)
             sharer = in_flight.get(self._next_tokens(req, match))
             if sharer is None:
                 return req, match
@@ -212,8 +214,9 @@ class Scheduler:
 
     def _next_tokens(self, req: Request, match: PrefixMatch) -> tuple:
         """Where `req` stands in the prefix tree and the tokens it computes next: two requests with
-        the same key would compute the same K/V."""
-        return match.node, tuple(req.token_ids[match.length:match.length + self._shared_probe])
+        the same key would compute the same K/V under the same scope (across scopes, waiting would
+        show one user that another is computing the same tokens right now)."""
+        return match.node, match.next_scope, tuple(req.token_ids[match.length:match.length + self._shared_probe])
 
     def _try_admit(self, req: Request, match: PrefixMatch | None, budget: int, batch: ScheduledBatch) -> int:
         """Tokens of `req` scheduled this step, or 0 when it must wait (a defer decision says why)."""
@@ -245,11 +248,13 @@ class Scheduler:
         batch.items.append((req, n))
         batch.decisions.append(Decision(kind, req.request_id, reason, numbers, req.user))
         if matched:
-            req.num_cached = matched
+            if not req.num_preemptions:  # a resume finds its own tokens: not reused prompt tokens
+                req.num_cached = matched
             self.pool.map_prefix(row, req.pages, matched)
             batch.decisions.append(Decision(
                 "prefix_hit", req.request_id, f"{matched} of {len(req.token_ids)} tokens found in the "
-                "prefix cache: their prefill is skipped", {"matched": matched, "tokens": len(req.token_ids)},
+                "prefix cache: their prefill is skipped",
+                {"matched": matched, "tokens": len(req.token_ids), **match.sources()},
                 req.user))
         return n
 
