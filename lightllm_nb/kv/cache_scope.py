@@ -77,6 +77,14 @@ def check_shared_prefixes(entries: object) -> list:
     return checked
 
 
+def check_scope_settings(scope: object, shared_prefixes: object, prefix_cache: bool) -> None:
+    """Engine(prefix_cache_scope=..., shared_prefixes=...) checked before the (slow) model load."""
+    check_prefix_cache_scope(scope)
+    if check_shared_prefixes(shared_prefixes) and not prefix_cache:
+        raise ValueError("shared_prefixes are shared through the prefix cache, which prefix_cache=False turns "
+                         "off: drop one of the two")
+
+
 def tokenize_shared_prefixes(entries: object, tokenizer) -> list[tuple[int, ...]]:
     """Token ids of each declared prefix, tokenized the way prompts are: text like a text prompt,
     messages like a chat prompt without the assistant's turn (so a declared system prompt is a prefix
@@ -129,6 +137,10 @@ class CacheScopes:
                 continue
             best = max(best, next(i for i in range(n) if prefix[i] != token_ids[i]))
         return best
+
+    def describe(self) -> dict:
+        """For Engine.stats(): the rule, and how long each declared prefix is (never its text)."""
+        return {"prefix_cache_scope": self.mode, "shared_prefix_tokens": [len(p) for p in self.shared_prefixes]}
 
     def source_name(self) -> str:
         """What cached tokens outside a declared prefix are called in decisions and panels: never whose."""
