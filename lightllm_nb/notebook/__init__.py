@@ -1,0 +1,15 @@
+"""The notebook toolkit: the `%%lightllm` magic and live panels. Jupyter imports live here only."""
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magic import LightLLMMagics
+
+    ipython.register_magics(LightLLMMagics(ipython))
+
+
+def unload_ipython_extension(ipython) -> None:
+    from .magic import LightLLMMagics
+
+    magics = ipython.magics_manager.registry.pop(LightLLMMagics.__name__, None)
+    if magics is not None:
+        magics.close()

@@ -1,0 +1,137 @@
+"""The options of `%%lightllm`, parsed into what the magic does; bad options give a usage message."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from dataclasses import dataclass, fields, replace
+
+from ..sampling_params import InvalidRequestError, SamplingParams
+
+FORMATS = ("markdown", "text", "code")
+
+
+class OptionError(ValueError):
+    """A bad `%%lightllm` line; its message is the usage text plus what was wrong."""
+
+
+@dataclass
+class CellOptions:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int | None = None
+    system: str | None = None
+    raw: bool = False
+    format: str = "markdown"
+    chat: str | None = None
+    var: str | None = None
+    panel: bool = False
+    user: str | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              seed=self.seed)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print and exit the kernel's process
+        raise OptionError(f"{self.format_usage().strip()}\n%%lightllm: {message} (see %lightllm? for every option)")
+
+
+def _parser(defaults: CellOptions) -> _Parser:
+    p = _Parser(prog="%%lightllm", add_help=False,
+                description="Send the cell to the engine as a chat message and stream the answer here.")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="make sampling repeatable")
+    p.add_argument("--system", default=defaults.system, help="system prompt")
+    p.add_argument("--raw", action="store_true", default=defaults.raw,
+                   help="send the cell as a plain prompt, not a chat message")
+    p.add_argument("--format", choices=FORMATS, default=defaults.format, help="how to show the answer")
+    p.add_argument("--chat", metavar="NAME", default=None, help="continue the named conversation")
+    p.add_argument("--var", metavar="NAME", default=None, help="store the Completion in this variable")
+    p.add_argument("--panel", action="store_true", default=defaults.panel,
+                   help="show the live dashboard under the answer")
+    p.add_argument("--user", default=defaults.user, help="act as this user (only where the engine allows it)")
+    return p
+
+
+def parse_cell_line(line: str, defaults: CellOptions) -> CellOptions:
+    try:
+        words = shlex.split(line)
+    except ValueError as err:
+        raise OptionError(f"%%lightllm: cannot read the options ({err}): close the quotes") from None
+    args = _parser(defaults).parse_args(words)
+    options = CellOptions(**{f.name: getattr(args, f.name) for f in fields(CellOptions)})
+    if options.format not in FORMATS:
+        raise OptionError(f"%%lightllm: format {options.format!r} is unknown: use one of {', '.join(FORMATS)}")
+    for name in (options.var, options.chat):
+        if name is not None and not name.isidentifier():
+            raise OptionError(f"%%lightllm: {name!r} is not a valid name: use letters, digits and _")
+    if options.raw and (options.chat or options.system):
+        raise OptionError("%%lightllm: --raw sends a plain prompt, so --chat and --system do not apply: drop one")
+    try:
+        options.sampling()
+    except InvalidRequestError as err:
+        raise OptionError(f"%%lightllm: {err}") from None
+    return options
+
+
+def usage() -> str:
+    return _parser(CellOptions()).format_help()
+
+
+_SETTABLE = {"max_tokens": int, "temperature": float, "top_p": float, "seed": int, "system": str,
+             "raw": bool, "format": str, "panel": bool, "user": str}
+
+
+def updated_defaults(defaults: CellOptions, assignments: list[str]) -> CellOptions:
+    """`%lightllm config max_tokens=128 format=text`: new defaults for later cells."""
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.replace("-", "_")
+        if not sep or key not in _SETTABLE:
+            raise OptionError(f"%lightllm config: cannot set {item!r}: write key=value with key one of "
+                              f"{', '.join(_SETTABLE)}")
+        changes[key] = _convert(key, text)
+    new = replace(defaults, **changes)
+    parse_cell_line("", new)  # the same checks a cell's options get
+    return new
+
+
+def _convert(key: str, text: str):
+    kind = _SETTABLE[key]
+    if text.lower() == "none" and key in ("seed", "system", "user"):
+        return None
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise OptionError(f"%lightllm config: {key} takes true or false, not {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise OptionError(f"%lightllm config: {key} takes a number, not {text!r}") from None
+
+
+_NAME = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_names(cell: str, namespace: dict) -> str:
+    """Replace `{name}` with the notebook variable's value; `{{` and `}}` are literal braces.
+    Other braces (JSON, code) are left alone."""
+
+    def value(match: re.Match) -> str:
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        name = match.group(1)
+        if name not in namespace:
+            raise OptionError(f"%%lightllm: the cell uses {{{name}}} but no variable {name} exists: "
+                              f"define it first, or write {{{{{name}}}}} for literal braces")
+        return str(namespace[name])
+
+    return _NAME.sub(value, cell)

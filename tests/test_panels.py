@@ -1,0 +1,208 @@
+"""Panels against a real engine: what reaches the front end (comm messages, recorded) equals the
+engine's real events and pool, the throttle bounds the messages, replay and close work."""
+
+import threading
+import time
+from dataclasses import replace
+
+import comm
+import numpy as np
+import pytest
+from comm.base_comm import BaseComm
+
+from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.notebook.panels import Dashboard, KVCachePanel
+from lightllm_nb.notebook.panels.kv_grid import CACHED_CELL, FREE_CELL, SHARED_CELL, KVGrid
+from lightllm_nb.telemetry.hub import EventHub
+from lightllm_nb.telemetry.traces import TraceRecorder, load_trace
+
+PAGE_TO_CELL = {-1: FREE_CELL, -2: CACHED_CELL, -3: SHARED_CELL}
+
+
+class FrontEnd:
+    """Every comm message the widgets send, as a Jupyter front end would receive them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sent = []  # (comm_id, msg_type, data, buffers, time)
+
+    def make_comm(self, *args, **kwargs):
+        front_end = self
+
+        class RecordingComm(BaseComm):
+            def publish_msg(self, msg_type, data=None, metadata=None, buffers=None, **keys):
+                with front_end.lock:
+                    front_end.sent.append((self.comm_id, msg_type, data, buffers, time.monotonic()))
+
+        return RecordingComm(*args, **kwargs)
+
+    def custom(self, view, since=0.0):
+        with self.lock:
+            return [(d["content"], b) for cid, kind, d, b, t in self.sent
+                    if cid == view.comm.comm_id and kind == "comm_msg" and d.get("method") == "custom" and t >= since]
+
+    def grid(self, view):
+        """The KV grid as the browser holds it after applying every patch."""
+        owners, meta = None, None
+        for content, buffers in self.custom(view):
+            if content["full"]:
+                owners = np.full(content["cells"], FREE_CELL, dtype=np.int32)
+            idx, own = np.frombuffer(buffers[0], np.int32), np.frombuffer(buffers[1], np.int32)
+            owners[idx] = own
+            meta = content
+        return owners, meta
+
+    def items(self, view):
+        items = []
+        for content, _ in self.custom(view):
+            items = content["items"] if content["reset"] else items + content["items"]
+        return items
+
+
+@pytest.fixture
+def front_end(monkeypatch):
+    recorder = FrontEnd()
+    monkeypatch.setattr(comm, "create_comm", recorder.make_comm)
+    return recorder
+
+
+@pytest.fixture
+def engine(tiny_model):
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=160, max_running=6, max_batch_tokens=48,
+                scheduler="aggressive", seed=0) as engine:
+        yield engine
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the panel did not catch up with the engine"
+        time.sleep(0.02)
+
+
+def expected_cells(page_owner):
+    return np.array([PAGE_TO_CELL.get(int(o), int(o)) for o in page_owner], dtype=np.int32)
+
+
+def add_requests(engine, n, max_tokens, prefix="The same long shared system prompt says hello. "):
+    for i in range(n):
+        engine.add_request(prefix + f"question {i}: " + "tell me more " * (i + 1),
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+
+def test_dashboard_state_equals_the_engine_s_events_and_pool(engine, front_end):
+    events = []
+    engine.subscribe(events.append, pages=True)
+    dashboard = Dashboard(engine)
+    trends, kv, batch, decisions = (part.view for part in dashboard.parts)
+    add_requests(engine, 8, max_tokens=12)  # more than fit: defers, evictions, preemptions, prefix hits
+    while engine.has_unfinished():
+        engine.step()
+        step = engine.stats()["steps"]
+        wait_for(lambda: events and events[-1].step == step)
+        wait_for(lambda: (front_end.grid(kv)[1] or {}).get("step") == step)
+        owners, meta = front_end.grid(kv)
+        assert meta["pages_per_cell"] == 1
+        assert np.array_equal(owners, expected_cells(events[-1].page_owner))
+        assert np.array_equal(owners, expected_cells(engine.pool.page_owner))  # the pool itself, right now
+        assert meta["used"] == events[-1].kv_capacity - events[-1].kv_free
+    wait_for(lambda: front_end.items(decisions) and front_end.items(decisions)[-1]["step"] == events[-1].step
+             or not any(e.decisions for e in events[-1:]))
+    wait_for(lambda: front_end.items(batch) and front_end.items(batch)[-1]["step"] == events[-1].step)
+    shown_steps = front_end.items(batch)
+    assert [s["step"] for s in shown_steps] == [e.step for e in events[-60:]]
+    for shown, event in zip(shown_steps, events[-60:]):
+        assert [(r["request"], r["phase"], r["tokens"]) for r in shown["rows"]] == \
+               [(r.request_id, r.phase, r.tokens) for r in event.rows]
+    shown_decisions = [(d["step"], d["kind"], d["request"], d["reason"]) for d in front_end.items(decisions)]
+    real = [(e.step, d.kind, d.request_id, d.reason) for e in events for d in e.decisions]
+    assert shown_decisions == real
+    kinds = {d[1] for d in real}
+    assert {"admit", "finish", "prefix_hit"} <= kinds and kinds & {"defer", "preempt"}, kinds
+    series = front_end.custom(trends)[-1][0]["values"]
+    assert series["queue"][-1] == events[-1].waiting and len(series["ttft"]) > 0
+    dashboard.close()
+
+
+def test_throttle_bounds_messages_in_a_burst_and_the_latest_state_wins(engine, front_end):
+    """The engine's real events, replayed through a real EventHub far faster than any panel
+    should draw (thousands a second): each view still gets at most ~10 messages a second."""
+    events = []
+    engine.subscribe(events.append, pages=True)
+    engine.generate([f"burst {i} " * 3 for i in range(4)], SamplingParams(max_tokens=6, temperature=0.0))
+    wait_for(lambda: len(events) == engine.stats()["steps"])
+    hub = EventHub()
+    panel = Dashboard(hub, rate=10.0)
+    started = time.monotonic()
+    published = 0
+    while time.monotonic() - started < 1.5:
+        event = events[published % len(events)]
+        hub.publish(replace(event, step=published + 1), lambda: event.page_owner)
+        published += 1
+    burst = time.monotonic() - started
+    kv = panel.parts[1].view
+    wait_for(lambda: (front_end.grid(kv)[1] or {}).get("step") == published)  # the latest state wins
+    settled = time.monotonic() - started
+    for part in panel.parts:
+        sent = len(front_end.custom(part.view, since=started))
+        assert 2 <= sent <= 10 * settled + 2, (type(part).__name__, sent, settled)
+    assert published > 50 * burst, published  # the burst really outran the throttle
+    panel.close()
+
+
+def test_a_saved_trace_replays_with_the_step_slider(engine, front_end, tmp_path):
+    path = tmp_path / "trace.jsonl"
+    recorder, recorded = TraceRecorder(path), []
+    engine.subscribe(lambda event: (recorder(event), recorded.append(event)), pages=True)
+    engine.generate(["replay me " * 4, "and me too " * 3], SamplingParams(max_tokens=8, temperature=0.0))
+    wait_for(lambda: len(recorded) == engine.stats()["steps"])
+    recorder.close()
+    engine.close()  # the trace is all a replay needs
+    events = load_trace(path)
+    panel = Dashboard(str(path))
+    kv, decisions = panel.parts[1].view, panel.parts[3].view
+    for k in (3, len(events)):
+        panel.slider.value = k
+        owners, meta = front_end.grid(kv)
+        assert meta["step"] == events[k - 1].step
+        assert np.array_equal(owners, expected_cells(events[k - 1].page_owner))
+        assert [d["reason"] for d in front_end.items(decisions)] == [d.reason for e in events[:k] for d in e.decisions]
+    panel.close()
+
+
+def test_closing_a_panel_stops_its_thread_and_its_messages(engine, front_end):
+    panel = KVCachePanel(engine)
+    engine.generate(["before closing"], SamplingParams(max_tokens=4))
+    wait_for(lambda: front_end.custom(panel.parts[0].view))
+    panel.close()
+    assert not panel.running
+    count = len(front_end.sent)
+    engine.generate(["after closing"], SamplingParams(max_tokens=4))
+    time.sleep(0.3)
+    assert len(front_end.sent) == count
+
+
+def test_a_million_slot_pool_is_aggregated_and_patched_by_change():
+    rng = np.random.default_rng(0)
+    pages = np.full(1_000_000, -1, dtype=np.int32)
+    pages[: 600_000] = rng.integers(0, 256, 600_000)
+    pages[600_000: 650_000] = -2
+    pages[650_000: 660_000] = -3
+    grid = KVGrid(max_cells=4096)
+    started = time.perf_counter()
+    grid.update(pages)
+    first = grid.patch()
+    took = time.perf_counter() - started
+    assert first.full and len(first.indices) == len(grid.owners) <= 4096
+    per = grid.pages_per_cell
+    for cell in rng.integers(0, len(grid.owners), 50):
+        block = pages[cell * per: (cell + 1) * per]
+        codes = [PAGE_TO_CELL.get(int(o), int(o)) for o in block]
+        assert grid.owners[cell] == max(codes)
+        assert grid.fills[cell] == int(np.sum(block != -1) * 255 // per)
+    pages[2000 * per: 2003 * per] = 7  # a request grows by three whole cells
+    grid.update(pages)
+    second = grid.patch()
+    assert not second.full and len(second.indices) == 3
+    assert took < 2.0, f"aggregating a million slots took {took:.2f}s"
