@@ -7,43 +7,8 @@ import pytest
 import torch
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy
-from lightllm_nb.kv.kv_pool import KVPool
-from lightllm_nb.scheduling.request import Request
-from lightllm_nb.scheduling.scheduler import Scheduler
-
-
-def make_scheduler(*, capacity=256, max_running=4, policy=None, **kwargs):
-    pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=1, num_tokens=capacity, page_size=1,
-                  max_requests=max_running, max_context=capacity, dtype=torch.float32, device=torch.device("cpu"))
-    return Scheduler(pool, policy or AggressivePolicy(), max_batch_tokens=64, max_running=max_running, **kwargs)
-
-
-def request(rid, user="default", *, prompt_len=4, max_tokens=3, priority=0):
-    return Request(rid, list(range(10, 10 + prompt_len)), SamplingParams(max_tokens=max_tokens),
-                   user=user, priority=priority)
-
-
-def step(scheduler):
-    """One engine step without a model: every scheduled token is computed, each request whose
-    tokens are all computed samples one more, and finishes at max_tokens."""
-    batch = scheduler.schedule()
-    for req, n in batch.items:
-        req.num_computed += n
-        if req.num_computed == len(req.token_ids):
-            req.token_ids.append(7)
-            if req.num_output >= req.sampling.max_tokens:
-                batch.decisions.append(scheduler.finish(req, "length"))
-    return batch.decisions
-
-
-def run(scheduler, steps=1000):
-    """Decisions of every step until the scheduler is idle."""
-    history = []
-    while scheduler.has_work():
-        history.append(step(scheduler))
-        assert len(history) < steps, "no progress"
-    return history
+from lightllm_nb.scheduling.admission import ConservativePolicy
+from model_free import make_scheduler, request, run, step
 
 
 def admitted(history):

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
 from ..kv.kv_pool import KVPool
-from ..kv.cache_scope import CacheScopes
 from ..kv.prefix_cache import PrefixCache, PrefixMatch
 from .request import PENDING_TOKEN, Request, Status
+from .progress_guard import ProgressGuard
 from .waiting_queue import WaitingQueue
 
 # A waiting request whose next this-many tokens a running prefill is computing right now waits a
@@ -41,8 +41,7 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int,
-                 prefix_cache: bool = False, max_running_per_user: int | None = None,
-                 cache_scopes: CacheScopes | None = None):
+                 prefix_cache: bool = False, max_running_per_user: int | None = None):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_running={max_running}: "
                              "every running request needs room for its next token each step")
@@ -54,11 +53,12 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_running_per_user = max_running_per_user
-        self.cache = PrefixCache(pool, cache_scopes) if prefix_cache else None
+        self.cache = PrefixCache(pool) if prefix_cache else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self._running_per_user: Counter[str] = Counter()
         self._shared_probe = pool.pages_for(SHARED_PREFILL_PROBE_TOKENS) * pool.page_size
+        self.progress = ProgressGuard(max_context=pool.max_context, max_batch_tokens=max_batch_tokens)
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -107,6 +107,7 @@ class Scheduler:
                 budget -= n
         self._admit_waiting(batch, budget)
         batch.items.sort(key=lambda item: item[1] != 1)
+        self.progress.observe(self, batch)  # a livelock raises here, saying why
         return batch
 
     def _grow_or_preempt(self, req: Request, length: int, batch: ScheduledBatch, in_batch: set[int]) -> bool:
@@ -189,8 +190,6 @@ class Scheduler:
                 # Preempted this very step with its newest token still on the GPU: that token is
                 # read back at the end of the step, so it can resume from the next one.
                 continue
-            if not req.ready:
-                continue  # its grammar is still compiling: it waits here rather than in a batch row
             running = self._running_per_user[req.user]
             if cap is not None and running >= cap:
                 skipped.add(req.user)  # one decision per user and step is enough to say why
@@ -201,7 +200,7 @@ class Scheduler:
             if self.cache is None:
                 return req, None
             # Never match the last token: the step must compute at least one token to yield logits.
-            match = self.cache.match(req.token_ids[:-1], req.user)
+            match = self.cache.match(req.token_ids[:-1])
             sharer = in_flight.get(self._next_tokens(req, match))
             if sharer is None:
                 return req, match
@@ -214,9 +213,8 @@ class Scheduler:
 
     def _next_tokens(self, req: Request, match: PrefixMatch) -> tuple:
         """Where `req` stands in the prefix tree and the tokens it computes next: two requests with
-        the same key would compute the same K/V under the same scope (across scopes, waiting would
-        show one user that another is computing the same tokens right now)."""
-        return match.node, match.next_scope, tuple(req.token_ids[match.length:match.length + self._shared_probe])
+        the same key would compute the same K/V."""
+        return match.node, tuple(req.token_ids[match.length:match.length + self._shared_probe])
 
     def _try_admit(self, req: Request, match: PrefixMatch | None, budget: int, batch: ScheduledBatch) -> int:
         """Tokens of `req` scheduled this step, or 0 when it must wait (a defer decision says why)."""
@@ -248,13 +246,11 @@ class Scheduler:
         batch.items.append((req, n))
         batch.decisions.append(Decision(kind, req.request_id, reason, numbers, req.user))
         if matched:
-            if not req.num_preemptions:  # a resume finds its own tokens: not reused prompt tokens
-                req.num_cached = matched
+            req.num_cached = matched
             self.pool.map_prefix(row, req.pages, matched)
             batch.decisions.append(Decision(
                 "prefix_hit", req.request_id, f"{matched} of {len(req.token_ids)} tokens found in the "
-                "prefix cache: their prefill is skipped",
-                {"matched": matched, "tokens": len(req.token_ids), **match.sources()},
+                "prefix cache: their prefill is skipped", {"matched": matched, "tokens": len(req.token_ids)},
                 req.user))
         return n
 
