@@ -5,9 +5,15 @@ from .engine.engine import Engine
 from .scheduling.past_future import PastFuturePolicy
 from .scheduling.request import Completion, RequestOutput
 from .sampling_params import InvalidRequestError, SamplingParams
+from .serving.client import Client, LocalClient
+from .serving.driver import DriverLoop
+from .serving.text_stream import TextStream
+from .telemetry.events import StepEvent
+from .telemetry.hub import EventSubscription
 
-__all__ = ["AggressivePolicy", "Completion", "ConservativePolicy", "Engine", "InvalidRequestError",
-           "PastFuturePolicy", "RequestOutput", "SamplingParams", "connect"]
+__all__ = ["AggressivePolicy", "Client", "Completion", "ConservativePolicy", "DriverLoop", "Engine",
+           "EventSubscription", "InvalidRequestError", "LocalClient", "PastFuturePolicy", "RequestOutput",
+           "SamplingParams", "StepEvent", "TextStream", "connect"]
 
 
 def __getattr__(name):
@@ -17,3 +23,16 @@ def __getattr__(name):
 
         return connect
     raise AttributeError(f"module 'lightllm_nb' has no attribute {name!r}")
+
+
+def load_ipython_extension(ipython):
+    """`%load_ext lightllm_nb`: the %%lightllm magic (the notebook toolkit is imported only here)."""
+    from .notebook import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython):
+    from .notebook import unload_ipython_extension as unload
+
+    unload(ipython)

@@ -17,6 +17,14 @@ def engine(tiny_model):
         yield eng
 
 
+@pytest.fixture
+def fresh(tiny_model):
+    """An engine whose low-level API (add_request / step) this thread drives: no driver loop yet."""
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=512) as eng:
+        yield eng
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(max_tokens=0), ["max_tokens=0", ">= 1"]),
     (dict(temperature=-0.5), ["temperature=-0.5", ">= 0"]),
@@ -34,7 +42,8 @@ def test_bad_sampling_params(kwargs, words):
         assert w in str(err.value)
 
 
-def test_bad_prompts_are_rejected_and_others_keep_running(engine):
+def test_bad_prompts_are_rejected_and_others_keep_running(fresh):
+    engine = fresh
     good = engine.add_request(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=8, temperature=0))
     with pytest.raises(InvalidRequestError, match="prompt is empty"):
         engine.add_request("", SamplingParams())
@@ -108,11 +117,63 @@ def test_wrong_types_in_sampling_params(kwargs, words):
         SamplingParams(**kwargs)
 
 
-def test_wrong_shapes_of_prompt_token_ids(engine):
+def test_wrong_shapes_of_prompt_token_ids(engine, fresh):
     with pytest.raises(InvalidRequestError, match="list of integer token ids"):
-        engine.add_request(prompt_token_ids="hello")
+        fresh.add_request(prompt_token_ids="hello")
     with pytest.raises(InvalidRequestError, match="list of integer token ids"):
-        engine.add_request(prompt_token_ids=[3.7])
+        fresh.add_request(prompt_token_ids=[3.7])
+    with pytest.raises(InvalidRequestError, match="list of integer token ids"):
+        fresh.add_request(prompt_token_ids=5)
     with pytest.raises(InvalidRequestError, match=r"wrap a single prompt as \[ids\]"):
         engine.generate(prompt_token_ids=[3, 4, 5])
     assert not engine.has_unfinished() and engine.pool.is_whole()
+
+
+def test_small_mistakes_get_clear_errors(engine):
+    with pytest.raises(InvalidRequestError, match="prompts must be a string or a list of strings, got int"):
+        engine.generate(123)
+    with pytest.raises(InvalidRequestError, match=r"prompts\[1\] is NoneType: each prompt must be a string"):
+        engine.generate(["hi", None])
+    with pytest.raises(InvalidRequestError, match=r"sampling has unknown fields \['max_new_tokens'\]"):
+        engine.generate(["hi"], {"max_new_tokens": 3})
+    with pytest.raises(InvalidRequestError, match="sampling must be a SamplingParams or a dict"):
+        engine.generate(["hi"], 0.5)
+    with pytest.raises(InvalidRequestError, match="messages must be a non-empty list"):
+        engine.chat([])
+    # A dict of SamplingParams fields is as good as the object.
+    done = engine.generate(["hi"], {"max_tokens": 3, "temperature": 0, "ignore_eos": True})[0]
+    assert done.completion_tokens == 3 and done.finish_reason == "length"
+    assert not engine.has_unfinished()
+
+
+def test_stats_after_close_says_closed(tiny_model):
+    folder, _ = tiny_model("llama")
+    engine = Engine(str(folder), device="cpu", progress=False, kv_tokens=64)
+    engine.generate(prompt_token_ids=[[5, 6]], sampling=SamplingParams(max_tokens=2))
+    engine.close()
+    assert engine.stats() == {"model": engine.model_name, "closed": True}
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.client()
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(kv_tokens=0), "kv_tokens=0 is invalid"),
+    (dict(kv_tokens=-5), "kv_tokens=-5 is invalid"),
+    (dict(dtype="fp8"), "dtype='fp8' is not supported"),
+    (dict(max_running=0), "max_running=0 is invalid"),
+    (dict(seed=-1), "seed=-1 is invalid"),
+    (dict(kv_memory_fraction=1.5), "kv_memory_fraction=1.5 is invalid"),
+])
+def test_engine_settings_are_checked_before_the_model_loads(tmp_path, kwargs, words):
+    # The model path does not exist: a FileNotFoundError would mean the load came first.
+    with pytest.raises(ValueError, match=words):
+        Engine(str(tmp_path / "nowhere"), device="cpu", progress=False, **kwargs)
+
+
+def test_an_unseeded_engine_leaves_the_global_rng_alone(tiny_model):
+    folder, _ = tiny_model("llama")
+    torch.manual_seed(1234)
+    before = torch.random.get_rng_state()
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=64, seed=None) as engine:
+        engine.generate(prompt_token_ids=[[5, 6]], sampling=SamplingParams(max_tokens=3, temperature=1.0))
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -23,12 +23,12 @@ def tiny_engine(folder, **kwargs):
 
 
 def run(engine, prompts, max_tokens):
-    """Greedy outputs, and the prefill tokens each request computed (from StepEvents)."""
+    """Greedy outputs, the StepEvents, and the request ids in prompt order."""
     events = []
     unsubscribe = engine.subscribe(events.append)
     results = engine.generate(prompt_token_ids=prompts, sampling=SamplingParams(max_tokens=max_tokens, **GREEDY))
     unsubscribe()
-    return [r.token_ids for r in results], events
+    return [r.token_ids for r in results], events, [r.request_id for r in results]
 
 
 def shared_prefix_prompts(seed, count, prefix_len=40):
@@ -46,7 +46,7 @@ def shared_prefix_case(tiny_model):
     prompts = shared_prefix_prompts(seed=1, count=5)
     expected = [hf_greedy(hf, p, 5) for p in prompts]
     with tiny_engine(folder, kv_tokens=512, prefix_cache=False) as engine:
-        plain, plain_events = run(engine, prompts, 5)
+        plain, plain_events, _ = run(engine, prompts, 5)
         assert engine.pool.is_whole() and engine.stats()["kv_cached_tokens"] == 0
     assert plain == expected
     assert not any(d.kind == "prefix_hit" for e in plain_events for d in e.decisions)
@@ -57,7 +57,7 @@ def shared_prefix_case(tiny_model):
 def test_shared_prefix_is_computed_once(shared_prefix_case, page_size):
     folder, prompts, expected, plain_prefill = shared_prefix_case
     with tiny_engine(folder, kv_tokens=512, page_size=page_size) as engine:
-        cached, events = run(engine, prompts, 5)
+        cached, events, rid = run(engine, prompts, 5)
         assert engine.stats()["kv_cached_tokens"] > 0
         assert engine.clear_prefix_cache() > 0
         assert engine.pool.is_whole()
@@ -65,10 +65,10 @@ def test_shared_prefix_is_computed_once(shared_prefix_case, page_size):
     hits = {d.request_id: d.numbers["matched"] for e in events for d in e.decisions if d.kind == "prefix_hit"}
     whole_pages = 40 // page_size * page_size
     last_token_left = (len(prompts[0]) - 1) // page_size * page_size  # the identical prompt
-    assert hits == {"req-1": whole_pages, "req-2": whole_pages, "req-3": whole_pages, "req-4": last_token_left}
+    assert hits == {rid[1]: whole_pages, rid[2]: whole_pages, rid[3]: whole_pages, rid[4]: last_token_left}
     assert sum(e.prefill_tokens for e in events) == plain_prefill - sum(hits.values())
     # All five arrive together: the others wait a step for req-0's prefill instead of repeating it.
-    assert any(d.kind == "defer" and "req-0 is computing" in d.reason for e in events for d in e.decisions)
+    assert any(d.kind == "defer" and f"{rid[0]} is computing" in d.reason for e in events for d in e.decisions)
 
 
 def test_cached_tokens_are_reclaimable_and_evicted_for_new_work(tiny_model):
@@ -94,9 +94,9 @@ def test_preempted_request_resumes_from_the_cache(tiny_model):
     prompts = [[rng.randrange(3, 49152) for _ in range(rng.randint(20, 30))] for _ in range(4)]
     setting = dict(kv_tokens=100, scheduler="aggressive", max_running=4)
     with tiny_engine(folder, prefix_cache=False, **setting) as engine:
-        plain, plain_events = run(engine, prompts, 10)
+        plain, plain_events, _ = run(engine, prompts, 10)
     with tiny_engine(folder, **setting) as engine:
-        cached, events = run(engine, prompts, 10)
+        cached, events, _ = run(engine, prompts, 10)
         engine.clear_prefix_cache()
         assert engine.pool.is_whole()
     assert cached == plain

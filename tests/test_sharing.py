@@ -14,16 +14,19 @@ def engine(tiny_model):
         yield eng
 
 
-def test_generate_leaves_other_requests_outputs_for_their_owner(engine):
-    mine = engine.add_request(prompt_token_ids=[5, 6, 7], sampling=GREEDY)
-    theirs = engine.generate(prompt_token_ids=[[8, 9, 10]], sampling=GREEDY)[0]
-    assert len(theirs.token_ids) == 6
-    done = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out.completion
-    assert len(done[mine].token_ids) == 6  # it ran during generate(); its result waited for step()
+def test_the_driver_loop_owns_the_engine_once_it_runs(tiny_model):
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=128) as engine:
+        mine = engine.add_request(prompt_token_ids=[5, 6, 7], sampling=GREEDY)  # no loop yet: this thread drives
+        engine.step()
+        assert engine.abort(mine)
+        engine.step()
+        assert not engine.has_unfinished()
+        assert len(engine.generate(prompt_token_ids=[[8, 9, 10]], sampling=GREEDY)[0].token_ids) == 6
+        for call in (lambda: engine.add_request(prompt_token_ids=[3, 4]), engine.step, lambda: engine.abort("x")):
+            with pytest.raises(RuntimeError, match="Use the thread-safe client"):
+                call()
+        assert engine.clear_prefix_cache() >= 0 and engine.stats()["running"] == 0  # forwarded to the loop
 
 
 def test_two_streams_read_in_lockstep(engine):
@@ -40,19 +43,30 @@ def test_two_streams_read_in_lockstep(engine):
     assert not engine.has_unfinished()
 
 
-def test_user_chosen_ids_do_not_collide_with_automatic_ones(engine):
-    taken = engine.add_request(prompt_token_ids=[3, 4], sampling=GREEDY, request_id="req-1000")
+def test_user_chosen_ids_do_not_collide_with_automatic_ones(tiny_model):
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=128) as engine:
+        taken = engine.add_request(prompt_token_ids=[3, 4], sampling=GREEDY, request_id="req-1")
+        others = [engine.add_request(prompt_token_ids=[5, 6], sampling=GREEDY) for _ in range(3)]
+        assert taken not in others and len(set(others)) == 3
+        with pytest.raises(InvalidRequestError, match="request_id='req-1' is already in use"):
+            engine.add_request(prompt_token_ids=[3, 4], request_id="req-1")
+        with pytest.raises(InvalidRequestError, match="priority='high' is invalid"):
+            engine.add_request(prompt_token_ids=[3, 4], priority="high")
+        with pytest.raises(InvalidRequestError, match="user='' is invalid"):
+            engine.add_request(prompt_token_ids=[3, 4], user="")
+        while engine.has_unfinished():
+            engine.step()
+
+
+def test_client_ids_are_unguessable_and_bad_identity_is_refused(engine):
     results = engine.generate(prompt_token_ids=[[5, 6]] * 3, sampling=GREEDY)
-    assert len(results) == 3 and taken not in {r.request_id for r in results}
-    while engine.has_unfinished():
-        engine.step()
-
-
-def test_bad_priority_and_user_are_refused(engine):
+    ids = {r.request_id for r in results}
+    assert len(ids) == 3 and all(len(rid) >= 20 and not rid.startswith("req-") for rid in ids)
     with pytest.raises(InvalidRequestError, match="priority='high' is invalid"):
-        engine.add_request(prompt_token_ids=[3, 4], priority="high")
+        engine.generate(prompt_token_ids=[[3, 4]], priority="high")
     with pytest.raises(InvalidRequestError, match="user='' is invalid"):
-        engine.add_request(prompt_token_ids=[3, 4], user="")
+        engine.client(user="")
 
 
 def test_a_failing_subscriber_loses_nothing(engine):

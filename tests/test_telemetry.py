@@ -2,7 +2,7 @@
 per user that hides everyone else's identity."""
 
 from lightllm_nb import Engine, SamplingParams
-from lightllm_nb.telemetry.events import TraceRecorder, load_trace
+from lightllm_nb.telemetry.traces import TraceRecorder, load_trace
 
 
 def test_trace_round_trips_and_redaction_hides_other_users(tiny_model, tmp_path):

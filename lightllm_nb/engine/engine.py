@@ -1,21 +1,24 @@
 """The engine: requests in, tokens out, one scheduler step at a time.
 
-`generate`, `stream` and `chat` are built on the low-level `add_request` / `step` / `abort`.
-The engine is not thread-safe: a server runs it from one loop thread.
+The low-level API (`add_request` / `step` / `abort`) belongs to one thread. Until a driver loop
+starts, that is whoever calls it (single-threaded scripts and tests); from the first `generate`,
+`stream`, `chat` or `client()` on, the engine's own driver loop thread owns it, and every other
+thread goes through a thread-safe `LocalClient` (`engine.client(user=...)`).
 """
 
 from __future__ import annotations
 
 import itertools
-import numbers
+import logging
+import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ..scheduling.admission import AdmissionPolicy
 from ..scheduling.decisions import Decision
+from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler, RequestGrammar, TokenMask
 from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
@@ -28,13 +31,15 @@ from .model_runner import ModelRunner
 from ..scheduling.policies import make_policy
 from ..models.config import ModelConfig
 from ..models.weights import build_model
-from .prompt_checks import check_fits, prompt_ids
+from .prompt_checks import PromptEncoder, check_fits, check_user_and_priority, prompt_ids, sampling_params
 from ..scheduling.request import PENDING_TOKEN, Completion, Request, RequestOutput, request_metrics
 from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
-from ..telemetry.events import BatchRow, EventHub, StepEvent
+from ..telemetry.events import BatchRow, StepEvent
+from ..telemetry.hub import EventHub
 
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -44,7 +49,10 @@ class Engine:
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
                  progress: bool = True, prefix_cache_scope: str = "user", shared_prefixes: Sequence | None = None):
-        make_policy(scheduler)  # a bad name fails before the (slow) model load
+        # Every setting is checked before the (slow) model load.
+        check_engine_args(dtype=dtype, kv_tokens=kv_tokens, page_size=page_size, max_batch_tokens=max_batch_tokens,
+                          max_running=max_running, scheduler=scheduler, max_running_per_user=max_running_per_user,
+                          seed=seed, kv_memory_fraction=kv_memory_fraction)
         check_scope_settings(prefix_cache_scope, shared_prefixes, prefix_cache)  # see kv/cache_scope.py
         self.device = resolve_device(device)
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
@@ -56,7 +64,7 @@ class Engine:
                                  kernels=kernels_for(self.device), max_positions=self.config.max_position_embeddings,
                                  progress=progress)
         kv_tokens = kv_tokens or size_kv_tokens(self.config, self.dtype, self.device, kv_memory_fraction)
-        capacity = kv_tokens // page_size * page_size if page_size >= 1 else kv_tokens  # whole pages only
+        capacity = kv_tokens // page_size * page_size  # whole pages only
         # None: chosen from the device, the model and the pool (the rule is in engine_setup).
         max_running, max_batch_tokens = choose_batch_limits(self.config, self.dtype, self.device, kv_tokens,
                                                             max_running, max_batch_tokens)
@@ -72,18 +80,21 @@ class Engine:
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
                                   progress=progress)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else torch.seed())
+        # Never torch.seed(): that would reseed the notebook's global RNG.
+        generator.manual_seed(seed) if seed is not None else generator.seed()
         self.sampler = Sampler(self.config.vocab_size, self.device, generator=generator)
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        # Callers' tokenization, on their own threads with their own tokenizer copy.
+        self.prompts = PromptEncoder(self.tokenizer, self.config.vocab_size, self.pool.max_context, self.model_name)
         self._requests: dict[str, Request] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
-        self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts, others' steps)
-        self._outboxes: dict[str, list[RequestOutput]] = {}  # outputs of requests generate()/stream() await
+        self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts)
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
+        self._batch: list[Request] = []  # the running step's requests, finished with "error" if it raises
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
@@ -91,25 +102,28 @@ class Engine:
         self._step = 0
         self._start = time.perf_counter()
         self._closed = False
+        self._owner: int | None = None   # thread id of the driver loop, once one runs
+        self._loop = None                # that DriverLoop (lightllm_nb.serving.driver)
+        self._loop_lock = threading.RLock()
 
-    # ---- low-level API ---------------------------------------------------------------------
-    def add_request(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
+    # ---- low-level API (one thread) ----------------------------------------------------------
+    def add_request(self, prompt: str | None = None, sampling: SamplingParams | dict | None = None, *,
                     prompt_token_ids: Sequence[int] | None = None, user: str = "default", priority: int = 0,
                     request_id: str | None = None, stream_text: bool = False) -> str:
         """Queue a request; returns its id. Its outputs come back from `step()`.
         Raises InvalidRequestError for bad input (nothing is queued)."""
-        self._check_open()
-        sampling = sampling or SamplingParams()
+        self._check_caller("add_request")
+        sampling = sampling_params(sampling)
         ids = prompt_ids(self.tokenizer, self.config.vocab_size, prompt, prompt_token_ids)
         check_fits(ids, sampling, self.pool.max_context)
-        return self._queue(ids, sampling, user, priority, request_id, stream_text)
+        return self.add_prepared(ids, sampling, user=user, priority=priority, request_id=request_id,
+                                 stream_text=stream_text)
 
-    def _queue(self, ids: list[int], sampling: SamplingParams, user: str, priority: int,
-               request_id: str | None, stream_text: bool) -> str:
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidRequestError(f"priority={priority!r} is invalid: it must be an integer (higher runs first)")
-        if not isinstance(user, str) or not user:
-            raise InvalidRequestError(f"user={user!r} is invalid: it must be a non-empty string")
+    def add_prepared(self, ids: list[int], sampling: SamplingParams, *, user: str = "default", priority: int = 0,
+                     request_id: str | None = None, stream_text: bool = False) -> str:
+        """`add_request` for prompt ids and sampling already checked (by `self.prompts` on the caller's side)."""
+        self._check_caller("add_prepared")
+        check_user_and_priority(user, priority)
         if request_id is None:
             request_id = next(rid for rid in (f"req-{n}" for n in self._ids) if rid not in self._requests)
         elif request_id in self._requests:
@@ -124,14 +138,25 @@ class Engine:
         self.scheduler.add(req)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its KV slots; False if it is unknown or already done."""
+    def abort(self, request_id: str, *, user: str | None = None) -> bool:
+        """Stop a request now and free its KV slots. False if it is unknown, already done, or (when
+        `user` is given) someone else's: the same answer, so ids cannot be probed."""
+        self._check_caller("abort")
         req = self._requests.get(request_id)
-        if req is None or req.finished:
+        if req is None or req.finished or (user is not None and req.user != user):
             return False
         self._carried_decisions.append(self.scheduler.finish(req, "abort"))
-        self._deliver([self._retire(RequestOutput(request_id, [], "", True, "abort"))], self._pending)
+        self._pending.append(self._retire(RequestOutput(request_id, [], "", True, "abort")))
         return True
+
+    def abort_all(self) -> list[RequestOutput]:
+        """Abort every request (reason "abort") and return all outputs not yet handed out."""
+        self._check_caller("abort_all")
+        for request_id in list(self._requests):
+            self.abort(request_id)
+        self._inflight = None  # its requests are finished: their tokens are not wanted
+        outputs, self._pending = self._pending, []
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or self._inflight is not None
@@ -143,30 +168,26 @@ class Engine:
         the step is launched, then the previous step's tokens are read back and handled while
         the GPU computes, so the host's bookkeeping hides behind the GPU's work. A request that
         stopped on a token seen this late has run one wasted step; its extra token is dropped.
+
+        A step that raises finishes its batch's requests with finish_reason "error" (the error
+        in `Completion.error`) and frees their KV; everyone else carries on.
         """
-        self._check_open()
+        self._check_caller("step")
         outputs, self._pending = self._pending, []
-        self._deliver(self._run_step(), outputs)
+        try:
+            self._run_step(outputs)
+        except Exception as err:
+            log.exception("an engine step failed; its requests finish with reason 'error'")
+            self._fail_batch(err, outputs)
+        if self._owner is None:
+            self._events.flush()  # single-threaded: callbacks have seen this step when step() returns
         return outputs
 
-    def _deliver(self, outputs: list[RequestOutput], others: list[RequestOutput]) -> None:
-        """Outputs of requests that generate()/stream() wait for go to their outboxes, so that
-        whoever's loop happens to run the step, nobody else's results are lost; the rest to `others`."""
-        for out in outputs:
-            box = self._outboxes.get(out.request_id)
-            (box if box is not None else others).append(out)
-
-    def _advance(self) -> None:
-        """One step on behalf of generate()/stream(): outputs of plain add_request() requests wait
-        in `_pending` for the next step() call."""
-        if not (self.scheduler.has_work() or self._inflight is not None):
-            raise RuntimeError("the engine has no work left but a request is still awaited: this is a bug")
-        self._deliver(self._run_step(), self._pending)
-
-    def _run_step(self) -> list[RequestOutput]:
+    def _run_step(self, outputs: list[RequestOutput]) -> None:
         started = time.perf_counter()
-        outputs = []
+        self._batch = None
         batch = self.scheduler.schedule()
+        self._batch = batch.items
         decisions = self._carried_decisions + batch.decisions
         self._carried_decisions = []
         # Rows are described only for listeners: at batch 256 this is measurable host time.
@@ -202,7 +223,6 @@ class Engine:
             self.grammars.wait_for_pending(timeout=0.05)  # nothing to run until a grammar is compiled
         self._inflight = inflight
         self._publish(started, rows, decisions)
-        return outputs
 
     def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
         """Read back the previous step's tokens (waiting for the GPU if need be) and handle them."""
@@ -219,97 +239,80 @@ class Engine:
             outputs.append(self._accept_token(req, index, now, None, 0, decisions))
         return outputs
 
-    # ---- high-level API --------------------------------------------------------------------
-    def generate(self, prompts: str | Sequence[str] | None = None,
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None, *,
+    def _fail_batch(self, err: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish the failed step's requests (all running ones if scheduling itself failed) and
+        those whose tokens were in flight, with reason "error"; their KV goes back to the pool."""
+        victims = list(self.scheduler.running) if self._batch is None else [req for req, _ in self._batch]
+        if self._inflight is not None:
+            victims += self._inflight.requests
+            self._inflight = None
+        self._batch = None
+        message = f"the engine step running this request failed: {type(err).__name__}: {err}"
+        decisions = []
+        for req in dict.fromkeys(victims):  # once each, in order
+            if req.finished or req.request_id not in self._requests:
+                continue
+            decisions.append(self.scheduler.finish(req, "error"))
+            out = self._retire(RequestOutput(req.request_id, [], "", True, "error"))
+            out.completion.error = message
+            outputs.append(out)
+        self._publish(time.perf_counter(), [], self._carried_decisions + decisions)
+        self._carried_decisions = []
+
+    # ---- the embedded API: thin calls into the engine's own LocalClient -------------------------
+    def client(self, user: str = "default"):
+        """A thread- and asyncio-safe `LocalClient` acting as `user`. Its first request starts the
+        engine's driver loop (a daemon thread that owns the engine until `close()`)."""
+        from ..serving.client import LocalClient  # serving sits above the engine: imported on first use
+
+        self._check_open()
+        return LocalClient(self, user=user)
+
+    def driver(self):
+        """The engine's DriverLoop, started on first use (or the one made with `DriverLoop(engine, ...)`)."""
+        with self._loop_lock:
+            self._check_open()
+            if self._loop is None:
+                from ..serving.driver import DriverLoop
+
+                DriverLoop(self)  # adopts itself as self._loop
+            return self._loop
+
+    def generate(self, prompts: str | Sequence[str] | None = None, sampling=None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None, user: str = "default",
-                 progress: bool | None = None) -> list[Completion]:
-        """Run many prompts together through continuous batching; results in input order."""
-        self._check_open()
-        if (prompts is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("pass exactly one of prompts (text) or prompt_token_ids")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompt_token_ids is not None and any(isinstance(p, numbers.Integral) for p in prompt_token_ids):
-            raise InvalidRequestError("prompt_token_ids takes a list of prompts, each a list of token ids: "
-                                      "wrap a single prompt as [ids]")
-        inputs = list(prompts) if prompts is not None else [list(p) for p in prompt_token_ids]
-        params = list(sampling) if isinstance(sampling, (list, tuple)) else [sampling] * len(inputs)
-        if len(params) != len(inputs):
-            raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(inputs)} prompts: "
-                                      "pass one, or one per prompt")
-        # Validate everything before queueing anything, so a bad prompt leaves no half-run batch.
-        encoded = [prompt_ids(self.tokenizer, self.config.vocab_size, p, None) if prompts is not None
-                   else prompt_ids(self.tokenizer, self.config.vocab_size, None, p) for p in inputs]
-        for ids, p in zip(encoded, params):
-            check_fits(ids, p or SamplingParams(), self.pool.max_context)
-        show = progress if progress is not None else len(inputs) >= 8
-        done: dict[str, Completion] = {}
-        rids: list[str] = []
-        with tqdm(total=len(inputs), disable=not show, desc="generating", unit="req") as bar:
-            try:
-                for ids, p in zip(encoded, params):
-                    rids.append(self._queue(ids, p or SamplingParams(), user, 0, None, False))
-                    self._outboxes[rids[-1]] = []
-                while True:
-                    for rid in rids:
-                        for out in self._outboxes[rid]:
-                            if out.completion is not None:
-                                done[rid] = out.completion
-                                bar.update(1)
-                        self._outboxes[rid].clear()
-                    if len(done) == len(rids):
-                        break
-                    self._advance()
-            finally:  # an interrupted generate must not leave its requests holding KV slots
-                for rid in rids:
-                    if rid not in done:
-                        self.abort(rid)
-                    self._outboxes.pop(rid, None)
-        return [done[rid] for rid in rids]
+                 priority: int = 0, progress: bool | None = None) -> list[Completion]:
+        """Run many prompts together through continuous batching; results in input order.
+        `sampling`: a SamplingParams (or dict of its fields), or one per prompt."""
+        done = self.client(user).generate(prompts, sampling, prompt_token_ids=prompt_token_ids,
+                                          priority=priority, progress=progress)
+        self._events.flush()  # callbacks have seen every step of these requests
+        return done
 
-    def stream(self, prompt: str | None = None, sampling: SamplingParams | None = None, *,
-               prompt_token_ids: Sequence[int] | None = None, user: str = "default") -> Iterator[str]:
-        """Yield text deltas as tokens are produced. Closing the iterator early aborts the request."""
-        self._check_open()
-        rid = self.add_request(prompt, sampling, prompt_token_ids=prompt_token_ids, user=user, stream_text=True)
-        self._outboxes[rid] = []
-        done = False
-        try:
-            while not done:
-                box, self._outboxes[rid] = self._outboxes[rid], []
-                for out in box:
-                    if out.text_delta:
-                        yield out.text_delta
-                    done = done or out.finished
-                if not done and not self._outboxes[rid]:
-                    self._advance()
-        finally:
-            if not done:
-                self.abort(rid)
-            self._outboxes.pop(rid, None)
+    def stream(self, prompt: str | None = None, sampling=None, *, prompt_token_ids: Sequence[int] | None = None,
+               messages: list[dict] | None = None, user: str = "default", priority: int = 0):
+        """A TextStream of text deltas as tokens are produced; leaving it early aborts the request."""
+        return self.client(user).stream(prompt, sampling, prompt_token_ids=prompt_token_ids, messages=messages,
+                                        priority=priority)
 
-    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *,
-             user: str = "default") -> Completion:
+    def chat(self, messages: list[dict], sampling=None, *, user: str = "default") -> Completion:
         """One assistant reply to `messages`, formatted with the tokenizer's chat template."""
-        return self.generate(prompt_token_ids=[self.chat_prompt_ids(messages)], sampling=sampling,
-                             user=user, progress=False)[0]
+        return self.client(user).chat(messages, sampling)
 
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise InvalidRequestError(f"the model {self.model_name} has no chat template: use generate() "
-                                      "with a plain prompt instead")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.prompts.chat_ids(messages)
 
-    def subscribe(self, callback: Callable[[StepEvent], None], *, pages: bool = False) -> Callable[[], None]:
-        """Call `callback` with every StepEvent; returns a function that unsubscribes.
-
-        `pages=True` adds the owner of every KV page to the event (a list as long as the pool has
-        pages: ask for it only where occupancy is drawn)."""
-        return self._events.subscribe(callback, pages)
+    def subscribe(self, callback: Callable[[StepEvent], None], *, pages: bool = False,
+                  maxsize: int = 4096) -> Callable[[], None]:
+        """Call `callback` with every StepEvent, on a delivery thread of its own (never the step's);
+        returns a function that unsubscribes. A callback more than `maxsize` events behind loses
+        the oldest. `pages=True` adds the owner of every KV page (int32 array)."""
+        return self._events.subscribe_callback(callback, pages=pages, maxsize=maxsize).close
 
     def stats(self) -> dict:
+        if self._closed:
+            return {"model": self.model_name, "closed": True}
+        if self._owner is not None and threading.get_ident() != self._owner:
+            return self._loop.stats()
         pool = self.pool
         return {
             "model": self.model_name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
@@ -318,14 +321,16 @@ class Engine:
             "kv_used_tokens": pool.capacity - pool.free_tokens, "page_size": pool.page_size,
             "kv_cached_tokens": self.scheduler.reclaimable_tokens,  # unused prefix cache, inside kv_used
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "steps": self._step, "weight_bytes": self.model.weight_bytes(),
-            **self.cache_scopes.describe(),
+            "steps": self._step, "weight_bytes": self.model.weight_bytes(), "closed": False,
             "max_running": self.scheduler.max_running, "max_batch_tokens": self.scheduler.max_batch_tokens,
+            **self.cache_scopes.describe(),
         }
 
     def clear_prefix_cache(self) -> int:
         """Drop every cached prefix no running request uses; returns the number of tokens freed."""
         self._check_open()
+        if self._owner is not None and threading.get_ident() != self._owner:
+            return self._loop.clear_prefix_cache()
         decision = self.scheduler.clear_prefix_cache()
         if decision is None:
             return 0
@@ -333,13 +338,18 @@ class Engine:
         return decision.numbers["evicted"]
 
     def close(self) -> None:
-        """Release the model, the KV cache and every request; the engine cannot be used afterwards."""
-        if self._closed:
-            return
+        """Stop the driver loop (its requests finish with "abort"), release the model, the KV cache
+        and every request; the engine cannot be used afterwards."""
+        with self._loop_lock:
+            if self._closed:
+                return
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.shutdown()
         self._closed = True
         self._requests.clear()
         self._detokenizers.clear()
-        self._events.clear()
+        self._events.close()
         self.grammars.close()
         del self.model, self.pool, self.runner, self.scheduler
         if self.device.type == "cuda":
@@ -355,6 +365,31 @@ class Engine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine is closed: create a new one")
+
+    def _check_caller(self, what: str) -> None:
+        self._check_open()
+        if self._owner is not None and threading.get_ident() != self._owner:
+            raise RuntimeError(
+                f"Engine.{what}() was called from a thread that does not own the engine: its driver loop "
+                "runs it now (started by generate/stream/chat/client). Use the thread-safe client instead: "
+                "engine.client(user=...).generate / stream / abort, or engine.generate / engine.stream")
+
+    def _own(self, thread_id: int | None) -> None:
+        """The driver loop takes the engine (its thread id) or gives it back (None)."""
+        self._owner = thread_id
+
+    def _adopt_loop(self, loop) -> None:
+        with self._loop_lock:
+            self._check_open()
+            if self._loop is not None:
+                raise RuntimeError("this Engine already has a driver loop: use engine.driver() or "
+                                   "engine.client() instead of making a second one")
+            self._loop = loop
+
+    def _release_loop(self, loop) -> None:
+        with self._loop_lock:
+            if self._loop is loop:
+                self._loop = None
 
     def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
                       decisions: list[Decision]) -> RequestOutput:
@@ -413,4 +448,4 @@ class Engine:
                       kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
                       running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                       page_size=pool.page_size),
-            page_owner=lambda: pool.page_owner.tolist())
+            page_owner=lambda: pool.page_owner)

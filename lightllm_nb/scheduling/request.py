@@ -94,10 +94,11 @@ class Completion:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop", "length" or "abort"
+    finish_reason: str  # "stop", "length", "abort" or "error"
     prompt_tokens: int
     metrics: dict
     logprobs: list | None = None
+    error: str | None = None  # what went wrong, when finish_reason is "error"
 
     @property
     def completion_tokens(self) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
 from ..kv.kv_pool import KVPool
+from ..kv.cache_scope import CacheScopes
 from ..kv.prefix_cache import PrefixCache, PrefixMatch
 from .request import PENDING_TOKEN, Request, Status
 from .progress_guard import ProgressGuard
@@ -41,7 +42,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int,
-                 prefix_cache: bool = False, max_running_per_user: int | None = None):
+                 prefix_cache: bool = False, max_running_per_user: int | None = None,
+                 cache_scopes: CacheScopes | None = None):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_running={max_running}: "
                              "every running request needs room for its next token each step")
@@ -53,7 +55,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_running = max_running
         self.max_running_per_user = max_running_per_user
-        self.cache = PrefixCache(pool) if prefix_cache else None
+        self.cache = PrefixCache(pool, cache_scopes) if prefix_cache else None
         self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self._running_per_user: Counter[str] = Counter()
@@ -84,7 +86,7 @@ class Scheduler:
         freed = self.cache.clear() * self.pool.page_size
         if not freed:
             return None
-        return Decision("evict", None, f"prefix cache cleared: {freed} tokens freed",
+        return Decision("evict", None, "cache_cleared",
                         {"evicted": freed, "free": self.pool.free_tokens, "cached": self.cache.cached_tokens})
 
     # ---- one step --------------------------------------------------------------------------
@@ -145,10 +147,8 @@ class Scheduler:
         if self.cache is None or self.cache.reclaimable_pages < num_pages:
             return False
         tokens = self.cache.evict(num_pages) * self.pool.page_size
-        decisions.append(Decision(
-            "evict", req.request_id, f"evicted {tokens} least recently used prefix-cache tokens: "
-            f"{req.request_id} needs room", {"evicted": tokens, "free": self.pool.free_tokens,
-                                             "cached": self.cache.cached_tokens}, req.user))
+        decisions.append(Decision("evict", req.request_id, "evicted_for", {
+            "evicted": tokens, "free": self.pool.free_tokens, "cached": self.cache.cached_tokens}, req.user))
         return True
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
@@ -164,7 +164,7 @@ class Scheduler:
         if not self.waiting or budget == 0 or len(self.running) >= self.max_running:
             return  # the common decode-only step: nothing to look at
         skipped: set[str] = set()
-        in_flight = {self._next_tokens(r, self.cache.held(r)): r.request_id
+        in_flight = {self._next_tokens(r, self.cache.held(r)): (r.request_id, r.user)
                      for r in self.running if r.num_computed < r.num_prompt} if self.cache is not None else {}
         while budget > 0 and len(self.running) < self.max_running:
             picked = self._next_candidate(batch.decisions, skipped, in_flight)
@@ -176,7 +176,7 @@ class Scheduler:
                 return
             budget -= n
             if self.cache is not None:
-                in_flight[self._next_tokens(req, self.cache.held(req))] = req.request_id
+                in_flight[self._next_tokens(req, self.cache.held(req))] = (req.request_id, req.user)
 
     def _next_candidate(self, decisions: list[Decision], skipped: set[str],
                         in_flight: dict) -> tuple[Request, PrefixMatch | None] | None:
@@ -190,31 +190,31 @@ class Scheduler:
                 # Preempted this very step with its newest token still on the GPU: that token is
                 # read back at the end of the step, so it can resume from the next one.
                 continue
+            if not req.ready:
+                continue  # its grammar is still compiling: it waits here rather than in a batch row
             running = self._running_per_user[req.user]
             if cap is not None and running >= cap:
                 skipped.add(req.user)  # one decision per user and step is enough to say why
-                decisions.append(Decision(
-                    "defer", req.request_id, f"user {req.user!r} already runs {running} requests, the cap "
-                    f"max_running_per_user={cap}: others go first", {"running": running, "cap": cap}, req.user))
+                decisions.append(Decision("defer", req.request_id, "user_cap", {"running": running, "cap": cap},
+                                          req.user))
                 continue
             if self.cache is None:
                 return req, None
             # Never match the last token: the step must compute at least one token to yield logits.
-            match = self.cache.match(req.token_ids[:-1])
+            match = self.cache.match(req.token_ids[:-1], req.user)
             sharer = in_flight.get(self._next_tokens(req, match))
             if sharer is None:
                 return req, match
             skipped.add(req.user)
-            decisions.append(Decision(
-                "defer", req.request_id, f"{sharer} is computing the same next {self._shared_probe}+ tokens "
-                f"now: {req.request_id} reuses them from the prefix cache a step later",
-                {"matched": match.length, "shared": self._shared_probe}, req.user))
+            decisions.append(Decision("defer", req.request_id, "shared_prefill",
+                                      {"matched": match.length, "shared": self._shared_probe}, req.user, (sharer,)))
         return None
 
     def _next_tokens(self, req: Request, match: PrefixMatch) -> tuple:
         """Where `req` stands in the prefix tree and the tokens it computes next: two requests with
-        the same key would compute the same K/V."""
-        return match.node, tuple(req.token_ids[match.length:match.length + self._shared_probe])
+        the same key would compute the same K/V under the same scope (across scopes, waiting would
+        show one user that another is computing the same tokens right now)."""
+        return match.node, match.next_scope, tuple(req.token_ids[match.length:match.length + self._shared_probe])
 
     def _try_admit(self, req: Request, match: PrefixMatch | None, budget: int, batch: ScheduledBatch) -> int:
         """Tokens of `req` scheduled this step, or 0 when it must wait (a defer decision says why)."""
@@ -227,15 +227,16 @@ class Scheduler:
         matched = req.num_computed
         verdict = self.policy.check(req, self.running, self.pool_view())
         n = min(req.num_uncomputed, budget)
-        reason, numbers = verdict.reason, verdict.numbers
+        code, policy_reason, numbers = "policy", verdict.reason, verdict.numbers
         admitted = verdict.admit and self._grow(req, req.num_computed + n, batch.decisions)
         if verdict.admit and not admitted:
             free = self.pool_view().free
-            reason, numbers = f"{n} tokens do not fit in {free} free slots", {"need": n, "free": free}
+            code, policy_reason, numbers = "no_room", "", {"need": n, "free": free}
         if not admitted:
             self._release(req)
             req.num_computed = 0
-            batch.decisions.append(Decision("defer", req.request_id, reason, numbers, req.user))
+            batch.decisions.append(Decision("defer", req.request_id, code, numbers, req.user,
+                                            policy_reason=policy_reason))
             return 0
         self.waiting.take(req)
         kind = "resume" if req.num_preemptions else "admit"
@@ -244,14 +245,14 @@ class Scheduler:
         self.running.append(req)
         self._running_per_user[req.user] += 1
         batch.items.append((req, n))
-        batch.decisions.append(Decision(kind, req.request_id, reason, numbers, req.user))
+        batch.decisions.append(Decision(kind, req.request_id, code, numbers, req.user, policy_reason=policy_reason))
         if matched:
-            req.num_cached = matched
+            if not req.num_preemptions:  # a resume finds its own tokens: not reused prompt tokens
+                req.num_cached = matched
             self.pool.map_prefix(row, req.pages, matched)
-            batch.decisions.append(Decision(
-                "prefix_hit", req.request_id, f"{matched} of {len(req.token_ids)} tokens found in the "
-                "prefix cache: their prefill is skipped", {"matched": matched, "tokens": len(req.token_ids)},
-                req.user))
+            batch.decisions.append(Decision("prefix_hit", req.request_id, "prefix_hit",
+                                            {"matched": matched, "tokens": len(req.token_ids), **match.sources()},
+                                            req.user))
         return n
 
     # ---- leaving the batch -----------------------------------------------------------------
@@ -263,10 +264,10 @@ class Scheduler:
         req.num_computed = 0
         req.num_preemptions += 1
         self.waiting.push_front(req)
-        reason = ("it cannot grow: the pool is full" if req is needed_by
-                  else f"{needed_by.request_id} needs room to grow")
-        decisions.append(Decision("preempt", req.request_id, f"KV pool full: {reason}",
-                                  {"freed": released, "free": self.pool_view().free}, req.user))
+        code, related = ("pool_full", ()) if req is needed_by else \
+            ("preempted_for", ((needed_by.request_id, needed_by.user),))
+        decisions.append(Decision("preempt", req.request_id, code,
+                                  {"freed": released, "free": self.pool_view().free}, req.user, related))
 
     def finish(self, req: Request, reason: str) -> Decision:
         if req.status is Status.RUNNING:

@@ -1,16 +1,19 @@
-"""One StepEvent per engine step: the single source for panels, metrics, traces and the CLI summary."""
+"""One StepEvent per engine step: the single source for panels, metrics, traces and the CLI summary,
+and the view of it that one user may see."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-import warnings
-from typing import Callable
+import secrets
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from numbers import Real
+
+import numpy as np
 
 from ..scheduling.decisions import Decision
+
+# Aliases a redacting reader remembers; older ones are forgotten (a long-gone request reappearing
+# would only get a new alias).
+MAX_ALIASES = 65536
 
 
 @dataclass
@@ -36,7 +39,8 @@ class StepEvent:
     running: int
     waiting: int
     page_size: int
-    page_owner: list[int] | None = None   # per page: owner row, -1 free, -2 cached, -3 shared (when asked for)
+    # Per page: owner row, -1 free, -2 cached, -3 shared; only for subscribers that ask (int32).
+    page_owner: np.ndarray | None = None
 
     @property
     def prefill_tokens(self) -> int:
@@ -47,33 +51,49 @@ class StepEvent:
         return sum(r.tokens for r in self.rows if r.phase == "decode")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(replace(self, decisions=[], page_owner=None))
+        d["decisions"] = [x.to_dict() for x in self.decisions]
+        d["page_owner"] = None if self.page_owner is None else self.page_owner.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepEvent":
+        pages = d.get("page_owner")
         return cls(**{**d, "rows": [BatchRow(**r) for r in d["rows"]],
-                      "decisions": [Decision(**x) for x in d["decisions"]]})
+                      "decisions": [Decision.from_dict(x) for x in d["decisions"]],
+                      "page_owner": None if pages is None else np.asarray(pages, dtype=np.int32)})
 
-    def redacted_for(self, user: str) -> "StepEvent":
-        """The event as `user` may see it: other users' requests keep their numbers but lose their
-        names and ids (a stable pseudonym per request), so a shared engine leaks no identities."""
-        names = {}
+    def redacted_for(self, user: str, aliases: dict[str, str] | None = None) -> "StepEvent":
+        """The event as `user` may see it: other users' requests keep their token counts but lose
+        their names and ids. Each id becomes a random alias (not derived from the id, so it cannot
+        be reversed); pass the same `aliases` dict for a whole stream to keep them stable."""
+        aliases = {} if aliases is None else aliases
 
-        def alias(request_id: str | None, owner: str | None) -> str | None:
-            if request_id is None or owner == user:
-                return request_id
-            return names.setdefault(request_id, "other-" + hashlib.sha256(request_id.encode()).hexdigest()[:8])
+        def alias(request_id: str | None) -> str | None:
+            if request_id is None:
+                return None
+            if request_id not in aliases:
+                if len(aliases) >= MAX_ALIASES:
+                    del aliases[next(iter(aliases))]
+                aliases[request_id] = "other-" + secrets.token_hex(6)
+            return aliases[request_id]
 
-        rows = [r if r.user == user else replace(r, request_id=alias(r.request_id, r.user), user="other")
+        def own_or_alias(request_id: str | None, owner: str | None) -> str | None:
+            return request_id if owner == user else alias(request_id)
+
+        rows = [r if r.user == user else replace(r, request_id=alias(r.request_id), user="other")
                 for r in self.rows]
-        hidden = [replace(d, request_id=alias(d.request_id, d.user), user="other") if d.user != user else d
-                  for d in self.decisions]
         decisions = []
-        for d in hidden:  # reasons may name another user's request ("req-3 needs room")
-            reason = d.reason
-            for real, fake in names.items():
-                reason = re.sub(rf"(?<![\w-]){re.escape(real)}(?![\w-])", fake, reason)
-            decisions.append(replace(d, reason=reason))
+        for d in self.decisions:
+            related = tuple((own_or_alias(rid, owner), owner if owner == user else "other")
+                            for rid, owner in d.related)
+            if d.user == user:
+                decisions.append(replace(d, related=related))
+                continue
+            # Only plain numbers of another user's decision pass: no string can carry a name.
+            numbers = {k: v for k, v in d.numbers.items() if isinstance(v, Real)}
+            decisions.append(replace(d, request_id=alias(d.request_id), user=None if d.user is None else "other",
+                                     numbers=numbers, related=related, policy_reason=""))
         return replace(self, rows=rows, decisions=decisions)
 
     def summary(self) -> str:
@@ -86,54 +106,3 @@ class StepEvent:
                 f"{self.decode_tokens:3d} decode tokens | KV {used:6d}/{self.kv_capacity} "
                 f"({100 * used / self.kv_capacity:5.1f}%) | running {self.running} waiting {self.waiting}"
                 + (f" | {extra}" if extra else ""))
-
-
-class EventHub:
-    """Delivers each StepEvent to its subscribers; one that raises is dropped with a warning, so a
-    broken panel never costs anyone their results."""
-
-    def __init__(self) -> None:
-        self._subscribers: list[tuple[Callable[[StepEvent], None], bool]] = []  # (callback, wants pages)
-
-    def __bool__(self) -> bool:
-        return bool(self._subscribers)
-
-    def subscribe(self, callback: Callable[[StepEvent], None], pages: bool) -> Callable[[], None]:
-        entry = (callback, pages)
-        self._subscribers.append(entry)
-        return lambda: self._subscribers.remove(entry)
-
-    def publish(self, event: StepEvent, page_owner: Callable[[], list[int]]) -> None:
-        """`page_owner` is called at most once, and only if a subscriber asked for pages."""
-        with_pages = None
-        for entry in list(self._subscribers):
-            callback, pages = entry
-            if pages and with_pages is None:
-                with_pages = replace(event, page_owner=page_owner())
-            try:
-                callback(with_pages if pages else event)
-            except Exception as err:
-                self._subscribers.remove(entry)
-                warnings.warn(f"StepEvent subscriber {callback!r} raised {err!r} and was unsubscribed")
-
-    def clear(self) -> None:
-        self._subscribers.clear()
-
-
-class TraceRecorder:
-    """A subscriber that appends every StepEvent to a JSON-lines file: `engine.subscribe(TraceRecorder(p))`."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._file = self.path.open("w", encoding="utf-8")
-
-    def __call__(self, event: StepEvent) -> None:
-        self._file.write(json.dumps(event.to_dict(), separators=(",", ":")) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def load_trace(path: str | Path) -> list[StepEvent]:
-    with Path(path).open(encoding="utf-8") as f:
-        return [StepEvent.from_dict(json.loads(line)) for line in f if line.strip()]

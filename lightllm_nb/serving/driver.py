@@ -1,0 +1,250 @@
+"""The driver loop: one thread owns an Engine and runs its steps; everyone else talks to it
+through a thread-safe inbox and reads results from their own sinks.
+
+The loop blocks when there is no work (no idle spin, no empty StepEvents) and wakes on a
+command. Commands run between steps, so the engine only ever sees one thread. See
+docs/serving.md for the contract.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections import Counter, deque
+from concurrent.futures import Future
+from typing import Callable
+
+from ..engine.prompt_checks import check_fits, check_user_and_priority, prompt_ids, sampling_params
+from ..sampling_params import InvalidRequestError, SamplingParams
+from ..scheduling.request import Completion, RequestOutput
+from ..telemetry.hub import EventSubscription
+from .request_handle import RequestHandle
+
+log = logging.getLogger(__name__)
+
+
+class DriverLoop:
+    def __init__(self, engine, *, max_waiting: int = 4096, max_waiting_per_user: int = 1024):
+        for name, value in (("max_waiting", max_waiting), ("max_waiting_per_user", max_waiting_per_user)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: it must be an integer >= 1")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.max_waiting_per_user = max_waiting_per_user
+        self._lock = threading.Lock()          # guards the handles, the counters and the inbox
+        self._wake = threading.Condition(self._lock)
+        self._inbox: deque[tuple[Callable[[], object], Future | None]] = deque()
+        self._handles: dict[str, RequestHandle] = {}
+        self._waiting = 0                      # submitted requests that have had no output yet
+        self._waiting_per_user: Counter[str] = Counter()
+        self._stopping = False
+        self._stopped = threading.Event()
+        engine._adopt_loop(self)
+        self._thread = threading.Thread(target=self._run, name="lightllm-driver", daemon=True)
+        self._started = threading.Event()
+        self._thread.start()
+        self._started.wait()
+
+    # ---- the caller's side (any thread) ----------------------------------------------------
+    def submit(self, prompt_ids_: list[int], sampling: SamplingParams | dict | None = None, *, user: str,
+               priority: int = 0, stream_text: bool = True, keep_outputs: bool = True,
+               on_finish: Callable[[RequestHandle], None] | None = None) -> RequestHandle:
+        """Queue a tokenized request; raises InvalidRequestError (bad input, or a waiting limit
+        reached) before anything is queued. `keep_outputs=False` keeps only the completion (for
+        callers that do not stream); `on_finish(handle)` runs on the loop thread: keep it short."""
+        return self.submit_many([(prompt_ids_, sampling)], user=user, priority=priority, stream_text=stream_text,
+                                keep_outputs=keep_outputs, on_finish=on_finish)[0]
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams | dict | None]], *, user: str,
+                    priority: int = 0, stream_text: bool = True, keep_outputs: bool = True,
+                    on_finish: Callable[[RequestHandle], None] | None = None) -> list[RequestHandle]:
+        """`submit` for several requests that enter the engine together (the same step), or none of them."""
+        check_user_and_priority(user, priority)
+        checked = []
+        for ids, sampling in requests:
+            sampling = sampling_params(sampling)
+            ids = prompt_ids(None, self.engine.config.vocab_size, None, ids)
+            check_fits(ids, sampling, self.engine.pool.max_context)
+            checked.append((ids, sampling))
+        handles = [RequestHandle(self, secrets.token_urlsafe(16), user, len(ids), keep_outputs=keep_outputs,
+                                 on_finish=on_finish) for ids, _ in checked]
+        n = len(handles)
+        with self._lock:
+            self._check_running()
+            if self._waiting + n > self.max_waiting:
+                raise InvalidRequestError(
+                    f"the engine has {self._waiting} requests waiting to start and max_waiting={self.max_waiting}: "
+                    f"{n} more do not fit; wait for some to finish, then retry")
+            if self._waiting_per_user[user] + n > self.max_waiting_per_user:
+                raise InvalidRequestError(
+                    f"you have {self._waiting_per_user[user]} requests waiting to start and max_waiting_per_user="
+                    f"{self.max_waiting_per_user}: {n} more do not fit; wait for some to finish, then retry")
+            self._waiting += n
+            self._waiting_per_user[user] += n
+            for handle in handles:
+                self._handles[handle.request_id] = handle
+            self._post(lambda: self._add(handles, checked, priority, stream_text), None)
+        return handles
+
+    def abort(self, request_id: str, *, user: str) -> bool:
+        """False for an unknown id and for another user's (the same answer: ids cannot be probed)."""
+        with self._lock:
+            handle = self._handles.get(request_id)
+            if handle is None or handle.user != user or self._stopping:
+                return False
+            self._post(lambda: self.engine.abort(request_id), None)
+        return True
+
+    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256) -> EventSubscription:
+        """StepEvents through a bounded queue filled off the step thread; `user=None` sees everything,
+        otherwise each event is redacted for `user`."""
+        return self.engine._events.subscribe(user=user, pages=pages, maxsize=maxsize)
+
+    def stats(self, *, user: str | None = None, timeout: float = 30.0) -> dict:
+        """The engine's stats, plus the user's own running and waiting requests when `user` is given."""
+        return self.call(lambda: self._stats(user)).result(timeout)
+
+    def clear_prefix_cache(self, timeout: float = 30.0) -> int:
+        """Tokens freed."""
+        return self.call(self.engine.clear_prefix_cache).result(timeout)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the loop thread between steps; its result (or error) comes in the Future."""
+        future: Future = Future()
+        if threading.current_thread() is self._thread:
+            future.set_result(fn())
+            return future
+        with self._lock:
+            self._check_running()
+            self._post(fn, future)
+        return future
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish every request with reason "abort", free all KV (prefix cache too), join the thread."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self._wake.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return not self._stopped.is_set()
+
+    # ---- the loop thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        engine._own(threading.get_ident())
+        self._started.set()
+        try:
+            while True:
+                with self._lock:
+                    while not self._inbox and not self._stopping and not engine.has_unfinished():
+                        self._wake.wait()  # idle: sleep until a command arrives
+                    if self._stopping:
+                        break
+                    commands, self._inbox = self._inbox, deque()
+                for fn, future in commands:
+                    self._run_command(fn, future)
+                if engine.has_unfinished():
+                    self._step()
+        finally:
+            self._finish_everything()
+            engine._own(None)
+            engine._release_loop(self)
+            self._stopped.set()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()  # a failing batch comes back finished with "error"
+        except Exception:
+            # Beyond what the engine recovers from itself: end everything rather than hang callers.
+            log.exception("the engine failed outside a step's batch; every request is aborted")
+            outputs = self.engine.abort_all()
+        self._deliver(outputs)
+
+    def _run_command(self, fn: Callable[[], object], future: Future | None) -> None:
+        try:
+            result = fn()
+        except BaseException as err:  # the caller gets it; the loop goes on
+            if future is None:
+                log.exception("a driver-loop command failed")
+            else:
+                future.set_exception(err)
+        else:
+            if future is not None:
+                future.set_result(result)
+
+    def _add(self, handles: list[RequestHandle], requests: list[tuple[list[int], SamplingParams]], priority: int,
+             stream_text: bool) -> None:
+        for handle, (ids, sampling) in zip(handles, requests):
+            if handle.finished:
+                continue
+            try:
+                self.engine.add_prepared(ids, sampling, user=handle.user, priority=priority,
+                                         request_id=handle.request_id, stream_text=stream_text)
+            except Exception as err:
+                self._deliver([_ended(handle, "error", f"the request could not be queued: {err}")])
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their handles in one go (outputs of requests added through the
+        low-level API before the loop started have no handle and are dropped)."""
+        delivered = []
+        with self._lock:
+            for out in outputs:
+                handle = self._handles.get(out.request_id)
+                if handle is None:
+                    continue
+                delivered.append((handle, out))
+                if not handle.started:
+                    handle.started = True
+                    self._waiting -= 1
+                    self._waiting_per_user[handle.user] -= 1
+                    if not self._waiting_per_user[handle.user]:
+                        del self._waiting_per_user[handle.user]
+                if out.finished:
+                    del self._handles[out.request_id]
+        for handle, out in delivered:
+            handle._deliver(out)
+
+    def _stats(self, user: str | None) -> dict:
+        stats = {**self.engine.stats(), "max_waiting": self.max_waiting,
+                 "max_waiting_per_user": self.max_waiting_per_user}
+        if user is not None:
+            with self._lock:
+                mine = [h for h in self._handles.values() if h.user == user]
+            stats["user"] = {"name": user, "running": sum(h.started for h in mine),
+                             "waiting": sum(not h.started for h in mine)}
+        return stats
+
+    def _finish_everything(self) -> None:
+        try:
+            self._deliver(self.engine.abort_all())
+            self.engine.clear_prefix_cache()
+        except Exception:
+            log.exception("shutting the driver loop down: the engine failed to release its requests")
+        with self._lock:
+            commands, self._inbox = self._inbox, deque()
+            left = list(self._handles.values())
+        for _, future in commands:
+            if future is not None:
+                future.set_exception(RuntimeError("the driver loop shut down before running this command"))
+        self._deliver([_ended(h, "abort", None) for h in left])  # queued but never added
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _post(self, fn: Callable[[], object], future: Future | None) -> None:
+        """With the lock held: queue a command and wake the loop."""
+        self._inbox.append((fn, future))
+        self._wake.notify()
+
+    def _check_running(self) -> None:
+        if self._stopping:
+            raise RuntimeError("this driver loop is shut down (its engine was closed): create a new Engine")
+
+
+def _ended(handle: RequestHandle, reason: str, error: str | None) -> RequestOutput:
+    """The last output of a request that ended before the engine produced anything for it."""
+    completion = Completion(handle.request_id, "", [], reason, handle.prompt_tokens, {}, None, error)
+    return RequestOutput(handle.request_id, [], "", True, reason, completion)
