@@ -69,8 +69,8 @@ def run_host(args, engine_factory) -> int:
                           args.hub)
     sockets = listening_sockets(args.host, args.port, args.uds)  # a busy port fails before the slow load
     engine = engine_factory()
-    driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
     model = ServedModel.of(engine, args.served_model_name or args.model)
+    driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
     ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name))
     where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{sockets[0].getsockname()[1]}"
     if keys.generated_key_file:

@@ -19,7 +19,7 @@ from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.request import Completion
 from ..telemetry.events import StepEvent
 from ..telemetry.mailbox import Mailbox, MailboxClosed
-from .auth import USER_HEADER
+from .auth import OPERATOR_USER, USER_HEADER
 
 
 class EngineHostError(RuntimeError):
@@ -89,6 +89,11 @@ class HTTPTextStream(_SSEText):
     def abort(self) -> bool:
         return self._client.abort(self.request_id) if self.completion is None else False
 
+    def close(self) -> None:
+        """Stop reading; aborts the request if it is still running."""
+        self._response.close()
+        self.abort()
+
 
 class AsyncHTTPTextStream(_SSEText):
     """`HTTPTextStream` for asyncio: `async for delta in stream`; cancelling the task aborts it."""
@@ -119,6 +124,10 @@ class AsyncHTTPTextStream(_SSEText):
 
     async def aabort(self) -> bool:
         return await self._client.aabort(self.request_id) if self.completion is None else False
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+        await self.aabort()
 
 
 class HTTPEventSubscription:
@@ -215,7 +224,7 @@ class HTTPClient:
                                   limits=self._limits)
         self._ahttp = None
         self._max_concurrency = max_concurrency
-        self.user = user
+        self._user = user
         self._model_name: str | None = None
 
     # ---- plain requests --------------------------------------------------------------------
@@ -238,6 +247,13 @@ class HTTPClient:
             self._ahttp = (loop, httpx.AsyncClient(base_url=self.url, headers=self._headers, timeout=self._timeout,
                                                    limits=self._limits))
         return self._ahttp[1]
+
+    @property
+    def user(self) -> str:
+        """The user this client acts as: the one given, else the token's own (asked once)."""
+        if self._user is None:
+            self._user = self.stats().get("user", {}).get("name", OPERATOR_USER)
+        return self._user
 
     @property
     def model_name(self) -> str:

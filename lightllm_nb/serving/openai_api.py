@@ -143,7 +143,7 @@ class OpenAIShapes:
 
     def logprobs(self, entries: list) -> dict:
         """The engine's [{"token_id", "logprob", "top": [(id, logprob)]}] as OpenAI's logprobs object."""
-        decode = self.model.tokenizer.decode
+        decode = self.model.decode
         if self.chat:
             def item(token_id, logprob):
                 text = decode([token_id])

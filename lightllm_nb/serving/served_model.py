@@ -3,37 +3,48 @@ chat templating happen here, on the front end's thread, never on the engine's.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
-from ..engine.prompt_checks import check_fits, prompt_ids
+from ..engine.prompt_checks import check_fits
 from ..sampling_params import InvalidRequestError, SamplingParams
 from .api_errors import bad_request
 
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
-@dataclass(frozen=True)
 class ServedModel:
-    name: str
-    tokenizer: object
-    vocab_size: int
-    max_context: int
+    """The engine's `PromptEncoder` (its own tokenizer copy: a fast tokenizer must never be used by
+    the step thread and this one at once) with HTTP's answers: a bad prompt is a 400."""
+
+    def __init__(self, prompts, decoder, name: str):
+        self.prompts = prompts
+        self.name = name
+        self.max_context = prompts.max_context
+        self._decoder = decoder  # a tokenizer used on the IOLoop thread only (logprob token texts)
 
     @classmethod
     def of(cls, engine, name: str | None = None) -> "ServedModel":
-        return cls(name or engine.model_name, engine.tokenizer, engine.config.vocab_size, engine.pool.max_context)
+        return cls(engine.prompts, copy.deepcopy(engine.tokenizer), name or engine.model_name)
 
     def encode(self, prompt: str | None = None, token_ids: list[int] | None = None,
                messages: list | None = None) -> list[int]:
         """The prompt's token ids from exactly one of text, ids or chat messages; a 400 if bad."""
-        if messages is not None:
-            if prompt is not None or token_ids is not None:
-                raise bad_request("give exactly one of prompt, prompt_token_ids or messages")
-            return self._chat_ids(messages)
+        if messages is not None and (prompt is not None or token_ids is not None):
+            raise bad_request("give exactly one of prompt, prompt_token_ids or messages")
         try:
-            return prompt_ids(self.tokenizer, self.vocab_size, prompt, token_ids)
+            if messages is None:
+                return self.prompts.encode(prompt, token_ids)
+            if not isinstance(messages, list) or not messages:
+                raise bad_request("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
+            plain = [_plain_message(m, i) for i, m in enumerate(messages)]
+            try:
+                return self.prompts.chat_ids(plain)
+            except InvalidRequestError:
+                raise
+            except Exception as err:  # the template itself may refuse some role orders
+                raise bad_request(f"the chat template rejected these messages: {err}", "messages") from None
         except InvalidRequestError as err:
-            raise bad_request(str(err), param="prompt") from None
+            raise bad_request(str(err), param="messages" if messages is not None else "prompt") from None
 
     def check_fits(self, ids: list[int], sampling: SamplingParams) -> None:
         try:
@@ -45,21 +56,8 @@ class ServedModel:
         """The longest answer that still fits the context (OpenAI chat's default max_tokens)."""
         return max(1, self.max_context - len(ids))
 
-    def _chat_ids(self, messages) -> list[int]:
-        if not isinstance(messages, list) or not messages:
-            raise bad_request("messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
-        plain = [_plain_message(m, i) for i, m in enumerate(messages)]
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise bad_request(f"the model {self.name} has no chat template: use /v1/completions with a plain "
-                              "prompt instead", "messages")
-        try:
-            text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # the template itself may raise on role orders it does not support
-            raise bad_request(f"the chat template rejected these messages: {err}", "messages") from None
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        if not ids:
-            raise bad_request("the messages produced an empty prompt", "messages")
-        return ids
+    def decode(self, token_ids: list[int]) -> str:
+        return self._decoder.decode(token_ids)
 
 
 def _plain_message(message, index: int) -> dict:
