@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import SHAPES  # noqa: E402
-from throughput import random_checkpoint  # noqa: E402
+from throughput import check_full_batch, random_checkpoint  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 
@@ -34,10 +34,12 @@ def timed(fn, sync=True):
 def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
     rng = np.random.default_rng(batch)
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                               sampling=SamplingParams(max_tokens=steps * 3 + 20, temperature=0, ignore_eos=True))
+                               sampling=SamplingParams(max_tokens=outlast_prefill(engine, batch, context) + steps * 3 + 20,
+                                                       temperature=0, ignore_eos=True))
             for _ in range(batch)]
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
         engine.step()
+    check_full_batch(engine, batch)
     parts = {"schedule": [], "prepare": [], "forward": [], "sample": [], "step": [], "overlapped": []}
     engine.overlap = False  # the breakdown below is of a plain step
     runner = engine.runner
@@ -69,6 +71,12 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
     return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
 
 
+def outlast_prefill(engine: Engine, batch: int, context: int) -> int:
+    """Steps until the last of `batch` prompts is prefilled: the first ones decode meanwhile, and
+    must not finish before the batch is whole (that timed a half batch at 128 x 2048 once)."""
+    return -(-batch * context // engine.scheduler.max_batch_tokens) + batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokenizer", required=True)
@@ -77,7 +85,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
-    engine = Engine(ckpt, dtype="bfloat16", max_running=256, progress=False)
+    engine = Engine(ckpt, dtype="bfloat16", progress=False)
     print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step", "overlapped")))
     for context in (512, 2048):
         for batch in (1, 32, 128):
@@ -92,10 +100,12 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
     batch fits a bucket): which kernel to work on next, and how much of the step is gaps."""
     rng = np.random.default_rng(0)
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                               sampling=SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+                               sampling=SamplingParams(max_tokens=outlast_prefill(engine, batch, context) + 64,
+                                                       temperature=0, ignore_eos=True))
             for _ in range(batch)]
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
         engine.step()
+    check_full_batch(engine, batch)
     sched = engine.scheduler.schedule()
     batch_t, _, _ = engine.runner.prepare(sched.items)
     graphs = engine.runner.graphs
@@ -114,9 +124,11 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
             run()
         torch.cuda.synchronize()
     kernels_us = sum(e.self_device_time_total for e in prof.key_averages()) / 3
+    launches = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 3
     print(f"decode forward, batch {batch}, context {context}: {start.elapsed_time(end) / 10 * 1e3:.0f} us per "
           f"forward ({'graph' if graphs and graphs.fits(batch_t) else 'eager'}), of which kernels "
-          f"{kernels_us:.0f} us; per kernel over 3 forwards:")
+          f"{kernels_us:.0f} us in {launches:.0f} kernels ({launches / engine.config.num_layers:.1f} per layer); "
+          "per kernel over 3 forwards:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))
     for rid in rids:
         engine.abort(rid)

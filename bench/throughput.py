@@ -89,13 +89,19 @@ def matmul_rate() -> float:
 def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30) -> float:
     """Median wall time of a whole engine step (schedule + forward + sample) at this batch."""
     rng = np.random.default_rng(batch * 7 + context)
+    # Requests decode while later ones prefill: max_tokens must outlast the whole prefill, or
+    # the first requests finish before the timing starts and a smaller batch is timed (this is
+    # what made the decode kernel look faster than its bytes at batch 128 / context 2048).
+    prefill_steps = -(-batch * context // engine.scheduler.max_batch_tokens) + batch
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                               sampling=SamplingParams(max_tokens=steps + 40, temperature=0, ignore_eos=True))
+                               sampling=SamplingParams(max_tokens=prefill_steps + steps + 40, temperature=0,
+                                                       ignore_eos=True))
             for _ in range(batch)]
     while any(r.num_computed < r.num_prompt for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
     for _ in range(5):
         engine.step()
+    check_full_batch(engine, batch)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     times = []
@@ -103,10 +109,44 @@ def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30) ->
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
+    check_full_batch(engine, batch)
     for rid in rids:
         engine.abort(rid)
     engine.step()
     return statistics.median(times)
+
+
+def prefill_ceiling(config, weight_bytes: int, length: int, flop_rate: float) -> float:
+    """Prompt tokens per second of one prompt's prefill at the GEMM rate: the layers' weights in GEMMs
+    and causal attention's two products (the vocabulary head runs for the last token only)."""
+    tables = 1 if config.tie_word_embeddings else 2
+    params = weight_bytes / 2 - tables * config.vocab_size * config.hidden_size
+    attn = 4 * config.num_layers * config.num_q_heads * config.head_dim
+    flops = 2 * params * length + attn * length * (length + 1) / 2
+    return length / (flops / flop_rate)
+
+
+def check_full_batch(engine: Engine, batch: int) -> None:
+    running = engine.scheduler.running
+    if len(running) != batch or any(r.num_computed < r.num_prompt for r in running):
+        raise RuntimeError(f"{len(running)} requests are decoding, not {batch}: the timing would be of a smaller batch")
+
+
+def prefill_rate(engine: Engine, length: int, repeats: int = 3) -> float:
+    """Prompt tokens per second of one request's prefill (a fresh prompt each time: no prefix hits),
+    median of `repeats`; the single sampled token is part of the time."""
+    rng = np.random.default_rng(length)
+    sampling = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    engine.generate(prompt_token_ids=[rng.integers(0, 30000, length).tolist()], sampling=sampling)  # warm-up
+    times = []
+    for _ in range(repeats):
+        prompt = rng.integers(0, 30000, length).tolist()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate(prompt_token_ids=[prompt], sampling=sampling)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return length / statistics.median(times)
 
 
 def offline_workload(n=256, seed=0):
@@ -194,8 +234,11 @@ def main() -> None:
     print(json.dumps(log), flush=True)
     ckpt, tensors = random_checkpoint(hf_config, tokenizer)
     t = time.perf_counter()
-    engine = Engine(ckpt, dtype="bfloat16", max_running=256, max_batch_tokens=8192)
+    engine = Engine(ckpt, dtype="bfloat16")  # the defaults a user gets: batch limits chosen for the card
     log["engine_start_s"] = time.perf_counter() - t
+    log["limits"] = {k: engine.stats()[k] for k in ("max_running", "max_batch_tokens", "kv_capacity_tokens")}
+    log["decode_linear"] = engine.model.linear.timings
+    print(json.dumps({"limits": log["limits"], "decode_linear": log["decode_linear"]}), flush=True)
     weight_bytes = engine.model.weight_bytes()
     kv_per_token = engine.config.kv_bytes_per_token
     rows = []
@@ -208,6 +251,13 @@ def main() -> None:
                          "x_floor": step / floor, "tok_s": batch / step})
             print(json.dumps(rows[-1]), flush=True)
     log["decode"] = rows
+    prefill = []
+    for length in (512, 2048, 8192):
+        rate = prefill_rate(engine, length)
+        ceiling = prefill_ceiling(engine.config, weight_bytes, length, flops)
+        prefill.append({"prompt": length, "tok_s": rate, "ceiling_tok_s": ceiling, "fraction": rate / ceiling})
+        print(json.dumps(prefill[-1]), flush=True)
+    log["prefill"] = prefill
     n = 64 if args.quick else 256
     prompts, outputs = offline_workload(n)
     wall = run_offline(engine, prompts, outputs)
@@ -246,6 +296,10 @@ def print_table(log: dict) -> None:
         extra = f"{h['hf_step_ms']:8.2f} {h['speedup']:6.1f}" if h else ""
         print(f"{r['batch']:>5} {r['context']:>5} {r['step_ms']:8.3f} {r['floor_ms']:8.3f} {r['x_floor']:7.2f} "
               f"{r['tok_s']:8.0f} {extra}")
+    for p in log["prefill"]:
+        print(f"prefill {p['prompt']:>5} tokens: {p['tok_s']:9.0f} tok/s, GEMM-bound ceiling {p['ceiling_tok_s']:9.0f} "
+              f"({100 * p['fraction']:.0f}%)")
+    print(f"limits {log['limits']}")
     o = log["offline"]
     print(f"offline {o['requests']} seqs: {o['tok_s']:.0f} out tok/s, ceiling {o['ceiling_tok_s']:.0f} "
           f"({100 * o['fraction_of_ceiling']:.0f}% of it)" +

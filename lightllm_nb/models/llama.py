@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .kernel_set import KernelSet
 from ..kv.kv_pool import KVPool
 from .config import ModelConfig
+from .decode_linear import DecodeLinear
 from .rope import rotary_tables
 
 
@@ -59,6 +60,16 @@ class LlamaModel:
         self.kernels = kernels
         self.cos, self.sin = rotary_tables(config, max_positions, embed.device)
         self.scale = config.head_dim ** -0.5
+        # Projections: F.linear until choose_decode_kernels() measures where the GEMV wins.
+        self.linear = DecodeLinear()
+
+    def choose_decode_kernels(self) -> None:
+        """On CUDA, time cuBLAS against the Triton GEMV for every projection at batch 1."""
+        if self.device.type != "cuda":
+            return
+        weights = [(w, b) for layer in self.layers
+                   for w, b in ((layer.qkv, layer.qkv_bias), (layer.o, None), (layer.gate_up, None), (layer.down, None))]
+        self.linear = DecodeLinear.measured(weights + [(self.lm_head, None)])
 
     @property
     def device(self) -> torch.device:
@@ -85,19 +96,19 @@ class LlamaModel:
             if i > 0:
                 x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
             attn = self._attention(i, layer, x, batch, pool)
-            x, residual = k.add_rmsnorm(F.linear(attn, layer.o), residual, layer.mlp_norm, cfg.rms_norm_eps)
-            hidden = F.linear(k.silu_mul(F.linear(x, layer.gate_up)), layer.down)
+            x, residual = k.add_rmsnorm(self.linear(attn, layer.o), residual, layer.mlp_norm, cfg.rms_norm_eps)
+            hidden = self.linear(k.silu_mul(self.linear(x, layer.gate_up)), layer.down)
         # Only the rows that sample need the final norm and the (large) vocabulary projection.
         last_hidden, last_residual = hidden[batch.logits_index], residual[batch.logits_index]
         x, _ = k.add_rmsnorm(last_hidden, last_residual, self.final_norm, cfg.rms_norm_eps)
-        logits = F.linear(x, self.lm_head)
+        logits = self.linear(x, self.lm_head)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
                    pool: KVPool) -> torch.Tensor:
         cfg, k = self.config, self.kernels
         num_tokens = x.shape[0]
-        qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+        qkv = self.linear(x, layer.qkv, layer.qkv_bias)
         q, key, value = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(num_tokens, cfg.num_q_heads, cfg.head_dim)
         key = key.view(num_tokens, cfg.num_kv_heads, cfg.head_dim)

@@ -41,7 +41,10 @@ def build_model(config: ModelConfig, checkpoint, *, device: torch.device, dtype:
     if not config.tie_word_embeddings:
         _require(top, "lm_head.weight", checkpoint.source)
     lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
-    return LlamaModel(config, layers, embed, top["model.norm.weight"], lm_head, kernels, max_positions)
+    model = LlamaModel(config, layers, embed, top["model.norm.weight"], lm_head, kernels, max_positions)
+    if kernels.name == "triton":
+        model.choose_decode_kernels()
+    return model
 
 
 def _fuse_layer(index: int, p: dict[str, torch.Tensor], config: ModelConfig) -> LayerWeights:

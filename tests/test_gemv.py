@@ -1,0 +1,95 @@
+"""The small-M projection kernel (kernels/gemv.py) against float64 matrix products, on fresh random
+inputs: in Triton's interpreter on the CPU (small shapes), and at real model shapes on a GPU."""
+
+import pytest
+import torch
+
+from lightllm_nb.kernels import GEMV_MAX_M, gemv, gemv_torch
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _inputs(seed, m, n, k, dtype, bias, strided):
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    # x as a column slice of a wider buffer, as the model passes rows of a fused activation.
+    wide = torch.randn(m, k + (37 if strided else 0), generator=gen, device=DEVICE).to(dtype)
+    x = wide[:, :k]
+    w = (torch.randn(n, k, generator=gen, device=DEVICE) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if bias else None
+    return x, w, b
+
+
+def _reference(x, w, b):
+    out = x.double() @ w.double().t()
+    return out + b.double() if b is not None else out
+
+
+def _check(out, x, w, b, dtype):
+    assert out.shape == (x.shape[0], w.shape[0]) and out.dtype == dtype
+    ref = _reference(x, w, b)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    # float32 sums: far under 1e-5 in float32; rounding of the output alone in half types.
+    assert err < (1e-5 if dtype == torch.float32 else 5e-3), err
+    assert torch.isfinite(out).all()
+
+
+# Interpreter-sized cases: K not a multiple of the block, N not a multiple of the block, every M.
+CASES = [(1, 40, 200, 64, 1), (2, 33, 130, 32, 1), (3, 16, 257, 64, 3), (4, 50, 96, 32, 2), (1, 7, 300, 128, 4)]
+
+
+@pytest.mark.parametrize("m, n, k, block_k, split_k", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_matches_float64(m, n, k, block_k, split_k, bias):
+    dtype = torch.float32
+    x, w, b = _inputs(m * 1000 + n + k + split_k, m, n, k, dtype, bias, strided=m > 1)
+    out = gemv(x, w, b, block_n=16, block_k=block_k, split_k=split_k)
+    _check(out, x, w, b, dtype)
+    _check(gemv_torch(x, w, b), x, w, b, dtype)
+
+
+def test_split_k_is_deterministic():
+    x, w, b = _inputs(5, 2, 24, 300, torch.float32, True, strided=False)
+    first = gemv(x, w, b, block_n=8, block_k=32, split_k=4)
+    assert torch.equal(first, gemv(x, w, b, block_n=8, block_k=32, split_k=4))
+
+
+def test_gemv_says_what_to_use_instead():
+    x, w, _ = _inputs(0, GEMV_MAX_M + 1, 8, 16, torch.float32, False, strided=False)
+    with pytest.raises(ValueError, match="use a GEMM"):
+        gemv(x, w)
+    with pytest.raises(ValueError, match="contiguous K"):
+        gemv(x[:1], w.t().contiguous().t())
+
+
+# Real shapes (Llama-3.2-1B qkv / down / gate_up, a Qwen-sized vocabulary head), GPU only.
+GPU_SHAPES = [(3072, 2048), (2048, 8192), (16384, 2048), (151936, 896)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, k", GPU_SHAPES)
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemv_gpu_shapes(dtype, n, k, m, split_k):
+    x, w, b = _inputs(n + k + m + split_k, m, n, k, dtype, bias=split_k == 4, strided=True)
+    out = gemv(x, w, b, block_n=8, block_k=512, split_k=split_k)
+    _check(out, x, w, b, dtype)
+    if dtype != torch.float32:
+        # Both sum in float32 and round once: at most one unit in the last place apart.
+        torch.testing.assert_close(out, gemv_torch(x, w, b), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_linear_uses_the_gemv_only_where_chosen():
+    from lightllm_nb.models.decode_linear import DecodeLinear
+
+    x, w, b = _inputs(9, 4, 24, 64, torch.float32, True, strided=False)
+    chosen = DecodeLinear({(24, 64): dict(block_n=8, block_k=32, split_k=2)})
+    # One row of the chosen shape goes through the GEMV with the chosen configuration.
+    assert torch.equal(chosen(x[:1], w, b), gemv(x[:1], w, b, block_n=8, block_k=32, split_k=2))
+    _check(chosen(x[:1], w, b), x[:1], w, b, torch.float32)
+    # Several rows, or a shape without a measured choice, keep F.linear: exactly its result.
+    linear = torch.nn.functional.linear
+    assert torch.equal(chosen(x[:3], w, b), linear(x[:3], w, b))
+    assert torch.equal(DecodeLinear()(x[:1], w, b), linear(x[:1], w, b))
