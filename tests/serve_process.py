@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 OPERATOR_KEY = "operator-key-for-tests"
 TOKENS = {"alice-token-123": {"user": "alice"}, "bob-token-4567": {"user": "bob"},
           "proxy-token-890": {"user": "jupyter-proxy", "role": "proxy"}}
@@ -94,3 +96,13 @@ def start_serve(tmp: Path, *extra: str, timeout: float = 120) -> ServeProcess:
     while served.get("/health", None)[0] != 200:
         time.sleep(0.1)
     return served
+
+
+def module_host(name: str):
+    """A module-scoped fixture: one serve process for a test module, stopped (exit 0) at its end."""
+    @pytest.fixture(scope="module")
+    def host(tmp_path_factory):
+        served = start_serve(tmp_path_factory.mktemp(name))
+        yield served
+        assert served.stop() == 0, "".join(served.log)
+    return host

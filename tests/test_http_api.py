@@ -8,16 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serve_process import OPERATOR_KEY, start_serve
+from serve_process import OPERATOR_KEY, module_host
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/api/generate")
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    served = start_serve(tmp_path_factory.mktemp("serve-api"))
-    yield served
-    assert served.stop() == 0, "".join(served.log)
+host = module_host("serve-api")
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,13 @@ import pytest
 from lightllm_nb import Engine, InvalidRequestError, SamplingParams
 from lightllm_nb.serving.client import Client, LocalClient
 from lightllm_nb.serving.http_client import HTTPClient
-from serve_process import start_serve
+from serve_process import module_host
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    served = start_serve(tmp_path_factory.mktemp("serve-client"))
-    yield served
-    assert served.stop() == 0, "".join(served.log)
+host = module_host("serve-client")
 
 
 @pytest.fixture(scope="module")

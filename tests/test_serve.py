@@ -9,17 +9,13 @@ import urllib.parse
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_process import OPERATOR_KEY, start_serve
+from serve_process import OPERATOR_KEY, module_host
 
 ALICE, BOB, PROXY = "alice-token-123", "bob-token-4567", "proxy-token-890"
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    served = start_serve(tmp_path_factory.mktemp("serve"))
-    yield served
-    assert served.stop() == 0, "".join(served.log)
+host = module_host("serve")
 
 
 def open_stream(host, body, token, headers=None):
