@@ -54,7 +54,7 @@ def footer(completion, engine_line: str) -> str:
         parts.append(f"TTFT {ttft:.2f} s")
     if total and ttft is not None and n > 1 and total > ttft:
         parts.append(f"{(n - 1) / (total - ttft):.1f} tok/s")
-    parts.append(f"{m.get('cached_prompt_tokens', 0)} of {completion.prompt_tokens} prompt tokens cached")
+    parts.append(f"{m.get('cached_tokens', 0)} of {completion.prompt_tokens} prompt tokens cached")
     if completion.finish_reason == "length":
         parts.append("stopped at --max-tokens")
     return " \u00b7 ".join(parts) + f" \u00b7 {engine_line}"

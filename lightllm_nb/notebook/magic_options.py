@@ -37,7 +37,7 @@ class CellOptions:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print and exit the kernel's process
-        raise OptionError(f"{self.format_usage().strip()}\n%%lightllm: {message} (see %lightllm? for every option)")
+        raise OptionError(f"{self.format_usage().strip()}\n%%lightllm: {message} (%lightllm help lists every option)")
 
 
 def _parser(defaults: CellOptions) -> _Parser:
