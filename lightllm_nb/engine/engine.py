@@ -94,7 +94,7 @@ class Engine:
         self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts)
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
-        self._batch: list[Request] = []  # the running step's requests, finished with "error" if it raises
+        self._batch: list | None = None  # the running step's (request, tokens), finished with "error" if it raises
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
@@ -249,7 +249,7 @@ class Engine:
         self._batch = None
         message = f"the engine step running this request failed: {type(err).__name__}: {err}"
         decisions = []
-        for req in dict.fromkeys(victims):  # once each, in order
+        for req in {id(r): r for r in victims}.values():  # once each, in order
             if req.finished or req.request_id not in self._requests:
                 continue
             decisions.append(self.scheduler.finish(req, "error"))

@@ -1,0 +1,144 @@
+"""The driver loop on its own: faults, idleness, slow subscribers, waiting limits, shutdown, and
+who may abort what."""
+
+import threading
+import time
+
+import pytest
+
+from lightllm_nb import DriverLoop, Engine, InvalidRequestError, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture
+def engine(tiny_model):
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=256, max_running=8) as eng:
+        yield eng
+
+
+def test_a_failing_step_finishes_its_batch_with_error_and_the_loop_serves_on(engine, monkeypatch):
+    run = engine.runner.run
+    calls = []
+
+    def fails_once(items):
+        calls.append(len(items))
+        if len(calls) == 2:  # the second step: both requests are decoding
+            raise RuntimeError("injected fault")
+        return run(items)
+
+    monkeypatch.setattr(engine.runner, "run", fails_once)
+    client = engine.client()
+    failed = client.generate(prompt_token_ids=[[5, 6, 7], [8, 9]], sampling=GREEDY)
+    assert [c.finish_reason for c in failed] == ["error", "error"]
+    assert all("RuntimeError: injected fault" in c.error for c in failed)
+    assert [len(c.token_ids) for c in failed] == [1, 1]  # the token of the step before the fault
+    engine.clear_prefix_cache()
+    assert engine.pool.is_whole() and engine.stats()["running"] == 0
+    again = client.generate(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY)[0]
+    assert again.finish_reason == "length" and len(again.token_ids) == 5 and again.error is None
+
+
+def test_an_idle_loop_sleeps_and_publishes_nothing(engine):
+    loop = engine.driver()
+    events = loop.subscribe(maxsize=1000)
+    engine.generate(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY)
+    steps = engine.stats()["steps"]
+    seen = []
+    while True:
+        try:
+            seen.append(events.get(timeout=0.5))
+        except TimeoutError:
+            break
+    assert seen and seen[-1].step == steps
+    time.sleep(0.3)
+    assert engine.stats()["steps"] == steps, "the loop stepped with nothing to do"
+    with pytest.raises(TimeoutError):
+        events.get(timeout=0.2)
+    events.close()
+
+
+def test_a_slow_subscriber_loses_the_oldest_events_and_is_told(engine):
+    loop = engine.driver()
+    slow = loop.subscribe(maxsize=2)
+    engine.generate(prompt_token_ids=[[5, 6, 7], [8, 9]], sampling=SamplingParams(max_tokens=10, temperature=0,
+                                                                                   ignore_eos=True))
+    steps = engine.stats()["steps"]
+    slow.close()
+    kept = list(slow)
+    assert [e.step for e in kept] == [steps - 1, steps]
+    assert slow.dropped == steps - 2
+
+
+def test_waiting_limits_say_what_to_do(engine):
+    loop = DriverLoop(engine, max_waiting=3, max_waiting_per_user=2)
+    busy = loop.call(lambda: time.sleep(0.5))  # hold the loop: nothing starts meanwhile
+    alice = [loop.submit([5, 6, 7], GREEDY, user="alice") for _ in range(2)]
+    with pytest.raises(InvalidRequestError, match="you have 2 requests waiting to start and max_waiting_per_user=2"):
+        loop.submit([5, 6, 7], GREEDY, user="alice")
+    bob = loop.submit([8, 9], GREEDY, user="bob")
+    with pytest.raises(InvalidRequestError, match="the engine has 3 requests waiting to start and max_waiting=3"):
+        loop.submit([8, 9], GREEDY, user="carol")
+    busy.result(5)
+    assert [h.result(30).finish_reason for h in alice + [bob]] == ["length"] * 3
+    assert loop.submit([5, 6], GREEDY, user="alice").result(30).finish_reason == "length"  # room again
+    with pytest.raises(RuntimeError, match="already has a driver loop"):
+        DriverLoop(engine)
+
+
+def test_abort_is_owner_checked_and_ids_cannot_be_probed(engine):
+    alice, bob = engine.client(user="alice"), engine.client(user="bob")
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    stream = bob.stream(prompt_token_ids=[5, 6, 7], sampling=long)
+    assert len(stream.request_id) >= 20
+    assert alice.abort(stream.request_id) is False
+    assert alice.abort("no-such-request") is False
+    assert "".join(stream) and stream.completion.finish_reason == "length"
+    assert len(stream.completion.token_ids) == 40
+    mine = alice.stream(prompt_token_ids=[5, 6, 7], sampling=long)
+    next(mine)
+    assert alice.abort(mine.request_id) is True
+    assert list(mine) is not None and mine.completion.finish_reason == "abort"
+
+
+def test_leaving_a_stream_early_aborts_it(engine):
+    client = engine.client()
+    for delta in client.stream(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(max_tokens=200, temperature=0,
+                                                                                     ignore_eos=True)):
+        break
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+
+
+def test_shutdown_aborts_everything_frees_all_and_a_new_loop_can_start(engine):
+    loop = engine.driver()
+    handles = [loop.submit([5, 6, 7 + i], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True),
+                           user="alice") for i in range(4)]
+    next(iter(handles[0]))  # running now
+    loop.shutdown()
+    assert not loop.running
+    assert [h.result(1).finish_reason for h in handles] == ["abort"] * 4
+    assert engine.pool.is_whole(), "shutdown frees everything, the prefix cache too"
+    with pytest.raises(RuntimeError, match="shut down"):
+        loop.submit([5], GREEDY, user="alice")
+    assert engine.generate(prompt_token_ids=[[5, 6]], sampling=GREEDY)[0].finish_reason == "length"
+
+
+def test_threads_and_the_low_level_api(engine):
+    """Once the loop runs, only its thread may drive the engine; the error says what to use."""
+    engine.generate(prompt_token_ids=[[5, 6]], sampling=GREEDY)
+    errors = []
+
+    def poke():
+        try:
+            engine.step()
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    t = threading.Thread(target=poke)
+    t.start()
+    t.join()
+    assert errors and "engine.client(user=...)" in errors[0]
