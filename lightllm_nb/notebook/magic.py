@@ -4,8 +4,8 @@
     %%lightllm --max-tokens 200 --chat tutor
     Explain the KV cache to {audience}.
 
-Line forms: `%lightllm status`, `%lightllm connect [URL [TOKEN]]`, `%lightllm config [key=value ...]`,
-`%lightllm help`. Errors a user can cause are one line (a usage message for bad options), never a
+Line forms: `%lightllm status`, `%lightllm connect [URL [TOKEN]]`, `%lightllm use VARIABLE` (a Client
+made in Python, e.g. `client = lightllm_nb.connect()`), `%lightllm config [key=value ...]`, `%lightllm help`. Errors a user can cause are one line (a usage message for bad options), never a
 traceback from our internals; interrupting the cell aborts the request and frees its KV.
 """
 
@@ -22,7 +22,7 @@ from .answer_display import StreamingAnswer, footer
 from .engine_choice import open_client
 from .magic_options import CellOptions, OptionError, fill_names, parse_cell_line, updated_defaults, usage
 
-LINE_COMMANDS = "status | connect [URL [TOKEN]] | config [key=value ...] | help"
+LINE_COMMANDS = "status | connect [URL [TOKEN]] | use VARIABLE | config [key=value ...] | help"
 
 
 def _one_line(err: BaseException) -> str:
@@ -40,6 +40,7 @@ class LightLLMMagics(Magics):
         self._client = None
         self._engine_line = ""
         self._user_clients: dict[str, object] = {}
+        self._owns_client = False  # made by the magic (closed with it), not handed over with `use`
 
     @line_cell_magic
     def lightllm(self, line: str, cell: str | None = None):
@@ -53,6 +54,8 @@ class LightLLMMagics(Magics):
                 self._status()
             elif command == "connect":
                 self._connect(*args[:2])
+            elif command == "use" and len(args) == 1:
+                self._use(args[0])
             elif command == "config":
                 self.defaults = updated_defaults(self.defaults, args) if args else self.defaults
                 print("\n".join(f"{k} = {v!r}" for k, v in vars(self.defaults).items() if k not in ("var", "chat")))
@@ -78,8 +81,20 @@ class LightLLMMagics(Magics):
     def _connect(self, url: str | None = None, token: str | None = None) -> None:
         client, line = open_client(url, token)
         self.close()
-        self._client, self._engine_line = client, line
+        self._client, self._engine_line, self._owns_client = client, line, True
         print(line)
+
+    def _use(self, name: str) -> None:
+        client = self.shell.user_ns.get(name)
+        if not callable(getattr(client, "stream", None)) or not hasattr(client, "model_name"):
+            raise UsageError(f"%lightllm use {name}: {name} is not a Client: make one with "
+                             f"{name} = lightllm_nb.connect() or engine.client()")
+        if client is not self._client:
+            self.close()
+        self._client = client
+        self._engine_line = f"lightllm: using the client in {name} (model {client.model_name})"
+        self._owns_client = False
+        print(self._engine_line)
 
     def _client_for(self, user: str | None):
         client = self.client
@@ -101,12 +116,12 @@ class LightLLMMagics(Magics):
         for client in self._user_clients.values():
             client.close()
         self._user_clients.clear()
-        if self._client is not None:
+        if self._client is not None and self._owns_client:
             self._client.close()
             loop = getattr(self._client, "loop", None)
             if loop is not None:
                 loop.engine.close()
-            self._client = None
+        self._client = None
 
     # ---- a cell ---------------------------------------------------------------------------------
     def _answer(self, line: str, cell: str) -> None:
