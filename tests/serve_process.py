@@ -66,13 +66,15 @@ def request(url: str, data: bytes | None = None, *, token: str | None = None, he
         return err.code, err.read()
 
 
-def start_serve(tmp: Path, *extra: str, timeout: float = 120) -> ServeProcess:
+def start_serve(tmp: Path, *extra: str, timeout: float = 120, keys: bool = True, env: dict | None = None
+                ) -> ServeProcess:
+    """`keys=False` starts it without any key or tokens file (it then generates a key)."""
     tokens = tmp / "tokens.json"
     tokens.write_text(json.dumps(TOKENS))
+    auth = ["--api-key", OPERATOR_KEY, "--tokens-file", str(tokens)] if keys else []
     cmd = [sys.executable, "-m", "lightllm_nb.cli", "serve", "--model", "demo", "--device", "cpu",
-           "--port", "0", "--api-key", OPERATOR_KEY, "--tokens-file", str(tokens), "--kv-tokens", "8192",
-           "--seed", "0", *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+           "--port", "0", "--kv-tokens", "8192", "--seed", "0", *auth, *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log: list[str] = []
     found = threading.Event()

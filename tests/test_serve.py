@@ -78,6 +78,11 @@ def test_raw_sse_lines_carry_deltas_and_the_completion_last(host):
     status, body = host.post("/api/generate", {"prompt": "The capital of France is", "stream": False,
                                                "sampling": {"max_tokens": 12, "temperature": 0}}, ALICE)
     assert status == 200 and json.loads(body)["text"] == completion["text"]
+    # One INFO line per request, naming it and its user.
+    deadline = time.monotonic() + 10
+    while not [line for line in host.log if completion["request_id"] in line and "user=alice" in line]:
+        assert time.monotonic() < deadline, "".join(host.log[-20:])
+        time.sleep(0.05)
 
 
 def test_a_user_cannot_abort_or_see_another_users_request(host):

@@ -61,7 +61,7 @@ def listening_sockets(host: str, port: int, uds: str | None) -> list[socket.sock
 def run_host(args, engine_factory) -> int:
     """Serve until SIGTERM/SIGINT. `engine_factory()` loads the model (after every cheap check)."""
     from .driver import DriverLoop
-    from .http_app import ServingContext, make_app
+    from .http_app import ServingContext
     from .metrics import ServingMetrics
     from .served_model import ServedModel
 

@@ -1,0 +1,93 @@
+"""The command line: help with defaults for every option, arguments checked before the model
+loads, and `serve` generating its own key (mode 0600) when none is given."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from lightllm_nb.cli import build_parser, main
+from serve_process import start_serve
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "lightllm_nb.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_every_option_of_every_subcommand_has_help_and_shows_its_default():
+    parser = build_parser()
+    subcommands = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subcommands) == {"generate", "demo", "serve"}
+    for name, sub in subcommands.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {action.option_strings[0]} has no help"
+        text = sub.format_help()
+        assert "(default: " in text, name
+    serve_help = subcommands["serve"].format_help()
+    for flag in ("--host", "--port", "--api-key", "--tokens-file", "--uds", "--served-model-name", "--max-num-seqs",
+                 "--gpu-memory-utilization", "--block-size", "--enable-prefix-caching", "--shutdown-timeout"):
+        assert flag in serve_help
+    top = run_cli("--help")
+    assert top.returncode == 0 and "serve" in top.stdout
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Any attempt to build an Engine fails the test: the error had to come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model started loading before the arguments were checked")
+    monkeypatch.setattr("lightllm_nb.engine.engine.Engine.__init__", refuse)
+
+
+def run_main(capsys, *args):
+    """The CLI in this process (no interpreter start per case): exit code and stderr."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["generate", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "hi", "--max-tokens", "-5"], "--max-tokens"),
+    (["demo", "--top-p", "0"], "--top-p"),
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--kv-tokens", "0"], "--kv-tokens"),
+    (["serve", "--tokens-file", "/no/such/file.json"], "--tokens-file"),
+    (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+])
+def test_bad_arguments_are_reported_before_the_model_loads(capsys, no_model_load, args, says):
+    code, err = run_main(capsys, *args)
+    assert code == 2 and says in err, err
+
+
+def test_a_malformed_tokens_file_is_reported_before_the_model_loads(capsys, no_model_load, tmp_path):
+    bad = tmp_path / "tokens.json"
+    bad.write_text(json.dumps({"short": {"user": "alice"}}))
+    code, err = run_main(capsys, "serve", "--tokens-file", str(bad), "--port", "0")
+    assert code == 2 and "tokens file" in err and "8+ characters" in err
+    bad.write_text("{oops")
+    code, err = run_main(capsys, "serve", "--tokens-file", str(bad), "--port", "0")
+    assert code == 2 and "not readable JSON" in err
+
+
+def test_serve_without_a_key_writes_one_mode_0600_and_accepts_only_it(tmp_path):
+    host = start_serve(tmp_path, keys=False, env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    try:
+        line = next(line for line in host.log if "API key written to" in line)
+        path = line.split("API key written to ")[1].split(" (mode")[0]
+        assert os.path.dirname(path) == str(tmp_path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        key = open(path).read().strip()
+        assert len(key) >= 32
+        assert host.get("/v1/models", token=key)[0] == 200
+        assert host.get("/v1/models", token="operator-key-for-tests")[0] == 401
+        assert any("%|" in line or "it/s" in line for line in host.log), "no model-load progress bar"
+    finally:
+        assert host.stop() == 0
