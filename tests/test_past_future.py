@@ -86,6 +86,23 @@ def test_peak_counts_staggered_finishes():
     assert verdict.numbers["peak"] in (105, 190)
 
 
+def test_the_worst_sampled_future_decides_when_futures_disagree():
+    # Past lengths 10 and 100: each fresh request ends at 10 or at 100, so the 8 sampled futures
+    # disagree. The policy must admit exactly when the worst of them fits, however good the best.
+    history = [10, 100] * 10
+    running = [make_request(50, rid="a"), make_request(50, rid="b")]
+    candidate = make_request(50, rid="c")
+    twin = policy_with_history(history, samples=8, seed=5)   # same seed: the same draws as the policy's
+    finals = twin.sample_final_lengths(np.zeros(3, dtype=np.int64), np.full(3, 100))
+    peaks = [brute_force_peak([50, 50, 50], list(row)) for row in finals]
+    best, worst = min(peaks), max(peaks)
+    assert best < worst, "the futures were meant to disagree"
+    at_worst = policy_with_history(history, reserve=0.0, samples=8, seed=5).check(candidate, running, pool(worst))
+    assert at_worst.admit and at_worst.numbers["peak"] == worst
+    below = policy_with_history(history, reserve=0.0, samples=8, seed=5).check(candidate, running, pool(worst - 1))
+    assert not below.admit and below.numbers["peak"] == worst, f"the best future ({best}) fits, the worst does not"
+
+
 def test_reserve_lowers_the_limit():
     policy = policy_with_history([10] * 30, reserve=0.1)
     verdict = policy.check(make_request(50, rid="c"), [make_request(50, rid="a")], pool(130))

@@ -1,0 +1,292 @@
+"""Mutation testing of the modules that decide (memory accounting, scheduling, sampling).
+
+Each mutant is one small deliberate bug (a comparison off by one, + for -, a constant plus one,
+`and` for `or`, min for max, a call dropped, ...) in one module; the fast tests that cover that
+module run against it. A mutant the tests fail on is killed; one they pass is a blind spot (or an
+equivalent program: the report says which). A small driver of our own rather than mutmut: it runs
+on a private copy of the committed tree, so the code others are editing is never touched, and
+the tests are the project's own pytest files, unchanged.
+
+    nice -n 19 python bench/mutation.py                     # every module, sampled, ~45 min on 1 core
+    python bench/mutation.py --modules past_future --per-module 0   # 0 = every mutant of the module
+    python bench/mutation.py --mutants scheduler:17,kv_pool:3        # rerun chosen mutants
+
+Mutant ids are `module:index` in the order the sites appear in the source, so an id names the same
+mutant as long as the module is unchanged. Records go to bench/records/mutation-<date>.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import datetime
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# module -> (source file, the fast tests that cover it). Engine-level tests (a model per test) are
+# left out: minutes per mutant. The model-free scheduler tests drive the real scheduler, pool and cache.
+SCHEDULING_TESTS = ["tests/test_fairness.py", "tests/test_progress_guard.py", "tests/test_simulator.py"]
+MODULES = {
+    "kv_pool": ("lightllm_nb/kv/kv_pool.py", ["tests/test_prefix_cache.py", *SCHEDULING_TESTS]),
+    "prefix_cache": ("lightllm_nb/kv/prefix_cache.py", ["tests/test_prefix_cache.py", *SCHEDULING_TESTS]),
+    "scheduler": ("lightllm_nb/scheduling/scheduler.py", SCHEDULING_TESTS),
+    "admission": ("lightllm_nb/scheduling/admission.py", ["tests/test_past_future.py", *SCHEDULING_TESTS]),
+    "past_future": ("lightllm_nb/scheduling/past_future.py", ["tests/test_past_future.py", *SCHEDULING_TESTS]),
+    "waiting_queue": ("lightllm_nb/scheduling/waiting_queue.py", SCHEDULING_TESTS),
+    "sampler": ("lightllm_nb/engine/sampler.py", ["tests/test_sampler.py"]),
+}
+# Engine-level tests inside those files, deselected by name (each loads a model).
+SKIP_TESTS = "not flood and not engine and not shared_prefix and not cached_tokens and not resumes_from"
+EXTRA_TEST_GLOBS = ["tests/test_scheduling_*.py"]  # model-free scheduling tests, wherever they cover
+
+_SWAP_COMPARE = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+                 ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+_SWAP_BINOP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
+               ast.Mod: ast.FloorDiv, ast.Div: ast.Mult}
+_SWAP_CALL = {"min": "max", "max": "min", "any": "all", "all": "any"}
+
+
+# ---- finding and applying mutations ---------------------------------------------------------------
+def _skipped_subtrees(tree: ast.AST) -> set[int]:
+    """Nodes never mutated: docstrings and messages, annotations, raise statements (their conditions
+    are mutated where they are tested), and TYPE_CHECKING imports."""
+    skip: set[int] = set()
+
+    def mark(node):
+        for sub in ast.walk(node):
+            skip.add(id(sub))
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.JoinedStr, ast.Raise, ast.Import, ast.ImportFrom)):
+            mark(node)
+        elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            mark(node)   # docstrings
+        elif isinstance(node, ast.arg) and node.annotation is not None:
+            mark(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            mark(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            mark(node.annotation)
+        elif isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            mark(node)
+    return skip
+
+
+def _mutations_of(node: ast.AST) -> list[tuple[str, callable]]:
+    """(description, function that mutates a copy of `node` in place) for every mutation of `node`."""
+    found = []
+    if isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            if type(op) in _SWAP_COMPARE:
+                new = _SWAP_COMPARE[type(op)]
+                found.append((f"{type(op).__name__} -> {new.__name__}",
+                              lambda n, i=i, new=new: n.ops.__setitem__(i, new())))
+    elif isinstance(node, (ast.BinOp, ast.AugAssign)) and type(node.op) in _SWAP_BINOP:
+        new = _SWAP_BINOP[type(node.op)]
+        found.append((f"{type(node.op).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "op", new())))
+    elif isinstance(node, ast.Constant) and type(node.value) is bool:
+        found.append((f"{node.value} -> {not node.value}", lambda n: setattr(n, "value", not n.value)))
+    elif isinstance(node, ast.Constant) and type(node.value) is int:
+        found.append((f"{node.value} -> {node.value + 1}", lambda n: setattr(n, "value", n.value + 1)))
+    elif isinstance(node, ast.BoolOp):
+        new = ast.Or if isinstance(node.op, ast.And) else ast.And
+        found.append((f"{type(node.op).__name__} -> {new.__name__}", lambda n, new=new: setattr(n, "op", new())))
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.Not, ast.USub)):
+        found.append((f"drop {type(node.op).__name__}", "unwrap"))
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _SWAP_CALL:
+        new = _SWAP_CALL[node.func.id]
+        found.append((f"{node.func.id} -> {new}", lambda n, new=new: setattr(n.func, "id", new)))
+    elif isinstance(node, ast.Break):
+        found.append(("break -> continue", "continue"))
+    elif isinstance(node, ast.Continue):
+        found.append(("continue -> break", "break"))
+    elif isinstance(node, (ast.AugAssign, ast.Expr)) and not isinstance(getattr(node, "value", None), ast.Constant):
+        found.append(("statement -> pass", "pass"))
+    return found
+
+
+class _Replace(ast.NodeTransformer):
+    def __init__(self, target: int, how):
+        self.target, self.how, self.index = target, how, -1
+
+    def visit(self, node):
+        self.index += 1
+        if self.index != self.target:
+            return self.generic_visit(node)
+        if self.how == "unwrap":
+            return node.operand
+        if self.how in ("pass", "continue", "break"):
+            return {"pass": ast.Pass, "continue": ast.Continue, "break": ast.Break}[self.how]()
+        self.how(node)
+        return node
+
+
+def find_mutants(source: str) -> list[dict]:
+    """Every mutant of `source`: its node (pre-order index), line, description and mutated source."""
+    tree = ast.parse(source)
+    skip = _skipped_subtrees(tree)
+    lines = source.splitlines()
+    mutants = []
+    for index, node in enumerate(_preorder(tree)):
+        if id(node) in skip:
+            continue
+        for description, how in _mutations_of(node):
+            mutated = _Replace(index, how).visit(copy.deepcopy(tree))
+            ast.fix_missing_locations(mutated)
+            mutants.append({"line": node.lineno, "change": description, "code": lines[node.lineno - 1].strip(),
+                            "source": ast.unparse(mutated)})
+    return mutants
+
+
+def _preorder(tree: ast.AST):
+    """Nodes in the order _Replace visits them (NodeTransformer's generic_visit order)."""
+    yield tree
+    for _, value in ast.iter_fields(tree):
+        for item in (value if isinstance(value, list) else [value]):
+            if isinstance(item, ast.AST):
+                yield from _preorder(item)
+
+
+# ---- running the tests against each mutant ----------------------------------------------------------
+def private_copy(workdir: Path) -> str:
+    """The committed tree (HEAD) in `workdir`, fresh; returns the commit id."""
+    commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    archive = subprocess.Popen(["git", "archive", "HEAD"], cwd=REPO, stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(workdir)], stdin=archive.stdout, check=True)
+    archive.wait()
+    return commit
+
+
+def warm_up(workdir: Path) -> None:
+    """Import the heavy dependencies once: every mutant's test run is a fork of this process, so it
+    pays only for importing the (mutated) package and the tests, not torch and transformers."""
+    sys.path.insert(0, str(workdir))
+    sys.path.insert(0, str(workdir / "tests"))
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py sets it without a GPU
+    import hypothesis, numpy, pytest, torch, transformers  # noqa: F401  (loaded for the forks)
+    import lightllm_nb.engine.engine  # noqa: F401  (its dependencies stay; the package is re-imported)
+    _forget_package()
+
+
+def _forget_package() -> None:
+    for name in [m for m in sys.modules if m == "lightllm_nb" or m.startswith("lightllm_nb.")]:
+        del sys.modules[name]
+
+
+def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    """("passed" | "failed" | "timeout", seconds, the first failing test) for the tests in `workdir`,
+    run by pytest in a fork of this (warmed-up) process."""
+    shutil.rmtree(workdir / ".hypothesis", ignore_errors=True)  # no examples remembered from other mutants
+    log = workdir / "mutant-run.log"
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # the child: fresh package and tests, output to the log, exit with pytest's code
+        code = 3
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.chdir(workdir)
+            import pytest
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0", "-o", "timeout=0",
+                                    "-k", SKIP_TESTS, *tests]))
+        finally:
+            os._exit(code)
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        seconds = time.perf_counter() - started
+        if done:
+            break
+        if seconds > timeout:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return "timeout", seconds, ""
+        time.sleep(0.1)
+    if os.waitstatus_to_exitcode(status) == 0:
+        return "passed", seconds, ""
+    out = log.read_text(errors="replace").splitlines()
+    failed = [line.split(" ")[1] for line in out if line.startswith(("FAILED ", "ERROR "))]
+    return "failed", seconds, failed[0] if failed else f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated, from: " + ", ".join(MODULES))
+    parser.add_argument("--per-module", type=int, default=40, help="mutants sampled per module (0: all)")
+    parser.add_argument("--mutants", default="", help="exact mutant ids module:index, comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument("--code-from", default=None,
+                        help="take the mutated modules from this commit (the tests stay HEAD's): rerun "
+                             "an earlier campaign's mutants against newer tests")
+    parser.add_argument("--workdir", default="/tmp/lightllm-nb-mutation", help="private copy of the tree")
+    parser.add_argument("--out", default=None, help="JSONL records (default bench/records/mutation-<date>.jsonl)")
+    args = parser.parse_args()
+    os.nice(19 - os.nice(0))  # 2 shared cores: everyone else's work goes first
+
+    workdir = Path(args.workdir)
+    commit = private_copy(workdir)
+    if args.code_from:
+        commit = subprocess.check_output(["git", "rev-parse", "--short", args.code_from], cwd=REPO, text=True).strip()
+        for path, _ in MODULES.values():
+            source = subprocess.check_output(["git", "show", f"{commit}:{path}"], cwd=REPO, text=True)
+            (workdir / path).write_text(source)
+    warm_up(workdir)
+    extra = sorted(str(p.relative_to(workdir)) for g in EXTRA_TEST_GLOBS for p in workdir.glob(g))
+    chosen: dict[str, list[int] | None] = {}
+    if args.mutants:
+        for mid in args.mutants.split(","):
+            name, index = mid.split(":")
+            chosen.setdefault(name, []).append(int(index))
+    else:
+        chosen = {name: None for name in args.modules.split(",")}
+    unknown = set(chosen) - MODULES.keys()
+    if unknown:
+        parser.error(f"unknown modules {sorted(unknown)}: pick from {', '.join(MODULES)}")
+    out = Path(args.out or REPO / f"bench/records/mutation-{datetime.date.today()}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    for name, indices in chosen.items():
+        path, tests = MODULES[name]
+        tests = extra + tests  # the model-free scheduling tests first: they fail fastest
+        original = (workdir / path).read_text()
+        mutants = find_mutants(original)
+        if indices is None:
+            indices = list(range(len(mutants)))
+            if args.per_module and len(indices) > args.per_module:
+                indices = sorted(random.Random(f"{args.seed}:{name}").sample(indices, args.per_module))
+        status, baseline, first = run_tests(workdir, tests, timeout=1800)
+        if status != "passed":
+            sys.exit(f"{name}: the tests fail on the unmutated code ({first}): fix that first")
+        timeout = max(60.0, 4 * baseline)
+        print(f"{name}: {len(indices)} of {len(mutants)} mutants, tests take {baseline:.0f}s", flush=True)
+        try:
+            for index in indices:
+                mutant = mutants[index]
+                (workdir / path).write_text(mutant["source"])
+                status, seconds, first = run_tests(workdir, tests, timeout)
+                result = "survived" if status == "passed" else "killed" if status == "failed" else "timeout"
+                record = {"id": f"{name}:{index}", "module": path, "line": mutant["line"], "change": mutant["change"],
+                          "code": mutant["code"], "result": result, "killed_by": first, "seconds": round(seconds, 1),
+                          "of": len(mutants), "commit": commit, "date": str(datetime.date.today())}
+                with out.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(f"  {record['id']:>18} line {mutant['line']:>4} {mutant['change']:<22} {result:<8} "
+                      f"{first or ''}  | {mutant['code'][:70]}", flush=True)
+        finally:
+            (workdir / path).write_text(original)
+
+
+if __name__ == "__main__":
+    main()

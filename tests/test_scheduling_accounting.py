@@ -1,0 +1,135 @@
+"""Exact memory accounting and preemption choices of the real scheduler, driven without a model:
+which request is preempted, how many pages each request holds at page multiples and one over,
+what the pool says is free right after admission, and where the policies draw their lines."""
+
+import pytest
+
+from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy, PoolView
+from model_free import SAMPLED, make_scheduler, request, run, step
+
+
+def pages_by_hand(tokens, page_size):
+    return (tokens + page_size - 1) // page_size
+
+
+def preempted(history):
+    return [d.request_id for decisions in history for d in decisions if d.kind == "preempt"]
+
+
+def admit_one_per_step(scheduler, rids, **kwargs):
+    """Admit `rids` on consecutive steps, so their age order is known."""
+    history = []
+    for rid in rids:
+        scheduler.add(request(rid, **kwargs))
+        history.append(step(scheduler))
+    return history
+
+
+# ---- who is preempted ----------------------------------------------------------------------------
+def test_the_newest_request_is_preempted_first():
+    # 3 requests of 8 + up to 10 tokens in 30 slots: they fit until the oldest needs its 12th token.
+    scheduler = make_scheduler(capacity=30, max_running=3)
+    history = admit_one_per_step(scheduler, ["old", "mid", "new"], prompt_len=8, max_tokens=10)
+    while not preempted(history):
+        history.append(step(scheduler))
+    assert preempted(history) == ["new"], "the newest goes first, not the oldest or the middle one"
+    assert [r.request_id for r in scheduler.running] == ["old", "mid"]
+    history += run(scheduler)
+    assert "old" not in preempted(history), "the oldest request is never the victim while others are newer"
+
+
+def test_the_newest_of_the_lowest_priority_is_preempted_before_a_newer_higher_one():
+    scheduler = make_scheduler(capacity=30, max_running=3)
+    history = admit_one_per_step(scheduler, ["low-old"], prompt_len=8, max_tokens=10)
+    history += admit_one_per_step(scheduler, ["low-new"], prompt_len=8, max_tokens=10)
+    history += admit_one_per_step(scheduler, ["high"], prompt_len=8, max_tokens=10, priority=1)
+    while not preempted(history):
+        history.append(step(scheduler))
+    assert preempted(history) == ["low-new"]
+
+
+def test_a_request_outranked_by_everyone_else_preempts_itself():
+    scheduler = make_scheduler(capacity=20, max_running=2)
+    history = admit_one_per_step(scheduler, ["high"], prompt_len=8, max_tokens=10, priority=1)
+    history += admit_one_per_step(scheduler, ["low"], prompt_len=8, max_tokens=10)
+    while not preempted(history):
+        history.append(step(scheduler))
+    # "low" is the one that finds the pool dry (it is scheduled after "high"): it gives way itself.
+    assert preempted(history) == ["low"]
+    assert [r.request_id for r in scheduler.running] == ["high"]
+    assert scheduler.running[0].num_preemptions == 0
+
+
+# ---- pages held, page multiples and one over ------------------------------------------------------
+@pytest.mark.parametrize("page_size", [4, 16])
+@pytest.mark.parametrize("over", [0, 1], ids=["exact-multiple", "one-over"])
+def test_pages_held_after_admission_and_each_decode(page_size, over):
+    pages_total = 8
+    prompt_len = 3 * page_size + over
+    scheduler = make_scheduler(capacity=pages_total * page_size, page_size=page_size, max_batch_tokens=256)
+    req = request("r", prompt_len=prompt_len, max_tokens=page_size + 2)
+    scheduler.add(req)
+    batch = scheduler.schedule()
+    assert batch.items == [(req, prompt_len)]
+    assert len(req.pages) == 3 + over, "a prompt of whole pages holds exactly those pages; one token more, one page more"
+    assert scheduler.pool.free_tokens == scheduler.pool_view().free == (pages_total - 3 - over) * page_size
+    assert (scheduler.pool.page_owner[req.pages] == req.row).all()
+    assert (scheduler.pool.page_owner == req.row).sum() == 3 + over
+    req.num_computed += prompt_len
+    req.token_ids.append(SAMPLED)
+    while not req.finished:
+        scheduler.schedule()
+        held = pages_by_hand(len(req.token_ids), page_size)   # every known token gets computed this step
+        assert len(req.pages) == held, f"{len(req.token_ids)} tokens in pages of {page_size}"
+        assert scheduler.pool.free_tokens == (pages_total - held) * page_size
+        req.num_computed = len(req.token_ids)
+        req.token_ids.append(SAMPLED)
+        if req.num_output >= req.sampling.max_tokens:
+            scheduler.finish(req, "length")
+    assert scheduler.pool.is_whole()
+
+
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_a_finished_request_leaves_exactly_its_computed_whole_pages_cached(page_size):
+    scheduler = make_scheduler(capacity=8 * page_size, page_size=page_size, prefix_cache=True)
+    req = request("r", prompt_len=2 * page_size - 1, max_tokens=page_size + 3)
+    scheduler.add(req)
+    run(scheduler)
+    computed = len(req.token_ids) - 1   # the last sampled token is never computed
+    cached = computed // page_size * page_size
+    assert scheduler.cache.cached_tokens == scheduler.reclaimable_tokens == cached
+    assert scheduler.pool.free_tokens == 8 * page_size - cached
+    assert scheduler.pool_view().free == 8 * page_size, "unused cached pages count as free"
+    assert scheduler.clear_prefix_cache().numbers["evicted"] == cached
+    assert scheduler.pool.is_whole()
+
+
+# ---- where the policies draw the line ---------------------------------------------------------------
+def test_conservative_reserves_whole_pages_and_admits_at_exactly_capacity():
+    policy = ConservativePolicy()
+    view = PoolView(capacity=64, free=64, page_size=16)
+    running = [request("a", prompt_len=9, max_tokens=8)]            # 17 tokens: 2 pages, 32 slots
+    fits = policy.check(request("b", prompt_len=16, max_tokens=16), running, view)   # 32 more: 64
+    assert fits.admit and fits.numbers == {"reserved": 32, "need": 32, "capacity": 64}
+    over = policy.check(request("c", prompt_len=16, max_tokens=17), running, view)   # 33: 3 pages
+    assert not over.admit and over.numbers == {"reserved": 32, "need": 48, "capacity": 64}
+
+
+def test_aggressive_admits_a_prompt_that_fills_the_free_pages_exactly():
+    policy = AggressivePolicy()
+    view = PoolView(capacity=64, free=32, page_size=16)
+    fits = policy.check(request("a", prompt_len=17, max_tokens=100), [], view)
+    assert fits.admit and fits.numbers == {"need": 32, "free": 32, "capacity": 64}
+    over = policy.check(request("b", prompt_len=33, max_tokens=1), [], view)
+    assert not over.admit and over.numbers["need"] == 48
+
+
+def test_the_scheduler_admits_up_to_exactly_the_pool_and_not_a_page_more():
+    # Conservative, pages of 4, 32 slots: "a" reserves 12 + 4 = 16 and "b" the other 16.
+    scheduler = make_scheduler(capacity=32, page_size=4, policy=ConservativePolicy())
+    for rid in ("a", "b", "c"):
+        scheduler.add(request(rid, prompt_len=12, max_tokens=4))
+    decisions = step(scheduler)
+    assert [d.request_id for d in decisions if d.kind == "admit"] == ["a", "b"]
+    assert [d.request_id for d in decisions if d.kind == "defer"] == ["c"]
+    assert scheduler.pool.free_tokens == 32 - 2 * 12, "each holds its 12 computed prompt tokens: 3 pages"
