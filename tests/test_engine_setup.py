@@ -1,4 +1,6 @@
-"""Batch limits the engine chooses when the caller leaves max_running / max_batch_tokens to it."""
+"""Start-up choices left to the engine: batch limits (max_running / max_batch_tokens) and CPU threads."""
+
+import os
 
 import pytest
 import torch
@@ -66,3 +68,21 @@ def test_the_engine_reports_its_chosen_limits(tiny_model):
         assert engine.pool.max_requests >= 128
     with Engine(str(folder), device="cpu", max_running=6, progress=False) as engine:
         assert (engine.stats()["max_running"], engine.stats()["max_batch_tokens"]) == (6, 2048)
+
+
+def test_cpu_threads_are_lowered_to_the_usable_cpus_never_raised():
+    from lightllm_nb.engine.engine_setup import limit_cpu_threads, usable_cpus
+
+    before = torch.get_num_threads()
+    try:
+        assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus() + 3)
+        limit_cpu_threads(CUDA)  # not the CPU path: untouched
+        assert torch.get_num_threads() == usable_cpus() + 3
+        limit_cpu_threads(CPU)
+        assert torch.get_num_threads() == usable_cpus()
+        torch.set_num_threads(1)
+        limit_cpu_threads(CPU)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
