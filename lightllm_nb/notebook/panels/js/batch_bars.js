@@ -34,7 +34,7 @@ export default {
       ctx.fillStyle = "#333";
       ctx.fillText(`${top} tokens`, 2, 10);
       if (shown.length) ctx.fillText(`steps ${shown[0].step}-${shown[shown.length - 1].step}`, 2, canvas.height - 2);
-      title.textContent = `Batch: tokens per step (last ${keep} steps)` + (shown.length ? `, now ${shown[shown.length - 1].rows.length} requests` : "");
+      title.textContent = `Batch: tokens per step (last ${keep} steps)` + (shown.length ? `; last step: ${shown[shown.length - 1].rows.length} request(s)` : "");
       canvas.dataset.steps = shown.length;
     }
     function onMessage(msg) {
