@@ -29,7 +29,7 @@ class LightLLM(ExtensionApp):
     dtype = Unicode("auto", config=True, help="'auto', 'float16', 'bfloat16' or 'float32'")
     tp = Int(1, config=True, help="tensor-parallel degree: the number of GPUs the engine host uses")
     kv_fraction = Float(None, allow_none=True, config=True,
-                        help="the fraction of free GPU memory the KV cache takes (engine default when unset)")
+                        help="the share of free GPU memory the KV cache takes (serve's default when unset)")
     scheduler = Unicode("past_future", config=True, help="admission policy: past_future, conservative, aggressive")
     max_running_per_user = Int(None, allow_none=True, config=True,
                                help="requests one user may have running at once (no limit when unset)")
@@ -53,7 +53,7 @@ class LightLLM(ExtensionApp):
         if self.tp != 1:
             args += ["--tp", str(self.tp)]
         if self.kv_fraction is not None:
-            args += ["--kv-fraction", str(self.kv_fraction)]
+            args += ["--gpu-memory-utilization", str(self.kv_fraction)]
         if self.max_running_per_user is not None:
             args += ["--max-running-per-user", str(self.max_running_per_user)]
         if self.max_waiting_per_user is not None:
@@ -62,14 +62,16 @@ class LightLLM(ExtensionApp):
 
     def initialize_settings(self) -> None:
         runtime_dir = self.serverapp.runtime_dir
+        # Activity goes into the server's own settings (ours are copied into them once, at load).
+        server_settings = self.serverapp.web_app.settings
         if self.engine_url:
             token = self.engine_token or os.environ.get("JUPYTERHUB_API_TOKEN", "")
-            self.engine = EngineLink(self.settings, url=self.engine_url, token=token,
+            self.engine = EngineLink(server_settings, url=self.engine_url, token=token,
                                      ready_timeout_s=self.startup_timeout)
         else:
             supervisor = EngineSupervisor(self.serve_args(), runtime_dir=runtime_dir, log=self.log,
                                           startup_timeout_s=self.startup_timeout)
-            self.engine = EngineLink(self.settings, supervisor=supervisor, ready_timeout_s=self.startup_timeout)
+            self.engine = EngineLink(server_settings, supervisor=supervisor, ready_timeout_s=self.startup_timeout)
         self.settings["lightllm_engine"] = self.engine
         self.discovery_file = write_discovery_file(
             runtime_dir, url=self.serverapp.connection_url.rstrip("/") + "/lightllm",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import httpx
-from jupyter_server.utils import utcnow
+from jupyter_server._tz import utcnow
 from tornado.ioloop import PeriodicCallback
 
 from .supervisor import EngineSupervisor

@@ -10,11 +10,13 @@ host's `proxy` role and the `X-LightLLM-User` header.
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 
 import httpx
 from jupyter_server.auth.decorator import authorized, ws_authenticated
-from jupyter_server.base.handlers import JupyterHandler
+from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from jupyter_server.utils import url_path_join
@@ -27,11 +29,20 @@ AUTH_RESOURCE = "lightllm"
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer",
                "upgrade", "proxy-authorization", "authorization", "cookie", "x-lightllm-user", "x-xsrftoken",
                "origin", "referer", "content-encoding", "accept-encoding"}
+# Response headers that tornado writes itself for the hop to our caller.
+RESPONSE_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date",
+                        "content-encoding", "etag"}
 
 
-def _user_name(handler: JupyterHandler) -> str:
-    user = handler.current_user
-    return getattr(user, "username", None) or str(user)
+def engine_user(handler: JupyterHandler) -> str:
+    """The name the engine host knows this caller by."""
+    if type(handler.identity_provider) is IdentityProvider:
+        # Jupyter's own token/password login makes up a fresh anonymous user for every
+        # token-authenticated request: a shared token names nobody. Whoever holds it is this
+        # server's owner, so the engine sees the owner's account: one name for all of its kernels,
+        # whose requests it may then watch, limit and abort together.
+        return getpass.getuser()
+    return handler.current_user.username  # JupyterHub (or another identity provider) names the user
 
 
 class _EngineMixin(ExtensionHandlerMixin):
@@ -43,10 +54,10 @@ class _EngineMixin(ExtensionHandlerMixin):
         return self.settings["lightllm_engine"]
 
     def upstream_headers(self) -> dict[str, str]:
-        return self.engine.auth_headers(_user_name(self))
+        return self.engine.auth_headers(engine_user(self))
 
 
-class EngineProxyHandler(_EngineMixin, JupyterHandler):
+class EngineProxyHandler(_EngineMixin, APIHandler):
     """Every HTTP route of the engine host, under `/lightllm/`."""
 
     @web.authenticated
@@ -76,9 +87,11 @@ class EngineProxyHandler(_EngineMixin, JupyterHandler):
         try:
             await self._relay
         except asyncio.CancelledError:
-            pass
+            return
         finally:
             self.engine.stream_finished()
+        if not self._finished:
+            self.finish(set_content_type=self._headers.get("Content-Type", "application/json"))
 
     async def _relay_response(self, url: str, headers: dict[str, str]) -> None:
         started = False
@@ -86,9 +99,9 @@ class EngineProxyHandler(_EngineMixin, JupyterHandler):
             async with self.engine.http.stream(self.request.method, url, headers=headers,
                                                content=self.request.body or None) as response:
                 self.set_status(response.status_code)
-                for name in ("content-type", "cache-control"):
-                    if name in response.headers:
-                        self.set_header(name, response.headers[name])
+                for name, value in response.headers.items():
+                    if name.lower() not in RESPONSE_HOP_HEADERS:
+                        self.set_header(name, value)
                 started = True
                 async for chunk in response.aiter_raw():
                     self.write(chunk)
@@ -115,7 +128,6 @@ class EngineProxyHandler(_EngineMixin, JupyterHandler):
 
     def _error(self, status: int, message: str) -> None:
         self.set_status(status)
-        self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"error": {"message": message, "type": "engine_unavailable", "param": None,
                                           "code": status}}))
 
@@ -166,11 +178,10 @@ class EngineEventsHandler(_EngineMixin, WebSocketMixin, websocket.WebSocketHandl
             relay.cancel()
 
 
-class StatusHandler(_EngineMixin, JupyterHandler):
+class StatusHandler(_EngineMixin, APIHandler):
     """`/lightllm/status`: what the extension knows about its engine host (for people and tests)."""
 
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(self.engine.status()))
