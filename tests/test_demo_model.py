@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -51,6 +52,26 @@ def test_seeded_sampling_reproduces_in_any_batch(demo_engine):
                                   SamplingParams(max_tokens=16, temperature=1.0, seed=7),
                                   SamplingParams(max_tokens=12, temperature=0.7, seed=3)])
     assert crowd[1].token_ids == solo.token_ids
+
+
+def test_two_threads_generating_at_once_get_their_own_answers(demo_engine):
+    """Once garbled (' Paris Paris..\n\n\nTheThe answer answer is is:'): both threads ran steps."""
+    questions = ["What is the capital of France?", "Name three primary colors."]
+    prompts = [demo_engine.chat_prompt_ids([{"role": "user", "content": q}]) for q in questions]
+    sampling = SamplingParams(max_tokens=16, temperature=0)
+    alone = [c.text for c in demo_engine.generate(prompt_token_ids=prompts, sampling=sampling)]
+    together = {}
+
+    def ask(name):
+        together[name] = [c.text for c in demo_engine.generate(prompt_token_ids=prompts, sampling=sampling)]
+
+    threads = [threading.Thread(target=ask, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert together == {0: alone, 1: alone}
+    assert "Paris" in alone[0]
 
 
 def test_cli_generate_streams(tmp_path):
