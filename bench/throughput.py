@@ -10,6 +10,7 @@ folder only serves detokenization. Prints one table last; --out writes the full 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -86,16 +87,18 @@ def matmul_rate() -> float:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
 
 
-def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30) -> float:
-    """Median wall time of a whole engine step (schedule + forward + sample) at this batch."""
+def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30,
+                   sampling: SamplingParams | None = None) -> float:
+    """Median wall time of a whole engine step (schedule + forward + sample) at this batch, every
+    request under `sampling` (default greedy, ignore_eos; its max_tokens is set here)."""
     rng = np.random.default_rng(batch * 7 + context)
     # Requests decode while later ones prefill: max_tokens must outlast the whole prefill, or
     # the first requests finish before the timing starts and a smaller batch is timed (this is
     # what made the decode kernel look faster than its bytes at batch 128 / context 2048).
     prefill_steps = -(-batch * context // engine.scheduler.max_batch_tokens) + batch
-    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(),
-                               sampling=SamplingParams(max_tokens=prefill_steps + steps + 40, temperature=0,
-                                                       ignore_eos=True))
+    sampling = dataclasses.replace(sampling or SamplingParams(temperature=0, ignore_eos=True),
+                                   max_tokens=prefill_steps + steps + 40)
+    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(), sampling=sampling)
             for _ in range(batch)]
     while any(r.num_computed < r.num_prompt for r in engine.scheduler.running) or engine.scheduler.waiting:
         engine.step()
