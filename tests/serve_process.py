@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,8 +52,31 @@ class ServeProcess:
             raise
 
 
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.unix_path)
+
+
+def _unix_request(url: str, data, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """`request` for a url "unix:/path/to/socket/route" (a serve started with --uds)."""
+    path, route = url[len("unix:"):].split(".sock", 1)
+    conn = _UnixConnection(path + ".sock", timeout)
+    conn.request("POST" if data is not None else "GET", route, body=data, headers=headers)
+    response = conn.getresponse()
+    return response.status, response.read()
+
+
 def request(url: str, data: bytes | None = None, *, token: str | None = None, headers: dict | None = None,
             timeout: float = 120) -> tuple[int, bytes]:
+    if url.startswith("unix:"):
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        return _unix_request(url, data, {**auth, **(headers or {})}, timeout)
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -83,7 +108,7 @@ def start_serve(tmp: Path, *extra: str, timeout: float = 120, keys: bool = True,
     def pump():  # keep reading, so a chatty server never blocks on a full pipe
         for line in process.stdout:
             log.append(line)
-            m = re.search(r"listening on (http://\S+)", line)
+            m = re.search(r"listening on ((?:http://|unix:)\S+)", line)
             if m:
                 url.append(m.group(1))
                 found.set()

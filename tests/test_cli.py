@@ -78,7 +78,9 @@ def test_a_malformed_tokens_file_is_reported_before_the_model_loads(capsys, no_m
 
 
 def test_serve_without_a_key_writes_one_mode_0600_and_accepts_only_it(tmp_path):
-    host = start_serve(tmp_path, keys=False, env={"XDG_RUNTIME_DIR": str(tmp_path)})
+    # On a Unix socket this time (a socket file of mode 0600, for its owner only).
+    socket_path = tmp_path / "engine.sock"
+    host = start_serve(tmp_path, "--uds", str(socket_path), keys=False, env={"XDG_RUNTIME_DIR": str(tmp_path)})
     try:
         line = next(line for line in host.log if "API key written to" in line)
         path = line.split("API key written to ")[1].split(" (mode")[0]
@@ -89,5 +91,7 @@ def test_serve_without_a_key_writes_one_mode_0600_and_accepts_only_it(tmp_path):
         assert host.get("/v1/models", token=key)[0] == 200
         assert host.get("/v1/models", token="operator-key-for-tests")[0] == 401
         assert any("%|" in line or "it/s" in line for line in host.log), "no model-load progress bar"
+        assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+        assert "engine.sock" in path  # the key file is named after the socket
     finally:
         assert host.stop() == 0

@@ -120,6 +120,22 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv(host):
     # Its pages are free or only held as a reusable cached prefix, like before it came.
     assert after["kv_used_tokens"] - after["kv_cached_tokens"] == before["kv_used_tokens"] - before["kv_cached_tokens"]
     assert after["steps"] - before["steps"] < LONG["max_tokens"] // 2, "the request ran on after its client left"
+    # The same for a client that waits for a whole (not streamed) answer and leaves.
+    parts = urllib.parse.urlsplit(host.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("POST", "/api/generate", json.dumps({"prompt": "Another long story.", "sampling": LONG,
+                                                      "stream": False}),
+                 {"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while host.stats()["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    conn.sock.close()
+    conn.close()
+    before = after
+    after = wait_idle(host, timeout=20)
+    assert after["kv_used_tokens"] - after["kv_cached_tokens"] == before["kv_used_tokens"] - before["kv_cached_tokens"]
+    assert after["steps"] - before["steps"] < LONG["max_tokens"] // 2, "the request ran on after its client left"
 
 
 def metric_values(host) -> dict:
