@@ -20,7 +20,7 @@ from ..scheduling.admission import AdmissionPolicy
 from ..scheduling.decisions import Decision
 from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
-from .grammar import GrammarCompiler, RequestGrammar, TokenMask
+from .grammar import GrammarCompiler, RequestGrammar
 from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
@@ -86,7 +86,7 @@ class Engine:
         self.eos_token_ids = set(self.config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
-        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.eos_token_ids, self.device)
         # Callers' tokenization, on their own threads with their own tokenizer copy.
         self.prompts = PromptEncoder(self.tokenizer, self.config.vocab_size, self.pool.max_context, self.model_name)
         self._requests: dict[str, Request] = {}
@@ -200,18 +200,19 @@ class Engine:
                 req.num_computed += n
             samplers = [r.sampler for r in sampling_reqs]
             if self.overlap and self.sampler.can_defer(samplers):
-                tokens = self.sampler.sample_on_device(logits, samplers)
+                mask = None
+                if any(r.grammar is not None for r in sampling_reqs):
+                    # The mask needs the previous step's tokens accepted: read them back now, while
+                    # the GPU runs this forward, and queue the sampling behind the mask.
+                    outputs += self._take_inflight(decisions)
+                    mask = self.grammars.mask(sampling_reqs, rows)
+                tokens = self.sampler.sample_on_device(logits, samplers, mask)
                 self.runner.remember_tokens(sample_rows, tokens)
                 inflight = InflightTokens(sampling_reqs, tokens)
                 outputs += self._take_inflight(decisions)
             else:
                 outputs += self._take_inflight(decisions)  # penalties must observe the previous token
-                mask = TokenMask.for_batch([r.grammar for r in sampling_reqs], self.config.vocab_size)
-                if mask is not None and rows:  # show the grammar narrowing each constrained row's choice
-                    allowed = {sampling_reqs[i].request_id: n for i, n in mask.allowed_counts().items()}
-                    for row in rows:
-                        row.allowed_tokens = allowed.get(row.request_id)
-                sampled = self.sampler.sample(logits, samplers, mask)
+                sampled = self.sampler.sample(logits, samplers, self.grammars.mask(sampling_reqs, rows))
                 now = time.perf_counter()
                 for i, req in enumerate(sampling_reqs):
                     if req.finished:  # stopped on the previous step's token, read back just now

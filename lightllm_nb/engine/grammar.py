@@ -1,6 +1,10 @@
 """Structured output: grammars compiled off the step thread, one matcher per request, and the
 batch's token mask (xgrammar's bitmask) applied to the logits before sampling.
 
+With overlapped steps the mask needs the previous step's tokens accepted by the matchers, so a
+batch with a constrained row reads them back right after launching its forward, fills the mask
+while the GPU computes, and queues the sampling behind the mask's upload.
+
 A constrained request waits in the scheduler's queue until its grammar is compiled (`ready`), so a
 slow compile never holds a batch row. Equal constraints share one compile: the cache is keyed by
 the constraint's canonical text and belongs to one engine, hence to one tokenizer.
@@ -23,10 +27,13 @@ MAX_CACHED_GRAMMARS = 256
 
 
 class GrammarCompiler:
-    """Compiles constraints for one tokenizer on a worker thread; results are cached futures."""
+    """Compiles constraints for one tokenizer on a worker thread (results are cached futures), and
+    builds each step's mask from its requests' matchers."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
+        self.device = torch.device(device)
+        self._filler = None  # xgrammar's batch matcher: fills many rows' masks on its own threads
         self._tokenizer = tokenizer
         self._stop_token_ids = sorted(stop_token_ids)
         self._xgr_compiler = None  # built on the worker: TokenizerInfo reads the whole vocabulary
@@ -56,6 +63,27 @@ class GrammarCompiler:
                                                       stop_token_ids=self._stop_token_ids)
             self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2)
         return self._xgr_compiler.compile_grammar(xgrammar_grammar(kind, text))
+
+    def mask(self, requests: Sequence, rows: Sequence = ()) -> TokenMask | None:
+        """The mask of a step's sampling rows (Requests), None when none is constrained: unconstrained
+        batches pay nothing. Finished requests (stopped on a token read back late) are not masked:
+        their token is dropped anyway. `rows` (the step's BatchRows, for listeners) are told how
+        many tokens each constrained row's mask allowed."""
+        grammars = [None if r.grammar is None or r.finished else r.grammar for r in requests]
+        if all(g is None for g in grammars):
+            return None
+        if self._filler is None:
+            import xgrammar as xgr
+
+            # Its "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
+            self._filler = xgr.BatchGrammarMatcher(max(1, min(8, torch.get_num_threads())))
+        mask = TokenMask(grammars, self.vocab_size, self.device, self._filler)
+        if rows:
+            allowed = mask.allowed_counts()
+            by_id = {requests[i].request_id: n for i, n in allowed.items()}
+            for row in rows:
+                row.allowed_tokens = by_id.get(row.request_id)
+        return mask
 
     def wait_for_pending(self, timeout: float) -> None:
         """Block up to `timeout` seconds until a compile in progress finishes (for an engine with
@@ -103,19 +131,16 @@ class TokenMask:
     """The batch's allowed tokens: one bitmask row per sampling row, filled on the host for the
     constrained rows only, applied on the device in one kernel (xgrammar's)."""
 
-    def __init__(self, grammars: Sequence[RequestGrammar | None], vocab_size: int):
+    def __init__(self, grammars: Sequence[RequestGrammar | None], vocab_size: int, device: torch.device,
+                 filler):
         import xgrammar as xgr
 
         self.vocab_size = vocab_size
         self.rows = [i for i, g in enumerate(grammars) if g is not None]
-        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab_size)
-        for i in self.rows:
-            grammars[i].matcher.fill_next_token_bitmask(self.bitmask, i)
-
-    @classmethod
-    def for_batch(cls, grammars: Sequence[RequestGrammar | None], vocab_size: int) -> TokenMask | None:
-        """None when no row is constrained: unconstrained batches pay nothing."""
-        return cls(grammars, vocab_size) if any(g is not None for g in grammars) else None
+        # Pinned on CUDA, so the upload is asynchronous; -1 (every bit set) allows every token.
+        self.bitmask = torch.full(xgr.get_bitmask_shape(len(grammars), vocab_size), -1, dtype=torch.int32,
+                                  pin_memory=device.type == "cuda")
+        filler.batch_fill_next_token_bitmask([grammars[i].matcher for i in self.rows], self.bitmask, self.rows)
 
     def allowed_counts(self) -> dict[int, int]:
         """Row -> tokens its mask allows this step (for StepEvents: the grammar narrowing the choice)."""
@@ -127,7 +152,7 @@ class TokenMask:
 
         bitmask = self.bitmask
         if logits.device.type == "cuda":
-            bitmask = bitmask.pin_memory().to(logits.device, non_blocking=True)
+            bitmask = bitmask.to(logits.device, non_blocking=True)
         elif logits.dtype != torch.float32:
             logits = logits.float()  # xgrammar's CPU kernel takes float32 only
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)

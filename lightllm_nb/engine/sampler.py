@@ -74,7 +74,6 @@ class RequestSampler:
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device):
         device = torch.device(device)
         self.params = params
-        self.constrained = params.constraint is not None  # its tokens pass a grammar's mask
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             # Seeded once and consumed only by this request's draws, so its tokens don't depend on
@@ -130,14 +129,15 @@ class Sampler:
     @staticmethod
     def can_defer(requests: Sequence[RequestSampler]) -> bool:
         """True when choosing these rows' tokens needs nothing from the host: no penalties (they
-        need the previous token observed), no logprobs (they come back as numbers) and no grammar
-        (its mask needs the previous token accepted)."""
-        return all(not r.params.uses_penalties and r.params.logprobs is None and not r.constrained
-                   for r in requests)
+        need the previous token observed) and no logprobs (they come back as numbers)."""
+        return all(not r.params.uses_penalties and r.params.logprobs is None for r in requests)
 
-    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
+    def sample_on_device(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
+                         mask: TokenMask | None = None) -> torch.Tensor:
         """Token ids [B] left on the device, without waiting for the GPU; only for `can_defer` rows."""
         self._check_batch(logits, requests)
+        if mask is not None:
+            logits = mask.apply(logits)
         if all(r.params.greedy for r in requests):
             return logits.argmax(dim=-1)
         return self._choose_tokens(logits.float(), requests)

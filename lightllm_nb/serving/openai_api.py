@@ -62,9 +62,7 @@ def parse_chat(body: dict, model: ServedModel) -> GenerationRequest:
     _check_common(body, model)
     if body.get("tools") or body.get("tool_choice") not in (None, "none"):
         raise bad_request("tool calling is not supported: leave tools and tool_choice out", param="tools")
-    fmt = optional(body, "response_format", dict, default={"type": "text"})
-    if fmt.get("type") != "text":
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", param="response_format")
+    constraint = _response_format(optional(body, "response_format", dict, default={"type": "text"}))
     ids = model.encode(messages=body.get("messages"))
     want = optional(body, "logprobs", bool, default=False)
     top = optional(body, "top_logprobs", int)
@@ -75,7 +73,20 @@ def parse_chat(body: dict, model: ServedModel) -> GenerationRequest:
         max_tokens = optional(body, "max_tokens", int)
     if max_tokens is None:
         max_tokens = model.room_after(ids)
-    return _request(body, model, ids, max_tokens, (top or 0) if want else None)
+    return _request(body, model, ids, max_tokens, (top or 0) if want else None, constraint)
+
+
+def _response_format(fmt: dict) -> dict:
+    """OpenAI's response_format as SamplingParams fields (structured output)."""
+    if fmt.get("type") == "json_object":
+        return {"json_schema": True}
+    if fmt.get("type") == "json_schema" and isinstance(fmt.get("json_schema"), dict):
+        return {"json_schema": fmt["json_schema"].get("schema", True)}
+    if fmt.get("type") != "text":
+        raise bad_request(f"response_format={fmt!r} is not supported: give {{\"type\": \"text\"}}, "
+                          "{\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                          "{\"name\": ..., \"schema\": {...}}}", param="response_format")
+    return {}
 
 
 def _check_common(body: dict, model: ServedModel) -> None:
@@ -94,9 +105,10 @@ def _check_common(body: dict, model: ServedModel) -> None:
     reject_unknown(options, {"include_usage", "continuous_usage_stats"}, "stream_options")
 
 
-def _request(body: dict, model: ServedModel, ids: list[int], max_tokens: int, logprobs: int | None
-             ) -> GenerationRequest:
+def _request(body: dict, model: ServedModel, ids: list[int], max_tokens: int, logprobs: int | None,
+             constraint: dict | None = None) -> GenerationRequest:
     fields = {k: body[k] for k in _SAMPLING_FIELDS - {"stop", "max_tokens"} if body.get(k) is not None}
+    fields.update(constraint or {})
     stop = string_list(body, "stop")
     if "stop_token_ids" in fields:
         fields["stop_token_ids"] = tuple(int_list(fields["stop_token_ids"], "stop_token_ids"))

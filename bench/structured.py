@@ -1,0 +1,144 @@
+"""GPU benchmark: what structured output costs a decode step, and what a grammar costs to compile.
+
+    python bench/structured.py --tokenizer DIR [--shape llama-1b] [--context 512] [--out FILE]
+
+Decode-step time at batch 1, 32 and 128 with every request JSON-constrained against none, on one
+engine (random bf16 weights of a real shape; the tokenizer is the real one, which is what a
+grammar's masks depend on). Three configurations per batch:
+  - none, overlapped: the engine's default on CUDA;
+  - none, not overlapped: the path a constrained batch falls back to, to split the cost into
+    "overlap lost" and "mask work";
+  - json: every request under a JSON schema whose one string field must run long (minLength), so
+    random weights cannot finish it early and the batch stays full while it is timed.
+Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
+time to fill a batch's bitmask. Prints JSON lines, and a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from roofline import SHAPES  # noqa: E402
+from structured_schemas import SCHEMAS  # noqa: E402  (the schemas the CPU tests validate against)
+from throughput import check_full_batch, random_checkpoint  # noqa: E402
+
+from lightllm_nb import Engine, SamplingParams  # noqa: E402
+from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar  # noqa: E402
+from lightllm_nb.scheduling.request import Request  # noqa: E402
+
+LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 3000}},
+             "required": ["text"]}
+
+
+def decode_step(engine: Engine, batch: int, context: int, sampling: SamplingParams, steps: int = 30) -> float:
+    """Median wall time of a whole engine step at this batch, every request under `sampling`."""
+    rng = np.random.default_rng(batch * 7 + context)
+    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(), sampling=sampling)
+            for _ in range(batch)]
+    while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    check_full_batch(engine, batch)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    check_full_batch(engine, batch)
+    for rid in rids:
+        engine.abort(rid)
+    engine.step()
+    return statistics.median(times)
+
+
+def compile_times(engine: Engine) -> dict:
+    """Seconds per schema: the first compile of a fresh compiler (its tokenizer table included),
+    then each schema cold on that compiler, then cached (the same constraint again)."""
+    compiler = GrammarCompiler(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device)
+    result = {}
+    t = time.perf_counter()
+    compiler.compile(SamplingParams(regex="x").constraint).result()
+    result["first_compile_with_tokenizer_table_s"] = time.perf_counter() - t
+    for name, schema in SCHEMAS.items():
+        constraint = SamplingParams(json_schema=schema).constraint
+        t = time.perf_counter()
+        compiler.compile(constraint).result()
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        compiler.compile(constraint).result()
+        result[name] = {"cold_ms": cold * 1e3, "cached_ms": (time.perf_counter() - t) * 1e3}
+    compiler.close()
+    return result
+
+
+def mask_fill_ms(engine: Engine, batch: int, repeats: int = 20) -> float:
+    """Host time to build a batch's bitmask, every row inside LONG_TEXT's string."""
+    sampling = SamplingParams(json_schema=LONG_TEXT)
+    compiled = engine.grammars.compile(sampling.constraint)
+    prefix = engine.tokenizer.encode('{"text": "Once upon', add_special_tokens=False)
+    requests = []
+    for i in range(batch):
+        req = Request(f"mask-{i}", prefix, sampling)
+        req.grammar = RequestGrammar(compiled)
+        assert all(req.grammar.accept(t) for t in prefix)
+        requests.append(req)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        engine.grammars.mask(requests)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), tokenizer)
+    engine = Engine(ckpt, dtype="bfloat16", progress=False)
+    log = {"card": torch.cuda.get_device_name(), "shape": args.shape, "date": time.strftime("%Y-%m-%d"),
+           "context": args.context, "compile": compile_times(engine)}
+    print(json.dumps(log), flush=True)
+    plain = SamplingParams(max_tokens=400, temperature=0.8, ignore_eos=True)
+    constrained = SamplingParams(max_tokens=400, temperature=0.8, json_schema=LONG_TEXT)
+    rows = []
+    for batch in (1, 32, 128):
+        row = {"batch": batch}
+        for name, sampling, overlap in (("none_overlap", plain, True), ("none_plain", plain, False),
+                                        ("json", constrained, True)):
+            engine.overlap = overlap
+            row[name + "_ms"] = decode_step(engine, batch, args.context, sampling) * 1e3
+        row["mask_fill_ms"] = mask_fill_ms(engine, batch)
+        row["json_vs_none"] = row["json_ms"] / row["none_overlap_ms"] - 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    log["decode"] = rows
+    print("\nbatch | none, overlapped | none, plain steps | JSON | JSON vs none | bitmask fill (host)")
+    for r in rows:
+        print(f"{r['batch']:5d} | {r['none_overlap_ms']:8.2f} ms | {r['none_plain_ms']:8.2f} ms | "
+              f"{r['json_ms']:8.2f} ms | {r['json_vs_none'] * 100:+6.1f}% | {r['mask_fill_ms']:6.2f} ms")
+    print("compile:", json.dumps(log["compile"]))
+    if args.out:
+        Path(args.out).write_text(json.dumps(log, indent=1))
+
+
+if __name__ == "__main__":
+    main()
