@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Cell codes: an owner row (>= 0), or one of these. Ordered so that the largest code in a cell is
-# what the cell shows: a request's pages first, then shared prefix pages, then cached, then free.
+# Cell codes sent to the browser: an owner row (>= 0), or one of these (js/kv_grid.js knows them).
 SHARED_CELL = -1
 CACHED_CELL = -2
 FREE_CELL = -3
-# page_owner's codes (kv_pool: -1 free, -2 cached, -3 shared) -> cell codes, by index (code + 3).
-_PAGE_TO_CELL = np.array([SHARED_CELL, CACHED_CELL, FREE_CELL], dtype=np.int32)
+# page_owner's codes (kv_pool)
+FREE_PAGE, CACHED_PAGE, SHARED_PAGE = -1, -2, -3
 
 
 @dataclass
@@ -53,20 +52,17 @@ class KVGrid:
             self.num_pages = len(pages)
             self.pages_per_cell = max(1, math.ceil(self.num_pages / self.max_cells))
             self._sent_owners = None  # a new layout: the next patch is a full one
+        highest, lowest, free_pages = _per_cell(pages, self.pages_per_cell)
+        # A cell shows its most telling page: any request's, else shared, else cached prefix, else free.
+        self.owners = np.where(highest >= 0, highest,
+                               np.where(lowest == SHARED_PAGE, SHARED_CELL,
+                                        np.where(lowest == CACHED_PAGE, CACHED_CELL, FREE_CELL))).astype(np.int32)
         per = self.pages_per_cell
-        cells = math.ceil(self.num_pages / per)
-        padded = np.full(cells * per, -1, dtype=np.int32)  # the last cell's tail counts as free
-        padded[: self.num_pages] = pages
-        codes = np.where(padded >= 0, padded, _PAGE_TO_CELL[np.clip(padded + 3, 0, 2)]).reshape(cells, per)
-        self.owners = codes.max(axis=1)
-        used = (codes != FREE_CELL).sum(axis=1)
-        self.fills = (used * 255 // per).astype(np.uint8)
-        owned = pages[pages >= 0]
-        rows, counts = np.unique(owned, return_counts=True)
-        self.row_pages = dict(zip(rows.tolist(), counts.tolist()))
-        free = pages == -1
-        self.utilization = 1.0 - free.sum() / max(1, self.num_pages)
-        self.fragmentation = _fragmentation(free)
+        self.fills = ((per - free_pages) * 255 // per).astype(np.uint8)
+        counts = np.bincount(pages.astype(np.intp) + 3, minlength=3)  # [shared, cached, free, row 0, row 1, ...]
+        self.row_pages = {row: n for row, n in enumerate(counts[3:].tolist()) if n}
+        self.utilization = 1.0 - int(counts[2]) / max(1, self.num_pages)
+        self.fragmentation = _fragmentation(pages == FREE_PAGE)
 
     def patch(self) -> GridPatch:
         """The cells that changed since the last patch (all of them after a layout change)."""
@@ -84,11 +80,24 @@ class KVGrid:
         self._sent_owners = None
 
 
+def _per_cell(pages: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per cell of `per` pages: the highest and lowest owner code and the number of free pages
+    (a short last cell is padded with free pages). Works on a view: no copy of a million pages."""
+    full = len(pages) // per
+    blocks = [pages[: full * per].reshape(full, per)]
+    if len(pages) % per:
+        tail = np.full(per, FREE_PAGE, dtype=np.int32)
+        tail[: len(pages) - full * per] = pages[full * per:]
+        blocks.append(tail.reshape(1, per))
+    return (np.concatenate([b.max(axis=1) for b in blocks]), np.concatenate([b.min(axis=1) for b in blocks]),
+            np.concatenate([(b == FREE_PAGE).sum(axis=1) for b in blocks]))
+
+
 def _fragmentation(free: np.ndarray) -> float:
     """How scattered the free pages are: 0 when they form one run, near 1 when none touch."""
     total = int(free.sum())
     if total == 0:
         return 0.0
-    edges = np.diff(np.concatenate(([0], free.astype(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return 1.0 - int((ends - starts).max()) / total
+    starts = np.concatenate(([0], np.flatnonzero(free[1:] != free[:-1]) + 1))  # where each run begins
+    lengths = np.diff(np.append(starts, len(free)))
+    return 1.0 - int(lengths[free[starts]].max()) / total
