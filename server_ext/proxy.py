@@ -15,7 +15,7 @@ import json
 
 import httpx
 from jupyter_server.auth.decorator import authorized, ws_authenticated
-from jupyter_server.auth.identity import IdentityProvider
+from jupyter_server.auth.identity import PasswordIdentityProvider
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
@@ -36,7 +36,7 @@ RESPONSE_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "conten
 
 def engine_user(handler: JupyterHandler) -> str:
     """The name the engine host knows this caller by."""
-    if type(handler.identity_provider) is IdentityProvider:
+    if isinstance(handler.identity_provider, PasswordIdentityProvider):
         # Jupyter's own token/password login makes up a fresh anonymous user for every
         # token-authenticated request: a shared token names nobody. Whoever holds it is this
         # server's owner, so the engine sees the owner's account: one name for all of its kernels,

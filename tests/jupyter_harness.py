@@ -135,20 +135,25 @@ class ServerKernel:
         return self.collect(msg_id, timeout)
 
     def collect(self, msg_id: str, timeout: float = 120.0) -> str:
-        out = []
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":
-                out.append(content["text"])
-            elif kind == "error":
-                raise AssertionError("kernel error:\n" + "\n".join(content["traceback"]))
-            elif kind == "status" and content["execution_state"] == "idle":
-                return "".join(out)
+        return kernel_output(self.client, msg_id, timeout)
 
     def shutdown(self) -> None:
         self.client.stop_channels()
         self.server.http.delete(f"/api/kernels/{self.id}")
+
+
+def kernel_output(client, msg_id: str, timeout: float = 120.0) -> str:
+    """The stdout of one execute request; raises with the traceback if it failed."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            out.append(content["text"])
+        elif kind == "error":
+            raise AssertionError("kernel error:\n" + "\n".join(content["traceback"]))
+        elif kind == "status" and content["execution_state"] == "idle":
+            return "".join(out)
