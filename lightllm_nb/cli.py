@@ -81,6 +81,7 @@ def cmd_serve(args) -> int:
 
 def _serving_engine(args):
     from .engine.engine import Engine
+    from .kv.cache_scope import read_shared_prefixes
 
     # Batch limits left unset are the engine's to choose from the device and the model.
     limits = {name: value for name, value in (("max_running", args.max_num_seqs),
@@ -88,7 +89,9 @@ def _serving_engine(args):
     return Engine(args.model, device=args.device, dtype=args.dtype, kv_tokens=args.kv_tokens,
                   page_size=args.block_size, scheduler=args.scheduler, prefix_cache=args.enable_prefix_caching,
                   max_running_per_user=args.max_running_per_user, seed=args.seed,
-                  kv_memory_fraction=args.gpu_memory_utilization, cuda_graphs=not args.enforce_eager, **limits)
+                  kv_memory_fraction=args.gpu_memory_utilization, cuda_graphs=not args.enforce_eager, **limits,
+                  prefix_cache_scope=args.prefix_cache_scope,
+                  shared_prefixes=read_shared_prefixes(args.shared_prefixes) if args.shared_prefixes else None)
 
 
 def _checked(kind, low=None, high=None, low_open=False):
@@ -152,6 +155,13 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="share of free GPU memory the KV cache may take")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV of shared prompt prefixes")
+    p.add_argument("--prefix-cache-scope", default="user", choices=["user", "shared"],
+                   help="whose cached prefixes a request may reuse: 'user' (its own user's only, so no user can "
+                        "time what another sent) or 'shared' (everyone's: faster, but a user can tell whether "
+                        "someone sent a guessed prompt)")
+    p.add_argument("--shared-prefixes", type=_existing_file, default=None,
+                   help='JSON list of prefixes all users reuse under the "user" scope (a course\'s system '
+                        'prompt): text, token ids or {"messages": [...]}')
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=_checked(int, 0), default=None, help="engine sampling seed (default: random)")
     p.add_argument("--max-running-per-user", type=_checked(int, 1), default=None,

@@ -20,6 +20,7 @@ prompt. (What remains: one user's work can evict another's cache, which shows lo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -83,6 +84,24 @@ def check_scope_settings(scope: object, shared_prefixes: object, prefix_cache: b
     if check_shared_prefixes(shared_prefixes) and not prefix_cache:
         raise ValueError("shared_prefixes are shared through the prefix cache, which prefix_cache=False turns "
                          "off: drop one of the two")
+
+
+def read_shared_prefixes(path: str) -> list:
+    """A JSON file of declared shared prefixes (`lightllm-nb serve --shared-prefixes FILE`): a list of
+    entries as `Engine(shared_prefixes=...)` takes them, checked here so a bad file fails at start."""
+    import json
+
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as f:
+            entries = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): write a list of prefixes, e.g. "
+                         '["You are the CS101 assistant.", {"messages": [{"role": "system", "content": "..."}]}]')
+    try:
+        check_shared_prefixes(entries)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return entries
 
 
 def tokenize_shared_prefixes(entries: object, tokenizer) -> list[tuple[int, ...]]:
