@@ -1,6 +1,8 @@
 """The driver loop on its own: faults, idleness, slow subscribers, waiting limits, shutdown, and
 who may abort what."""
 
+import os
+import signal
 import threading
 import time
 
@@ -142,3 +144,26 @@ def test_threads_and_the_low_level_api(engine):
     t.start()
     t.join()
     assert errors and "engine.client(user=...)" in errors[0]
+
+
+def test_an_interrupted_generate_aborts_its_requests(engine):
+    """Ctrl-C (a notebook's interrupt) during generate stops its requests and frees their KV."""
+    def interrupt_once_running():
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGINT)  # what a notebook's interrupt button sends
+
+    events = engine.driver().subscribe(maxsize=10_000)
+    threading.Thread(target=interrupt_once_running, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(prompt_token_ids=[[5, 6, 7], [8, 9]],
+                        sampling=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+    events.close()
+    assert [d.code for e in events for d in e.decisions if d.kind == "finish"] == ["abort", "abort"]
+    engine.clear_prefix_cache()
+    assert engine.pool.is_whole()
