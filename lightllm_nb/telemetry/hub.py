@@ -106,7 +106,11 @@ class CallbackSubscriber:
     def flush(self, timeout: float) -> bool:
         return self.subscription._mailbox.join(timeout)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """Unsubscribe once the callback has seen every event published so far, so that e.g. a
+        TraceRecorder can be closed right after."""
+        if threading.current_thread() is not self._thread:
+            self.flush(timeout)
         self.subscription.close()
 
 
