@@ -35,3 +35,35 @@ def test_trace_round_trips_and_redaction_hides_other_users(tiny_model, tmp_path)
         assert bob not in text and "bob" not in text
         assert all(r.request_id in alice for r in seen.rows if r.user == "alice")
         assert [r.tokens for r in seen.rows] == [r.tokens for r in e.rows]  # usage stays visible
+
+
+def test_a_slow_callback_never_slows_a_step_and_traces_work_under_the_loop(tiny_model, tmp_path):
+    import time
+
+    import numpy as np
+
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=256) as engine:
+        seen, pages = [], []
+
+        def slow(event):
+            time.sleep(0.25)
+            seen.append(event.step)
+
+        unsubscribe_slow = engine.subscribe(slow, maxsize=2)
+        unsubscribe_pages = engine.subscribe(lambda e: pages.append(e.page_owner), pages=True)
+        recorder = TraceRecorder(tmp_path / "trace.jsonl")
+        unsubscribe_trace = engine.subscribe(recorder)
+        started = time.perf_counter()
+        done = engine.client().generate(prompt_token_ids=[[5, 6, 7]],
+                                        sampling=SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))[0]
+        elapsed = time.perf_counter() - started
+        steps = engine.stats()["steps"]
+        for unsubscribe in (unsubscribe_slow, unsubscribe_pages, unsubscribe_trace):
+            unsubscribe()  # each waits until its callback has seen what was published
+        recorder.close()
+    assert done.completion_tokens == 40
+    assert elapsed < 40 * 0.25 / 2, "the step thread waited for a slow subscriber"
+    assert len(seen) < steps, "the slow subscriber lost its oldest events instead"
+    assert [e.step for e in load_trace(tmp_path / "trace.jsonl")] == list(range(1, steps + 1))
+    assert len(pages) == steps and all(p.dtype == np.int32 and len(p) == 256 for p in pages)
