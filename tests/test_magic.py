@@ -5,6 +5,8 @@ tokens in the footer, config, and an interrupt that aborts the request and frees
 import os
 import queue
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -151,3 +153,33 @@ def test_interrupting_a_cell_aborts_the_request_and_frees_its_kv(kernel):
     used, reclaimable = (int(x.replace(",", "")) for x in
                          re.search(r"KV cache: ([\d,]+) of [\d,]+ tokens in use .*?([\d,]+) of them", status).groups())
     assert used == reclaimable, status  # only the prefix cache holds KV now: no request does
+
+
+def test_the_magic_and_its_dashboard_work_the_same_on_a_shared_engine(kernel, tmp_path):
+    """Last in this module: it moves the kernel's magic from the embedded engine to a real
+    `lightllm-nb serve` process over HTTP."""
+    _, kc = kernel
+    key = "key-for-the-magic-test"
+    server = subprocess.Popen([sys.executable, "-m", "lightllm_nb.cli", "serve", "--model", "demo", "--device", "cpu",
+                               "--host", "127.0.0.1", "--port", "0", "--api-key", key],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = next(line.split("listening on ")[1].strip() for line in server.stdout if "listening on" in line)
+        connected = run(kc, f"%lightllm connect {url} {key}")
+        assert f"using the shared engine at {url}" in connected.stdout, connected.stdout + connected.errors
+        out = run(kc, "%%lightllm --panel --max-tokens 24 --temperature 0\nName three colours.")
+        assert not out.errors, out.errors
+        answer_id, footer_id = out.display_ids[:2]
+        assert len(out.updates(answer_id)) >= 3
+        assert "shared engine" in text_of(out.updates(footer_id)[-1])
+        assert any("application/vnd.jupyter.widget-view+json" in m["content"]["data"] for m in out.of("display_data"))
+        seen = run(kc, "import time; time.sleep(1)\n"
+                       "kv = get_ipython().magics_manager.registry['LightLLMMagics'].dashboard.parts[1].latest\n"
+                       "print(kv.step, len(kv.page_owner))")
+        step, pages = map(int, seen.stdout.split())
+        assert step > 0 and pages > 1000, seen.stdout  # StepEvents with the page map came over the websocket
+        refused = run(kc, "%%lightllm --user mallory\nhello")
+        assert "--user works only on an engine embedded in this kernel" in refused.errors
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
