@@ -1,0 +1,144 @@
+"""Overhead of the Jupyter Server extension's proxy: the same concurrent streams sent to the engine
+host directly and through `/lightllm/` on a Jupyter server, alternating, on one engine.
+
+    python bench/proxy.py --device cpu --streams 64 --max-tokens 32        # the demo model on CPU
+    python bench/proxy.py --device cuda --model /path/to/Llama-3.2-1B --streams 64 --max-tokens 256
+
+Starts `jupyter server` with the extension (which starts `lightllm-nb serve`), then runs `--rounds`
+pairs (direct, proxied) of `--streams` concurrent SSE streams and prints TTFT p50/p99 and output tok/s
+for each path and the difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["Write a story about a lighthouse keeper.", "Explain how a GPU runs many threads at once.",
+           "List ten fruits and their colors.", "Describe the water cycle in detail.",
+           "What makes a good cup of tea?", "Summarize the history of the printing press."]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_jupyter(workdir: Path, args) -> tuple[subprocess.Popen, str, str]:
+    token, port = secrets.token_hex(16), free_port()
+    config_dir = workdir / "config"
+    config_dir.mkdir()
+    # Only our extension: the bench measures our proxy, not other extensions' start-up work.
+    (config_dir / "jupyter_server_config.json").write_text(json.dumps(
+        {"ServerApp": {"jpserver_extensions": {"jupyter_lsp": False, "jupyter_server_terminals": False}}}))
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "JUPYTER_CONFIG_DIR": str(config_dir)}
+    command = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
+               f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}",
+               f"--LightLLM.model={args.model}", f"--LightLLM.device={args.device}",
+               "--ServerApp.log_level=WARN"]
+    log = open(workdir / "jupyter.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}", token
+
+
+def wait_ready(url: str, token: str, process: subprocess.Popen, timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit("jupyter server exited; see its log")
+        try:
+            status = httpx.get(f"{url}/lightllm/status", headers={"Authorization": f"token {token}"}).json()
+            if status["state"] == "ready":
+                return status
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.5)
+    sys.exit(f"the engine host was not ready after {timeout:.0f} s")
+
+
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    body = {"prompt": prompt, "sampling": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0},
+            "stream": True}
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"])
+            if event.get("token_ids"):
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                tokens += len(event["token_ids"])
+    return ttft, tokens
+
+
+async def run_batch(url: str, headers: dict, streams: int, max_tokens: int) -> dict:
+    limits = httpx.Limits(max_connections=streams + 4, max_keepalive_connections=streams + 4)
+    async with httpx.AsyncClient(headers=headers, timeout=None, limits=limits, trust_env=False) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, url, PROMPTS[i % len(PROMPTS)] + f" ({i})", max_tokens)
+                                         for i in range(streams)))
+        wall = time.perf_counter() - start
+    ttfts = sorted(r[0] for r in results)
+    return {"ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
+            "tok_s": sum(r[1] for r in results) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        process, url, token = start_jupyter(Path(tmp), args)
+        try:
+            status = wait_ready(url, token, process)
+            tokens_file = next((Path(tmp) / "runtime").glob("lightllm-tokens-*.json"))
+            proxy_token = next(iter(json.loads(tokens_file.read_text())))
+            user = httpx.get(f"{url}/lightllm/api/stats", headers={"Authorization": f"token {token}"}).json()["user"]
+            paths = {
+                # The same engine user both ways, so both see the same prefix-cache scope and limits.
+                "direct": (f"{status['engine_url']}/api/generate",
+                           {"Authorization": f"Bearer {proxy_token}", "X-LightLLM-User": user["name"]}),
+                "extension": (f"{url}/lightllm/api/generate", {"Authorization": f"token {token}"}),
+            }
+            asyncio.run(run_batch(*paths["direct"], args.streams, 4))  # warm-up: first-call costs, caches
+            runs = {name: [] for name in paths}
+            for _ in range(args.rounds):
+                for name, (target, headers) in paths.items():
+                    runs[name].append(asyncio.run(run_batch(target, headers, args.streams, args.max_tokens)))
+        finally:
+            process.terminate()
+            process.wait(60)
+    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, model {args.model} on {args.device}, "
+          f"{args.rounds} rounds each (medians of rounds)")
+    summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    for name, s in summary.items():
+        print(f"  {name:9s}  TTFT p50 {s['ttft_p50_ms']:8.1f} ms  p99 {s['ttft_p99_ms']:8.1f} ms  "
+              f"{s['tok_s']:8.1f} tok/s")
+    d, e = summary["direct"], summary["extension"]
+    print(f"  proxy adds {e['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f} ms TTFT p50, "
+          f"{e['ttft_p99_ms'] - d['ttft_p99_ms']:+.1f} ms p99, {100 * (e['tok_s'] / d['tok_s'] - 1):+.1f}% tok/s")
+
+
+if __name__ == "__main__":
+    main()
