@@ -167,3 +167,19 @@ def test_an_interrupted_generate_aborts_its_requests(engine):
     assert [d.code for e in events for d in e.decisions if d.kind == "finish"] == ["abort", "abort"]
     engine.clear_prefix_cache()
     assert engine.pool.is_whole()
+
+
+def test_an_engine_nobody_references_is_collected_and_its_loop_ends(tiny_model):
+    """A notebook cell run twice (`engine = Engine(...)`) must not keep the first engine's memory."""
+    import gc
+    import weakref
+
+    folder, _ = tiny_model("llama")
+    engine = Engine(str(folder), device="cpu", progress=False, kv_tokens=64)
+    assert engine.generate(prompt_token_ids=[[5, 6]], sampling=GREEDY)[0].finish_reason == "length"
+    thread = engine.driver()._thread
+    gone = weakref.ref(engine)
+    del engine
+    gc.collect()
+    thread.join(10)
+    assert gone() is None and not thread.is_alive()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import weakref
 from collections import Counter, deque
 from concurrent.futures import Future
 from typing import Callable
@@ -41,7 +42,11 @@ class DriverLoop:
         self._stopping = False
         self._stopped = threading.Event()
         engine._adopt_loop(self)
-        self._thread = threading.Thread(target=self._run, name="lightllm-driver", daemon=True)
+        # The thread holds the loop only weakly while idle: an engine nobody references any more
+        # (a notebook cell that made a new one) is collected, and the finalizer wakes the thread to end.
+        weakref.finalize(self, _wake_up, self._wake)
+        self._thread = threading.Thread(target=_drive, args=(weakref.ref(self), self._wake),
+                                        name="lightllm-driver", daemon=True)
         self._started = threading.Event()
         self._thread.start()
         self._started.wait()
@@ -134,27 +139,31 @@ class DriverLoop:
         return not self._stopped.is_set()
 
     # ---- the loop thread ---------------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        engine._own(threading.get_ident())
+    def _begin(self) -> None:
+        self.engine._own(threading.get_ident())
         self._started.set()
-        try:
-            while True:
-                with self._lock:
-                    while not self._inbox and not self._stopping and not engine.has_unfinished():
-                        self._wake.wait()  # idle: sleep until a command arrives
-                    if self._stopping:
-                        break
-                    commands, self._inbox = self._inbox, deque()
-                for fn, future in commands:
-                    self._run_command(fn, future)
-                if engine.has_unfinished():
-                    self._step()
-        finally:
-            self._finish_everything()
-            engine._own(None)
-            engine._release_loop(self)
-            self._stopped.set()
+
+    def _has_work(self) -> bool:
+        """With the lock held."""
+        return bool(self._inbox) or self._stopping or self.engine.has_unfinished()
+
+    def _serve_once(self) -> bool:
+        """Run the queued commands, then a step if there is work; False once shutting down."""
+        with self._lock:
+            if self._stopping:
+                return False
+            commands, self._inbox = self._inbox, deque()
+        for fn, future in commands:
+            self._run_command(fn, future)
+        if self.engine.has_unfinished():
+            self._step()
+        return True
+
+    def _end(self) -> None:
+        self._finish_everything()
+        self.engine._own(None)
+        self.engine._release_loop(self)
+        self._stopped.set()
 
     def _step(self) -> None:
         try:
@@ -248,3 +257,33 @@ def _ended(handle: RequestHandle, reason: str, error: str | None) -> RequestOutp
     """The last output of a request that ended before the engine produced anything for it."""
     completion = Completion(handle.request_id, "", [], reason, handle.prompt_tokens, {}, None, error)
     return RequestOutput(handle.request_id, [], "", True, reason, completion)
+
+
+def _drive(ref: weakref.ref, wake: threading.Condition) -> None:
+    """The loop thread: commands and steps while there is work, asleep on `wake` otherwise, with no
+    strong reference to the DriverLoop while asleep (see DriverLoop.__init__)."""
+    ref()._begin()
+    while True:
+        with wake:
+            while True:
+                loop = ref()
+                if loop is None:
+                    return  # collected with its engine: nothing is left to serve
+                if loop._has_work():
+                    break
+                del loop
+                wake.wait()
+        try:
+            going = loop._serve_once()
+        except BaseException:
+            loop._end()
+            raise
+        if not going:
+            loop._end()
+            return
+        del loop
+
+
+def _wake_up(wake: threading.Condition) -> None:
+    with wake:
+        wake.notify_all()
