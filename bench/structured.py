@@ -6,12 +6,13 @@ Decode-step time at batch 1, 32 and 128 with every request JSON-constrained agai
 engine (random bf16 weights of a real shape; the tokenizer is the real one, which is what a
 grammar's masks depend on). Three configurations per batch:
   - none, overlapped: the engine's default on CUDA;
-  - none, not overlapped: the path a constrained batch falls back to, to split the cost into
-    "overlap lost" and "mask work";
-  - json: every request under a JSON schema whose one string field must run long (minLength), so
-    random weights cannot finish it early and the batch stays full while it is timed.
+  - none, plain steps (overlap off): what a step costs when the host cannot hide behind the GPU;
+  - json, overlapped: every request under a JSON schema whose one string field must run long
+    (minLength), so random weights cannot finish it early and the batch stays full while it is
+    timed. A constrained batch reads the previous tokens back after launching its forward and
+    fills the mask while the GPU computes; its sampling waits for the mask.
 Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
-time to fill a batch's bitmask. Prints JSON lines, and a table last.
+time to build a batch's bitmask. Prints JSON lines, and a table last.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def decode_step(engine: Engine, batch: int, context: int, sampling: SamplingPara
     for _ in range(5):
         engine.step()
     check_full_batch(engine, batch)
-    torch.cuda.synchronize()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
