@@ -169,6 +169,10 @@ def test_a_saved_trace_replays_with_the_step_slider(engine, front_end, tmp_path)
         assert np.array_equal(owners, expected_cells(events[k - 1].page_owner))
         assert [d["reason"] for d in front_end.items(decisions)] == [d.reason for e in events[:k] for d in e.decisions]
     panel.close()
+    without_pages = KVCachePanel([replace(e, page_owner=None) for e in events])
+    said = front_end.custom(without_pages.parts[0].view)[-1][0]
+    assert said["cells"] == 0 and "pages=True" in said["info"]
+    without_pages.close()
 
 
 def test_closing_a_panel_stops_its_thread_and_its_messages(engine, front_end):

@@ -10,6 +10,9 @@ def load_ipython_extension(ipython) -> None:
 def unload_ipython_extension(ipython) -> None:
     from .magic import LightLLMMagics
 
-    magics = ipython.magics_manager.registry.pop(LightLLMMagics.__name__, None)
+    manager = ipython.magics_manager
+    magics = manager.registry.pop(LightLLMMagics.__name__, None)
+    for kind in ("line", "cell"):
+        manager.magics[kind].pop("lightllm", None)
     if magics is not None:
         magics.close()

@@ -47,7 +47,10 @@ class LightLLMMagics(Magics):
         """Send the cell to the engine and stream the answer (%lightllm help lists the options)."""
         if cell is not None:
             return self._answer(line, cell)
-        words = shlex.split(line)
+        try:
+            words = shlex.split(line)
+        except ValueError as err:
+            raise UsageError(f"%lightllm: cannot read {line!r} ({err}): close the quotes") from None
         command, args = (words[0], words[1:]) if words else ("help", [])
         try:
             if command == "status":

@@ -39,7 +39,7 @@ class KVPart:
         if event.page_owner is None:
             info = (f"step {event.step}: this event has no page owners (a trace recorded without pages: "
                     "record with engine.subscribe(TraceRecorder(path), pages=True))")
-            self.view.send({"kind": "grid", "info": info, "full": False, "cells": 0, "step": event.step})
+            self.view.send({"kind": "grid", "info": info, "cells": 0, "step": event.step})
             return
         self.grid.update(event.page_owner)
         patch = self.grid.patch()

@@ -57,6 +57,8 @@ export default {
 
     function onMessage(msg, buffers) {
       if (msg.kind !== "grid") return;
+      info.textContent = msg.info;
+      if (!msg.cells) return;  // an event without the page map: only the line above
       const idx = typed(buffers[0], Int32Array), own = typed(buffers[1], Int32Array), fil = typed(buffers[2], Uint8Array);
       if (msg.full) {
         owners = new Int32Array(msg.cells).fill(FREE);
@@ -69,7 +71,6 @@ export default {
       for (let k = 0; k < idx.length; k++) { owners[idx[k]] = own[k]; fills[idx[k]] = fil[k]; }
       if (msg.full) drawAll();
       else { const ctx = canvas.getContext("2d"), px = cellPx(); for (let k = 0; k < idx.length; k++) drawCell(ctx, idx[k], px); }
-      info.textContent = msg.info;
       canvas.dataset.step = msg.step;
       canvas.dataset.used = msg.used;
     }
