@@ -163,3 +163,13 @@ def test_two_hub_users_kernels_share_one_engine_and_see_only_their_own(hub):
         # One engine: some step ran both users' requests together.
         assert any({row["user"] for row in event["rows"]} == {me, "other"} for event in views[me])
 
+
+
+def test_a_hub_that_cannot_be_reached_is_a_503_not_a_refusal():
+    from lightllm_nb.serving.api_errors import ApiError
+    from lightllm_nb.serving.hub_auth import HubTokens
+
+    tokens = HubTokens(api_url=f"http://127.0.0.1:{free_port()}/hub/api", service_name="lightllm")
+    with pytest.raises(ApiError) as err:
+        tokens.identify("Bearer some-hub-token", None)
+    assert err.value.status == 503 and "JUPYTERHUB_API_URL" in err.value.message

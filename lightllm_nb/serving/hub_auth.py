@@ -17,13 +17,19 @@ import time
 import urllib.error
 import urllib.request
 
-from .auth import Caller, TokenTable
+from .api_errors import ApiError
+from .auth import AuthSetupError, Caller, TokenTable
 
 CACHE_SECONDS = 30.0
 
 
-class HubAuthError(RuntimeError):
-    """The Hub could not be asked (misconfigured or down); the message says what to check."""
+class HubAuthError(AuthSetupError):
+    """`serve --hub` started outside a Hub service; the message says what to set."""
+
+
+def _hub_unavailable(message: str) -> ApiError:
+    # The caller did nothing wrong: 503, so clients retry instead of dropping their token.
+    return ApiError(503, message, code="hub_unavailable")
 
 
 def hub_user(token: str, *, api_url: str, service_name: str, timeout: float = 5.0) -> str | None:
@@ -35,9 +41,9 @@ def hub_user(token: str, *, api_url: str, service_name: str, timeout: float = 5.
     except urllib.error.HTTPError as err:
         if err.code in (401, 403, 404):
             return None  # unknown, expired or revoked token
-        raise HubAuthError(f"the Hub at {api_url} answered {err.code} to a token check: is it healthy?") from err
+        raise _hub_unavailable(f"the Hub at {api_url} answered {err.code} to a token check: is it healthy?") from err
     except (urllib.error.URLError, OSError) as err:
-        raise HubAuthError(f"cannot reach the Hub at {api_url} ({err}): check JUPYTERHUB_API_URL") from err
+        raise _hub_unavailable(f"cannot reach the Hub at {api_url} ({err}): check JUPYTERHUB_API_URL") from err
     scopes = set(model.get("scopes") or ())
     allowed = {"access:services", f"access:services!service={service_name}"}
     if model.get("kind", "user") != "user" or not scopes & allowed:
