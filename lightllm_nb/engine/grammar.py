@@ -150,10 +150,13 @@ class TokenMask:
         """Set disallowed logits to -inf, in place on the constrained rows."""
         import xgrammar as xgr
 
-        bitmask = self.bitmask
         if logits.device.type == "cuda":
-            bitmask = bitmask.to(logits.device, non_blocking=True)
-        elif logits.dtype != torch.float32:
+            # Every row, in one kernel: unconstrained rows' bits are all set, and a list of row
+            # indices would travel from pageable memory, which makes the host wait for the forward.
+            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
+            return logits
+        if logits.dtype != torch.float32:
             logits = logits.float()  # xgrammar's CPU kernel takes float32 only
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=self.rows)
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.vocab_size, indices=self.rows)
         return logits
