@@ -23,16 +23,16 @@ def engine(request, tiny_model):
         yield eng
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(requests=st.lists(request_st, min_size=1, max_size=10), seed=st.integers(0, 2**16))
 def test_random_requests_and_aborts_leave_the_pool_whole(engine, requests, seed):
     ids = []
     for prompt_len, max_tokens, abort_at in requests:
         prompt = [(seed + 7 * i) % 49000 + 3 for i in range(prompt_len)]
-        rid = engine.add_request(prompt_token_ids=prompt,
-                                 sampling=SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed))
+        rid = engine.add_request(prompt_token_ids=prompt, sampling=SamplingParams(
+            max_tokens=max_tokens, temperature=0.8, seed=seed, ignore_eos=True))
         ids.append((rid, abort_at))
-    finished = {}
+    finished = {}   # request id -> (its Completion, the step it finished in)
     step = 0
     while engine.has_unfinished():
         for rid, abort_at in ids:
@@ -41,12 +41,19 @@ def test_random_requests_and_aborts_leave_the_pool_whole(engine, requests, seed)
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finished, "a request finished twice"
-                finished[out.request_id] = out.completion.finish_reason
+                finished[out.request_id] = (out.completion, step)
         step += 1
         assert step < 2000, "the engine stopped making progress"
     assert set(finished) == {rid for rid, _ in ids}
     for (rid, abort_at), (_, max_tokens, _) in zip(ids, requests):
-        assert finished[rid] in ("length", "stop", "abort")
+        done, finished_at = finished[rid]
+        # With ignore_eos nothing stops a request but its length or an abort that came first.
+        if abort_at is not None and abort_at <= finished_at:
+            assert (done.finish_reason, finished_at) == ("abort", abort_at)
+            assert len(done.token_ids) < max_tokens
+        else:
+            assert done.finish_reason == "length"
+            assert len(done.token_ids) == max_tokens
     engine.clear_prefix_cache()
     assert engine.pool.is_whole()
     assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
