@@ -108,6 +108,7 @@ def test_a_panel_cell_streams_its_answer_and_draws_a_changing_kv_grid(lab, tmp_p
         browser.close()
     shutil.copy(tmp_path / "finished.png", tmp_path / "root" / "finished.png")
     assert "prompt tokens cached" in footer, f"the answer did not finish: {footer[-300:]}"
-    assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # the text grew in several updates
+    # The text grew in several updates (rendered markdown may shrink for a moment: "1" -> "1. " is a list)
+    assert len(set(lengths)) >= 3 and lengths[-1] == max(lengths) > lengths[0], lengths
     assert len(set(steps)) >= 2, steps                                   # the grid followed the steps
     assert len(set(images)) >= 2                                         # and its picture changed
