@@ -36,6 +36,7 @@ from ..scheduling.request import PENDING_TOKEN, Completion, Request, RequestOutp
 from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
+from ..scheduling.timeline import TimelineRecorder
 from ..telemetry.events import BatchRow, StepEvent
 from ..telemetry.hub import EventHub
 
@@ -76,7 +77,8 @@ class Engine:
         self.cache_scopes = CacheScopes(prefix_cache_scope, tokenize_shared_prefixes(shared_prefixes, self.tokenizer))
         self.scheduler = Scheduler(self.pool, make_policy(scheduler), max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, prefix_cache=prefix_cache,
-                                   max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes)
+                                   max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes,
+                                   timelines=TimelineRecorder(lambda: self._step + 1))  # the step being run
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
                                   progress=progress)
         generator = torch.Generator(device=self.device)
@@ -405,6 +407,8 @@ class Engine:
                                  "top": sampled.top_logprobs[i]})
         if req.first_token_time is None:
             req.first_token_time = now
+            req.queue_time_before_first_token = req.queue_time
+            self.scheduler.timelines.first_token(req)
         p = req.sampling
         reason = None
         if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
@@ -435,7 +439,7 @@ class Engine:
             shown = ids[:-1] if ids and req.finish_reason == "stop" else ids
             text = self.tokenizer.decode(shown, skip_special_tokens=True)
         out.completion = Completion(req.request_id, text, ids, req.finish_reason, req.num_prompt,
-                                    request_metrics(req), req.logprobs or None)
+                                    request_metrics(req), req.logprobs or None, timeline=req.timeline)
         return out
 
     def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:

@@ -42,12 +42,20 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    # Waiting is counted across preemptions: queue_time sums the closed waits, waiting_since opens one.
+    waiting_since: float | None = None   # arrival, or the last preemption, while waiting
+    queue_time: float = 0.0
+    queue_time_before_first_token: float | None = None
+    computed_at_preemption: int = 0      # tokens computed when last preempted
+    num_recomputed: int = 0              # computed again after preemptions
+    timeline: list[dict] = field(default_factory=list)  # see scheduling/timeline.py
     sampler: object = None        # RequestSampler, set on first admission
     grammar: object = None        # RequestGrammar of a structured-output request
     logprobs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+        self.waiting_since = self.arrival_time
 
     @property
     def num_prompt(self) -> int:
@@ -99,10 +107,17 @@ class Completion:
     metrics: dict
     logprobs: list | None = None
     error: str | None = None  # what went wrong, when finish_reason is "error"
+    timeline: list[dict] = field(default_factory=list)  # see scheduling/timeline.py
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+    def explain(self) -> "Explanation":
+        """Why this request took as long as it did, in plain words (and a Gantt bar in a notebook)."""
+        from ..telemetry.explain import explain
+
+        return explain(self)
 
 
 @dataclass
@@ -118,17 +133,26 @@ class RequestOutput:
 
 
 def request_metrics(req: Request) -> dict:
-    """Latency figures in seconds: queueing, time to first token, time per output token."""
+    """Latency figures in seconds: time to first token, time per output token, and the phases, which
+    add up to the end-to-end time: queue (waiting, first and after each preemption), prefill (running
+    until the first token) and decode (running after it, recomputation after a preemption included)."""
     end = req.finish_time or time.perf_counter()
-    ttft = None if req.first_token_time is None else req.first_token_time - req.arrival_time
-    tpot = None
-    if req.first_token_time is not None and req.num_output > 1:
-        tpot = (end - req.first_token_time) / (req.num_output - 1)
+    queue = req.queue_time + (end - req.waiting_since if req.waiting_since is not None else 0.0)
+    ttft = prefill = decode = tpot = None
+    if req.first_token_time is not None:
+        ttft = req.first_token_time - req.arrival_time
+        prefill = ttft - req.queue_time_before_first_token
+        decode = end - req.first_token_time - (queue - req.queue_time_before_first_token)
+        if req.num_output > 1:
+            tpot = (end - req.first_token_time) / (req.num_output - 1)
     return {
-        "queue_time": None if req.admit_time is None else req.admit_time - req.arrival_time,
+        "queue_time": queue,
+        "prefill_time": prefill,
+        "decode_time": decode,
         "time_to_first_token": ttft,
         "time_per_output_token": tpot,
         "e2e_latency": end - req.arrival_time,
         "cached_tokens": req.num_cached,  # prompt tokens reused from the prefix cache
         "preemptions": req.num_preemptions,
+        "recomputed_tokens": req.num_recomputed,
     }

@@ -22,6 +22,7 @@ from ..kv.cache_scope import CacheScopes
 from ..kv.prefix_cache import PrefixCache, PrefixMatch
 from .request import PENDING_TOKEN, Request, Status
 from .progress_guard import ProgressGuard
+from .timeline import TimelineRecorder
 from .waiting_queue import WaitingQueue
 
 # A waiting request whose next this-many tokens a running prefill is computing right now waits a
@@ -43,7 +44,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, pool: KVPool, policy: AdmissionPolicy, *, max_batch_tokens: int, max_running: int,
                  prefix_cache: bool = False, max_running_per_user: int | None = None,
-                 cache_scopes: CacheScopes | None = None):
+                 cache_scopes: CacheScopes | None = None, timelines: TimelineRecorder | None = None):
         if max_batch_tokens < max_running:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} must be >= max_running={max_running}: "
                              "every running request needs room for its next token each step")
@@ -61,10 +62,13 @@ class Scheduler:
         self._running_per_user: Counter[str] = Counter()
         self._shared_probe = pool.pages_for(SHARED_PREFILL_PROBE_TOKENS) * pool.page_size
         self.progress = ProgressGuard(max_context=pool.max_context, max_batch_tokens=max_batch_tokens)
+        # Per-request timelines (the engine's, with its step numbers); none by default (the simulator).
+        self.timelines = timelines if timelines is not None else TimelineRecorder(enabled=False)
 
     # ---- queue -----------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         self.waiting.add(req)
+        self.timelines.queued(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -107,6 +111,8 @@ class Scheduler:
                 batch.items.append((req, n))
                 in_batch.add(id(req))
                 budget -= n
+                if n != 1 or req.num_computed < req.num_prompt:  # a prefill (or recompute) chunk
+                    self.timelines.prefill(req, n)
         self._admit_waiting(batch, budget)
         batch.items.sort(key=lambda item: item[1] != 1)
         self.progress.observe(self, batch)  # a livelock raises here, saying why
@@ -197,6 +203,7 @@ class Scheduler:
                 skipped.add(req.user)  # one decision per user and step is enough to say why
                 decisions.append(Decision("defer", req.request_id, "user_cap", {"running": running, "cap": cap},
                                           req.user))
+                self.timelines.deferred(req, decisions[-1])
                 continue
             if self.cache is None:
                 return req, None
@@ -208,6 +215,7 @@ class Scheduler:
             skipped.add(req.user)
             decisions.append(Decision("defer", req.request_id, "shared_prefill",
                                       {"matched": match.length, "shared": self._shared_probe}, req.user, (sharer,)))
+            self.timelines.deferred(req, decisions[-1])
         return None
 
     def _next_tokens(self, req: Request, match: PrefixMatch) -> tuple:
@@ -237,11 +245,15 @@ class Scheduler:
             req.num_computed = 0
             batch.decisions.append(Decision("defer", req.request_id, code, numbers, req.user,
                                             policy_reason=policy_reason))
+            self.timelines.deferred(req, batch.decisions[-1])
             return 0
         self.waiting.take(req)
         kind = "resume" if req.num_preemptions else "admit"
         req.status = Status.RUNNING
-        req.admit_time = req.admit_time or time.perf_counter()
+        now = time.perf_counter()
+        req.admit_time = req.admit_time or now
+        req.queue_time += now - req.waiting_since
+        req.waiting_since = None
         self.running.append(req)
         self._running_per_user[req.user] += 1
         batch.items.append((req, n))
@@ -253,21 +265,34 @@ class Scheduler:
             batch.decisions.append(Decision("prefix_hit", req.request_id, "prefix_hit",
                                             {"matched": matched, "tokens": len(req.token_ids), **match.sources()},
                                             req.user))
+        if req.num_preemptions:
+            recomputed = max(0, req.computed_at_preemption - matched)
+            req.num_recomputed += recomputed
+            self.timelines.resumed(req, matched, recomputed)
+        else:
+            self.timelines.admitted(req, matched, match.sources() if matched else {})
+        self.timelines.prefill(req, n)
         return n
 
     # ---- leaving the batch -----------------------------------------------------------------
     def preempt(self, req: Request, decisions: list[Decision], needed_by: Request) -> None:
         released = len(req.pages) * self.pool.page_size
+        # What the prefix cache keeps of it (whole computed pages), so a resume need not recompute them.
+        kept = min(req.num_computed // self.pool.page_size, len(req.pages)) * self.pool.page_size \
+            if self.cache is not None else 0
         self._release(req)
         self._stop_running(req)
         req.status = Status.WAITING
+        req.computed_at_preemption = req.num_computed
         req.num_computed = 0
         req.num_preemptions += 1
+        req.waiting_since = time.perf_counter()
         self.waiting.push_front(req)
         code, related = ("pool_full", ()) if req is needed_by else \
             ("preempted_for", ((needed_by.request_id, needed_by.user),))
         decisions.append(Decision("preempt", req.request_id, code,
                                   {"freed": released, "free": self.pool_view().free}, req.user, related))
+        self.timelines.preempted(req, code, needed_by, req.computed_at_preemption, kept)
 
     def finish(self, req: Request, reason: str) -> Decision:
         if req.status is Status.RUNNING:
@@ -279,6 +304,7 @@ class Scheduler:
         req.finish_reason = reason
         req.finish_time = time.perf_counter()
         self.policy.record_finished(req)
+        self.timelines.finished(req, reason)
         return Decision("finish", req.request_id, reason,
                         {"output_tokens": req.num_output, "free": self.pool_view().free}, req.user)
 
