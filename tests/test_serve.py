@@ -110,6 +110,7 @@ def test_a_user_cannot_abort_or_see_another_users_request(host):
 
 def test_a_client_that_disconnects_mid_stream_frees_its_kv(host):
     before = wait_idle(host)
+    aborted_before = metric_values(host).get("lightllm_requests_finished_total,finish_reason=abort", 0)
     conn, response = open_stream(host, {"prompt": "Tell me a long story.", "sampling": LONG}, ALICE)
     records = sse_records(response)
     next(records), next(records)
@@ -136,6 +137,9 @@ def test_a_client_that_disconnects_mid_stream_frees_its_kv(host):
     after = wait_idle(host, timeout=20)
     assert after["kv_used_tokens"] - after["kv_cached_tokens"] == before["kv_used_tokens"] - before["kv_cached_tokens"]
     assert after["steps"] - before["steps"] < LONG["max_tokens"] // 2, "the request ran on after its client left"
+    # Both count as aborted requests in /metrics.
+    aborted = metric_values(host).get("lightllm_requests_finished_total,finish_reason=abort", 0) - aborted_before
+    assert aborted == 2
 
 
 def metric_values(host) -> dict:

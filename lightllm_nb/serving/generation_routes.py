@@ -51,6 +51,8 @@ class _GenerationHandler(ApiHandler):
             self.ctx.active.discard(self)
             if completion is None:
                 self.handle.abort()
+        if completion is None:  # counted and logged like any other request, once its abort lands
+            completion = await self.handle.aresult()
         if completion is not None:
             self.ctx.metrics.request_finished(completion)
             self._log_request(completion)
