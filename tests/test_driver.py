@@ -183,3 +183,18 @@ def test_an_engine_nobody_references_is_collected_and_its_loop_ends(tiny_model):
     gc.collect()
     thread.join(10)
     assert gone() is None and not thread.is_alive()
+
+
+def test_streamed_text_is_decoded_by_the_reader_not_the_step_thread(engine, monkeypatch):
+    decode = engine.tokenizer.decode  # the engine's copy: only the step thread uses it
+    on_step_thread = []
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: on_step_thread.append(1) or decode(*a, **k))
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    stream = engine.stream(prompt_token_ids=[5, 6, 7], sampling=sampling)
+    deltas = list(stream)
+    assert len(deltas) >= 4 and "".join(deltas) == stream.completion.text
+    assert len(on_step_thread) == 1  # the Completion's text, once at the end
+    # Stop strings are the engine's to watch: it decodes those requests itself.
+    text = "".join(engine.stream(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, stop=[deltas[3].strip() or "\n"])))
+    assert len(on_step_thread) > 2 and len(text) <= len(stream.completion.text)

@@ -8,6 +8,7 @@ import threading
 from typing import Sequence
 
 from ..sampling_params import InvalidRequestError, SamplingParams
+from .detokenizer import IncrementalDetokenizer
 
 
 def prompt_ids(tokenizer, vocab_size: int, prompt: str | None, prompt_token_ids: Sequence[int] | None) -> list[int]:
@@ -92,6 +93,10 @@ class PromptEncoder:
             text = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
             return self._tokenizer(text, add_special_tokens=False).input_ids
 
+    def text_for(self, prompt_ids: list[int]) -> "CallerText":
+        """Incremental text of a streamed request without stop strings, decoded by its reader."""
+        return CallerText(self, prompt_ids)
+
     def request(self, prompt: str | None, prompt_token_ids: Sequence[int] | None, messages,
                 sampling) -> tuple[list[int], SamplingParams]:
         """One request's prompt ids and sampling, checked: from text, ids or chat messages (exactly one)."""
@@ -111,3 +116,20 @@ def check_user_and_priority(user, priority) -> None:
         raise InvalidRequestError(f"priority={priority!r} is invalid: it must be an integer (higher runs first)")
     if not isinstance(user, str) or not user:
         raise InvalidRequestError(f"user={user!r} is invalid: it must be a non-empty string")
+
+
+class CallerText:
+    """A streamed request's text, decoded on its reader's thread rather than the step thread (a
+    request with stop strings is decoded by the engine instead: it must see them to stop)."""
+
+    def __init__(self, encoder: PromptEncoder, prompt_ids: list[int]):
+        self._encoder = encoder
+        self._detokenizer = IncrementalDetokenizer(encoder._tokenizer, prompt_ids, ())
+
+    def delta(self, new_token_ids: list[int], finish_reason: str | None) -> str:
+        # A stop token ends the output but is not part of its text (as in the Completion).
+        tokens = new_token_ids[:-1] if finish_reason == "stop" else new_token_ids
+        with self._encoder._lock:
+            for token in tokens:
+                self._detokenizer.add(token)
+            return self._detokenizer.take_delta(final=finish_reason is not None)

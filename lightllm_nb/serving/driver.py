@@ -72,8 +72,11 @@ class DriverLoop:
             ids = prompt_ids(None, self.engine.config.vocab_size, None, ids)
             check_fits(ids, sampling, self.engine.pool.max_context)
             checked.append((ids, sampling))
+        # Text is decoded by each reader, off the step thread, unless the engine must watch for stop strings.
         handles = [RequestHandle(self, secrets.token_urlsafe(16), user, len(ids), keep_outputs=keep_outputs,
-                                 on_finish=on_finish) for ids, _ in checked]
+                                 on_finish=on_finish,
+                                 text=self.engine.prompts.text_for(ids) if stream_text and not sampling.stop else None)
+                   for ids, sampling in checked]
         n = len(handles)
         with self._lock:
             self._check_running()
@@ -89,7 +92,7 @@ class DriverLoop:
             self._waiting_per_user[user] += n
             for handle in handles:
                 self._handles[handle.request_id] = handle
-            self._post(lambda: self._add(handles, checked, priority, stream_text), None)
+            self._post(lambda: self._add(handles, checked, priority), None)
         return handles
 
     def abort(self, request_id: str, *, user: str) -> bool:
@@ -186,14 +189,15 @@ class DriverLoop:
             if future is not None:
                 future.set_result(result)
 
-    def _add(self, handles: list[RequestHandle], requests: list[tuple[list[int], SamplingParams]], priority: int,
-             stream_text: bool) -> None:
+    def _add(self, handles: list[RequestHandle], requests: list[tuple[list[int], SamplingParams]],
+             priority: int) -> None:
         for handle, (ids, sampling) in zip(handles, requests):
             if handle.finished:
                 continue
             try:
+                # The engine decodes text only where it must: for stop strings (then it sends the deltas).
                 self.engine.add_prepared(ids, sampling, user=handle.user, priority=priority,
-                                         request_id=handle.request_id, stream_text=stream_text)
+                                         request_id=handle.request_id, stream_text=False)
             except Exception as err:
                 self._deliver([_ended(handle, "error", f"the request could not be queued: {err}")])
 

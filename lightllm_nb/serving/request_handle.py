@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+from ..engine.prompt_checks import CallerText
 from ..scheduling.request import Completion, RequestOutput
 from ..telemetry.mailbox import Mailbox, MailboxClosed
 
 
 class RequestHandle:
     def __init__(self, loop, request_id: str, user: str, prompt_tokens: int, *, keep_outputs: bool = True,
-                 on_finish: Callable[["RequestHandle"], None] | None = None):
+                 on_finish: Callable[["RequestHandle"], None] | None = None, text: CallerText | None = None):
         self.request_id = request_id   # unguessable (secrets.token_urlsafe)
         self.user = user
         self.prompt_tokens = prompt_tokens
@@ -21,6 +22,7 @@ class RequestHandle:
         self._loop = loop
         self._keep = keep_outputs
         self._on_finish = on_finish
+        self._text = text              # decodes text deltas as outputs are read (off the step thread)
         self._outputs = Mailbox()      # unbounded: a request's outputs are never dropped
         self._done = threading.Event()
 
@@ -51,7 +53,7 @@ class RequestHandle:
 
     def __next__(self) -> RequestOutput:
         try:
-            return self._outputs.get()
+            return self._with_text(self._outputs.get())
         except MailboxClosed:
             raise StopIteration from None
 
@@ -60,9 +62,14 @@ class RequestHandle:
 
     async def __anext__(self) -> RequestOutput:
         try:
-            return await self._outputs.aget()
+            return self._with_text(await self._outputs.aget())
         except MailboxClosed:
             raise StopAsyncIteration from None
+
+    def _with_text(self, out: RequestOutput) -> RequestOutput:
+        if self._text is not None:
+            out.text_delta = self._text.delta(out.new_token_ids, out.finish_reason)
+        return out
 
     def _deliver(self, out: RequestOutput) -> None:
         """On the loop thread: one output; the last one closes the sink."""
