@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -21,7 +22,7 @@ from ..scheduling.decisions import Decision
 from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarCompiler, RequestGrammar
-from .engine_setup import choose_batch_limits, resolve_device, resolve_dtype, size_kv_tokens
+from .engine_setup import choose_batch_limits, limit_cpu_threads, resolve_device, resolve_dtype, size_kv_tokens
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
 from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
@@ -56,6 +57,7 @@ class Engine:
                           seed=seed, kv_memory_fraction=kv_memory_fraction)
         check_scope_settings(prefix_cache_scope, shared_prefixes, prefix_cache)  # see kv/cache_scope.py
         self.device = resolve_device(device)
+        limit_cpu_threads(self.device)  # a container's CPU quota, not the host's core count
         checkpoint = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.config = ModelConfig.from_hf(checkpoint.config)
         self.dtype = resolve_dtype(dtype, self.device, checkpoint.config)
@@ -101,6 +103,7 @@ class Engine:
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
         self._events = EventHub()
+        weakref.finalize(self, self._events.close)  # collected without close(): callback threads end too
         self._step = 0
         self._start = time.perf_counter()
         self._closed = False
@@ -378,7 +381,9 @@ class Engine:
                 "engine.client(user=...).generate / stream / abort, or engine.generate / engine.stream")
 
     def _own(self, thread_id: int | None) -> None:
-        """The driver loop takes the engine (its thread id) or gives it back (None)."""
+        """The driver loop takes the engine (its thread id, called on that thread) or gives it back (None)."""
+        if thread_id is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # per thread: Triton launches on the current device
         self._owner = thread_id
 
     def _adopt_loop(self, loop) -> None:
