@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from jupyter_server.extension.application import ExtensionApp
-from traitlets import CaselessStrEnum, Float, Int, List, Unicode
+from traitlets import CaselessStrEnum, Float, Int, List, TraitError, Unicode, validate
 
 from .discovery import remove_discovery_file, write_discovery_file
 from .engine_link import EngineLink
@@ -25,9 +25,9 @@ class LightLLM(ExtensionApp):
     load_other_extensions = True
 
     model = Unicode("demo", config=True, help="'demo', a .gguf file or a Hugging Face model folder")
-    device = Unicode("auto", config=True, help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    device = Unicode("auto", config=True, help="'auto', 'cpu' or 'cuda'")
     dtype = Unicode("auto", config=True, help="'auto', 'float16', 'bfloat16' or 'float32'")
-    tp = Int(1, config=True, help="tensor-parallel degree: the number of GPUs the engine host uses")
+    tp = Int(1, config=True, help="tensor-parallel degree: the number of GPUs the engine host uses (1 for now)")
     kv_fraction = Float(None, allow_none=True, config=True,
                         help="the share of free GPU memory the KV cache takes (serve's default when unset)")
     scheduler = Unicode("past_future", config=True, help="admission policy: past_future, conservative, aggressive")
@@ -46,12 +46,17 @@ class LightLLM(ExtensionApp):
     startup_timeout = Float(300.0, config=True,
                             help="seconds a request waits for a starting engine host before a 503")
 
+    @validate("tp")
+    def _tp_is_one(self, proposal):
+        if proposal["value"] != 1:
+            raise TraitError(f"c.LightLLM.tp = {proposal['value']}: the engine host has no tensor parallelism yet; "
+                             "set c.LightLLM.tp = 1 (one GPU) and pick it with CUDA_VISIBLE_DEVICES")
+        return proposal["value"]
+
     def serve_args(self) -> list[str]:
         """The `lightllm-nb serve` options that this configuration sets."""
         args = ["--model", self.model, "--device", self.device, "--dtype", self.dtype,
                 "--scheduler", self.scheduler]
-        if self.tp != 1:
-            args += ["--tp", str(self.tp)]
         if self.kv_fraction is not None:
             args += ["--gpu-memory-utilization", str(self.kv_fraction)]
         if self.max_running_per_user is not None:
