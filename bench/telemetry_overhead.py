@@ -2,6 +2,7 @@
 thread, redacting for a user), one that asks for KV pages, and a JSONL trace.
 
     python bench/telemetry_overhead.py [--model DIR] [--device cpu|cuda] [--batch 64] [--kv-tokens 65536]
+    python bench/telemetry_overhead.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 --context 512
 
 The step runs on the engine's driver-loop thread, as served: events leave it through bounded
 queues, and the readers' work (redaction, JSON) competes only for the GIL. On the GPU use a real
@@ -35,6 +36,8 @@ def start_readers(engine: Engine, count: int, pages: bool) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a HF folder; default: a tiny random Llama made here")
+    parser.add_argument("--shape", default=None, help="CUDA only: random bf16 weights of this shape (bench/roofline.py)")
+    parser.add_argument("--tokenizer", default=None, help="with --shape: a tokenizer folder")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=64)
@@ -43,7 +46,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if args.shape is not None:
+            from roofline import SHAPES
+            from throughput import random_checkpoint
+            from transformers import AutoTokenizer
+
+            model, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape),
+                                         AutoTokenizer.from_pretrained(args.tokenizer))
+        elif model is None:
             sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
             from tiny_models import make_tiny_model
 
