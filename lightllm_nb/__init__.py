@@ -5,6 +5,8 @@ from .engine.engine import Engine
 from .scheduling.past_future import PastFuturePolicy
 from .scheduling.request import Completion, RequestOutput
 from .sampling_params import InvalidRequestError, SamplingParams
+# connect.py imports only the standard library at module level (its HTTP client on call).
+from .connect import connect  # the function: it shadows the module of the same name, on purpose
 from .serving.client import Client, LocalClient
 from .serving.driver import DriverLoop
 from .serving.text_stream import TextStream
@@ -15,14 +17,6 @@ __all__ = ["AggressivePolicy", "Client", "Completion", "ConservativePolicy", "Dr
            "EventSubscription", "InvalidRequestError", "LocalClient", "PastFuturePolicy", "RequestOutput",
            "SamplingParams", "StepEvent", "TextStream", "connect"]
 
-
-def __getattr__(name):
-    # connect() reaches the HTTP client; importing it only when asked keeps `import lightllm_nb` lean.
-    if name == "connect":
-        from .connect import connect
-
-        return connect
-    raise AttributeError(f"module 'lightllm_nb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython):
