@@ -166,7 +166,7 @@ def test_metrics_parse_and_move(host):
     assert moved("lightllm_time_to_first_token_seconds_count") == 1
     assert moved("lightllm_e2e_request_latency_seconds_count") == 1
     for gauge in ("lightllm_num_requests_running", "lightllm_num_requests_waiting", "lightllm_kv_cache_usage_ratio",
-                  "lightllm_kv_cached_tokens", "lightllm_preemptions_total"):
+                  "lightllm_kv_cached_tokens", "lightllm_preemptions_total,reason=pool_full"):
         assert gauge in after, sorted(after)
 
 

@@ -138,7 +138,7 @@ class OpenAIShapes:
             choice["message"] = {"role": "assistant", "content": completion.text}
         else:
             choice["text"] = completion.text
-        return self._envelope(self.object, [choice], usage=usage(completion))
+        return {**self._envelope(self.object, [choice], usage=usage(completion)), "lightllm": extension(completion)}
 
     def chunk(self, text: str, finish_reason: str | None, logprobs: list | None = None, *,
               first: bool = False) -> dict:
@@ -151,7 +151,8 @@ class OpenAIShapes:
         return self._envelope(self.object + ".chunk" if self.chat else self.object, [choice])
 
     def usage_chunk(self, completion) -> dict:
-        return self._envelope(self.object + ".chunk" if self.chat else self.object, [], usage=usage(completion))
+        return {**self._envelope(self.object + ".chunk" if self.chat else self.object, [], usage=usage(completion)),
+                "lightllm": extension(completion)}
 
     def logprobs(self, entries: list) -> dict:
         """The engine's [{"token_id", "logprob", "top": [(id, logprob)]}] as OpenAI's logprobs object."""
@@ -176,6 +177,12 @@ class OpenAIShapes:
         if usage is not None:
             body["usage"] = usage
         return body
+
+
+def extension(completion) -> dict:
+    """Our field on responses (OpenAI clients keep unknown fields, e.g. `response.model_extra`):
+    where the request's time went (see scheduling/timeline.py and telemetry/explain.py)."""
+    return {"metrics": completion.metrics, "timeline": completion.timeline}
 
 
 def usage(completion) -> dict:
