@@ -35,6 +35,9 @@ class LightLLM(ExtensionApp):
                                help="requests one user may have running at once (no limit when unset)")
     max_waiting_per_user = Int(None, allow_none=True, config=True,
                                help="requests one user may have waiting at once (engine default when unset)")
+    prefix_cache_scope = CaselessStrEnum(["user", "shared"], None, allow_none=True, config=True,
+                                         help="whose cached prefixes a request may reuse: its own user's (serve's "
+                                              "default) or everyone's (a timing side channel between users)")
     extra_serve_args = List(Unicode(), config=True,
                             help="more `lightllm-nb serve` options, passed through as they are")
     engine_url = Unicode("", config=True,
@@ -63,6 +66,8 @@ class LightLLM(ExtensionApp):
             args += ["--max-running-per-user", str(self.max_running_per_user)]
         if self.max_waiting_per_user is not None:
             args += ["--max-waiting-per-user", str(self.max_waiting_per_user)]
+        if self.prefix_cache_scope is not None:
+            args += ["--prefix-cache-scope", self.prefix_cache_scope]
         return args + list(self.extra_serve_args)
 
     def initialize_settings(self) -> None:

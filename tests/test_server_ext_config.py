@@ -11,11 +11,12 @@ from lightllm_nb.server_ext.app import LightLLM
 def test_every_setting_reaches_serve_under_its_flag():
     config = Config()
     config.LightLLM.update(model="demo", device="cpu", dtype="float32", kv_fraction=0.5, scheduler="aggressive",
-                           max_running_per_user=3, max_waiting_per_user=7, extra_serve_args=["--block-size", "4"])
+                           max_running_per_user=3, max_waiting_per_user=7, prefix_cache_scope="shared",
+                           extra_serve_args=["--block-size", "4"])
     args = build_parser().parse_args(["serve", *LightLLM(config=config).serve_args()])
     assert (args.model, args.device, args.dtype, args.scheduler) == ("demo", "cpu", "float32", "aggressive")
     assert (args.gpu_memory_utilization, args.max_running_per_user, args.max_waiting_per_user) == (0.5, 3, 7)
-    assert args.block_size == 4
+    assert args.block_size == 4 and args.prefix_cache_scope == "shared"
 
 
 def test_unset_limits_leave_serves_defaults():
