@@ -123,3 +123,22 @@ def test_explain_names_the_real_reason_for_each(tight_run):
     assert "preempted" not in high and "no prompt tokens came from the prefix cache" in high
     html = low.explain()._repr_html_()
     assert html.count("background:#e45756") >= 1 and "background:#54a24b" in html  # preempted and decode bars
+
+
+def test_the_engine_hosts_counters_follow_the_real_completions(tight_run):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lightllm_nb.serving.metrics import ServingMetrics
+
+    done, _, ids = tight_run
+    metrics = ServingMetrics("tiny")
+    for c in done.values():
+        metrics.request_finished(c)
+    values = {(s.name, s.labels.get("reason")): s.value
+              for f in text_string_to_metric_families(metrics.render({}).decode()) for s in f.samples}
+    low = done[ids["low"]]
+    assert values[("lightllm_preemptions_total", "preempted_for")] == low.metrics["preemptions"] >= 1
+    assert values[("lightllm_recomputed_tokens_total", None)] == low.metrics["recomputed_tokens"] > 0
+    assert values[("lightllm_prefix_cache_hit_tokens_total", None)] == sum(c.metrics["cached_tokens"]
+                                                                           for c in done.values()) >= 24
+    assert values[("lightllm_request_decode_time_seconds_count", None)] == len(done)
