@@ -120,6 +120,28 @@ def test_options_parse_and_bad_ones_give_a_usage_message(kernel):
     run(kc, "%lightllm config max_tokens=256 temperature=0.7")
 
 
+def test_json_schema_and_regex_options_constrain_the_answer(kernel, tmp_path):
+    _, kc = kernel
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                               "year": {"type": "integer", "minimum": 0, "maximum": 3000}},
+              "required": ["city", "year"]}
+    run(kc, f"%load_ext lightllm_nb\nimport json\nperson = {schema!r}")
+    out = run(kc, "%%lightllm --json-schema person --var fact --max-tokens 40 --temperature 0.8 --seed 1\n"
+                  "When and where was the Eiffel Tower built? Answer in JSON.")
+    assert not out.errors, out.errors
+    check = run(kc, "print(sorted(json.loads(fact.text)), fact.finish_reason)")
+    assert check.stdout.strip() == "['city', 'year'] stop", check.stdout
+    (tmp_path / "s.json").write_text('{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}')
+    out = run(kc, f"%%lightllm --json-schema {tmp_path / 's.json'} --var flag --max-tokens 20\nIs water wet?")
+    assert run(kc, "print(json.loads(flag.text))").stdout.strip() in ("{'ok': True}", "{'ok': False}")
+    out = run(kc, "%%lightllm --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}' --var day --max-tokens 20\nA date, please.")
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", run(kc, "print(day.text)").stdout.strip())
+    for line, says in [("--json-schema nowhere", "neither a variable"), ("--regex '[^\\s\\S]'", "cannot match"),
+                       ("--regex a --json-schema person", "at most one")]:
+        bad = run(kc, f"%%lightllm {line}\nhello")
+        assert says in bad.errors and "Traceback" not in bad.errors, (line, bad.errors)
+
+
 def test_a_conversation_continues_and_its_history_comes_from_the_prefix_cache(kernel):
     _, kc = kernel
     first = run(kc, "%%lightllm --chat tutor --max-tokens 12 --temperature 0 --system 'You are terse.'\n"

@@ -15,7 +15,7 @@ import shlex
 import sys
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.display import Markdown, display
 
 from .answer_display import StreamingAnswer, footer
@@ -42,6 +42,7 @@ class LightLLMMagics(Magics):
         self._user_clients: dict[str, object] = {}
         self._owns_client = False  # made by the magic (closed with it), not handed over with `use`
 
+    @no_var_expand  # IPython would fill {4} in `--regex '[0-9]{4}'`; the cell's {name} is filled by us
     @line_cell_magic
     def lightllm(self, line: str, cell: str | None = None):
         """Send the cell to the engine and stream the answer (%lightllm help lists the options)."""
@@ -129,7 +130,7 @@ class LightLLMMagics(Magics):
     # ---- a cell ---------------------------------------------------------------------------------
     def _answer(self, line: str, cell: str) -> None:
         try:
-            options = parse_cell_line(line, self.defaults)
+            options = parse_cell_line(line, self.defaults, self.shell.user_ns)
             text = fill_names(cell, self.shell.user_ns).strip()
             if not text:
                 raise OptionError("%%lightllm: the cell is empty: write your prompt under the %%lightllm line")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from dataclasses import dataclass, fields, replace
@@ -29,10 +30,12 @@ class CellOptions:
     var: str | None = None
     panel: bool = False
     user: str | None = None
+    json_schema: dict | str | bool | None = None  # resolved from --json-schema FILE|VAR
+    regex: str | None = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                              seed=self.seed)
+                              seed=self.seed, json_schema=self.json_schema, regex=self.regex)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,16 +59,39 @@ def _parser(defaults: CellOptions) -> _Parser:
     p.add_argument("--panel", action="store_true", default=defaults.panel,
                    help="show the live dashboard under the answer")
     p.add_argument("--user", default=defaults.user, help="act as this user (only where the engine allows it)")
+    p.add_argument("--json-schema", metavar="FILE|VAR", default=None,
+                   help="answer with JSON that fits this schema: a notebook variable (dict or JSON text) or a file")
+    p.add_argument("--regex", default=None, help="answer with text that matches this regular expression")
     return p
 
 
-def parse_cell_line(line: str, defaults: CellOptions) -> CellOptions:
+def resolve_schema(source: str, namespace: dict) -> dict | str | bool:
+    """`--json-schema NAME`: a notebook variable if one has that name, else a JSON file's text."""
+    if source in namespace:
+        return namespace[source]
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        raise OptionError(f"%%lightllm: --json-schema {source!r} is neither a variable of this notebook nor a "
+                          "readable file: define the schema as a dict first, or give the file's path") from None
+    try:
+        json.loads(text)
+    except ValueError as err:
+        raise OptionError(f"%%lightllm: --json-schema file {source!r} is not JSON ({err})") from None
+    return text
+
+
+def parse_cell_line(line: str, defaults: CellOptions, namespace: dict | None = None) -> CellOptions:
+    """`namespace` (the notebook's variables) resolves `--json-schema VAR`."""
     try:
         words = shlex.split(line)
     except ValueError as err:
         raise OptionError(f"%%lightllm: cannot read the options ({err}): close the quotes") from None
     args = _parser(defaults).parse_args(words)
     options = CellOptions(**{f.name: getattr(args, f.name) for f in fields(CellOptions)})
+    if options.json_schema is not None:
+        options.json_schema = resolve_schema(options.json_schema, namespace or {})
     if options.format not in FORMATS:
         raise OptionError(f"%%lightllm: format {options.format!r} is unknown: use one of {', '.join(FORMATS)}")
     for name in (options.var, options.chat):
