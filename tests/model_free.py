@@ -12,9 +12,11 @@ from lightllm_nb.sampling_params import SamplingParams
 SAMPLED = 7  # the token every model-free step "samples"
 
 
-def make_scheduler(*, capacity=256, max_running=4, policy=None, page_size=1, max_batch_tokens=64, **kwargs):
+def make_scheduler(*, capacity=256, max_running=4, policy=None, page_size=1, max_batch_tokens=64, rows=None,
+                   **kwargs):
+    """`rows`: req_to_token rows in the pool (default max_running, as the engine sizes it)."""
     pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=1, num_tokens=capacity, page_size=page_size,
-                  max_requests=max_running, max_context=capacity, dtype=torch.float32, device=torch.device("cpu"))
+                  max_requests=rows or max_running, max_context=capacity, dtype=torch.float32, device=torch.device("cpu"))
     return Scheduler(pool, policy or AggressivePolicy(), max_batch_tokens=max_batch_tokens, max_running=max_running,
                      **kwargs)
 

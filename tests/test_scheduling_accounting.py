@@ -5,6 +5,7 @@ what the pool says is free right after admission, and where the policies draw th
 import pytest
 
 from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy, PoolView
+from lightllm_nb.scheduling.request import PENDING_TOKEN
 from model_free import SAMPLED, make_scheduler, request, run, step
 
 
@@ -133,3 +134,26 @@ def test_the_scheduler_admits_up_to_exactly_the_pool_and_not_a_page_more():
     assert [d.request_id for d in decisions if d.kind == "admit"] == ["a", "b"]
     assert [d.request_id for d in decisions if d.kind == "defer"] == ["c"]
     assert scheduler.pool.free_tokens == 32 - 2 * 12, "each holds its 12 computed prompt tokens: 3 pages"
+
+
+# ---- admission limits ------------------------------------------------------------------------------
+def test_max_running_caps_admission_even_with_rows_to_spare():
+    scheduler = make_scheduler(max_running=2, rows=8)
+    for rid in "abcd":
+        scheduler.add(request(rid))
+    decisions = step(scheduler)
+    assert [d.request_id for d in decisions if d.kind == "admit"] == ["a", "b"]
+    assert len(scheduler.running) == 2
+
+
+def test_a_preempted_request_with_its_token_in_flight_does_not_hold_up_others():
+    scheduler = make_scheduler()
+    a = request("a")
+    scheduler.add(a)
+    step(scheduler)
+    scheduler.preempt(a, [], needed_by=a)
+    a.token_ids[-1] = PENDING_TOKEN   # overlapped steps: its newest token is still on the GPU
+    scheduler.add(request("b"))
+    decisions = scheduler.schedule().decisions
+    assert [d.request_id for d in decisions if d.kind in ("admit", "resume")] == ["b"], \
+        "a waits a step for its token; b behind it is admitted now"
