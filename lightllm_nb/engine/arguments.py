@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..scheduling.policies import make_policy
@@ -14,8 +16,12 @@ def _positive_int(name: str, value, hint: str) -> None:
 
 
 def check_engine_args(*, dtype, kv_tokens, page_size, max_batch_tokens, max_running, scheduler,
-                      max_running_per_user, seed, kv_memory_fraction) -> None:
+                      max_running_per_user, seed, kv_memory_fraction, tp=1, model="demo") -> None:
     make_policy(scheduler)
+    _positive_int("tp", tp, " (how many GPUs, or CPU processes, share the model)")
+    if tp > 1 and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("tp>1 starts one process per rank, each loading its own shard: pass the model's name "
+                         "or path, not a Checkpoint object")
     if not isinstance(dtype, torch.dtype) and dtype != "auto" and dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported: use 'auto' or one of {sorted(_DTYPES)}")
     if kv_tokens is not None:

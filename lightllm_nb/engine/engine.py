@@ -28,6 +28,7 @@ from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
 from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
 from ..kv.kv_pool import KVPool
+from ..parallel.step_messages import MirroredKVPool
 from ..loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from ..scheduling.policies import make_policy
@@ -51,11 +52,12 @@ class Engine(EmbeddedAPI):
                  max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
                  max_running_per_user: int | None = None, seed: int | None = None,
                  kv_memory_fraction: float = 0.85, cuda_graphs: bool = True, overlap: bool | None = None,
-                 progress: bool = True, prefix_cache_scope: str = "user", shared_prefixes: Sequence | None = None):
+                 progress: bool = True, prefix_cache_scope: str = "user", shared_prefixes: Sequence | None = None,
+                 tp: int = 1):
         # Every setting is checked before the (slow) model load.
         check_engine_args(dtype=dtype, kv_tokens=kv_tokens, page_size=page_size, max_batch_tokens=max_batch_tokens,
                           max_running=max_running, scheduler=scheduler, max_running_per_user=max_running_per_user,
-                          seed=seed, kv_memory_fraction=kv_memory_fraction)
+                          seed=seed, kv_memory_fraction=kv_memory_fraction, tp=tp, model=model)
         check_scope_settings(prefix_cache_scope, shared_prefixes, prefix_cache)  # see kv/cache_scope.py
         self.device = resolve_device(device)
         limit_cpu_threads(self.device)  # a container's CPU quota, not the host's core count
@@ -64,15 +66,22 @@ class Engine(EmbeddedAPI):
         self.dtype = resolve_dtype(dtype, self.device, checkpoint.config)
         self.tokenizer = checkpoint.tokenizer
         self.model_name = checkpoint.source
-        self.model = build_model(self.config, checkpoint, device=self.device, dtype=self.dtype,
-                                 kernels=kernels_for(self.device), max_positions=self.config.max_position_embeddings,
-                                 progress=progress)
-        kv_tokens = kv_tokens or size_kv_tokens(self.config, self.dtype, self.device, kv_memory_fraction)
+        if tp == 1:
+            self.model = build_model(self.config, checkpoint, device=self.device, dtype=self.dtype,
+                                     kernels=kernels_for(self.device),
+                                     max_positions=self.config.max_position_embeddings, progress=progress)
+        else:  # rank 0's shard plus one worker process per other rank (lightllm_nb/parallel)
+            from ..parallel.sharded_model import ShardedModel
+
+            self.model = ShardedModel(model, tp, self.device, self.dtype, progress, checkpoint)
+        # model.config: this rank's shape (its KV heads), which is what the pool holds.
+        kv_tokens = kv_tokens or size_kv_tokens(self.model.config, self.dtype, self.device, kv_memory_fraction)
         capacity = kv_tokens // page_size * page_size  # whole pages only
         # None: chosen from the device, the model and the pool (the rule is in engine_setup).
         max_running, max_batch_tokens = choose_batch_limits(self.config, self.dtype, self.device, kv_tokens,
                                                             max_running, max_batch_tokens)
-        self.pool = KVPool(num_layers=self.config.num_layers, num_kv_heads=self.config.num_kv_heads,
+        self.pool = (KVPool if tp == 1 else MirroredKVPool)(
+                           num_layers=self.config.num_layers, num_kv_heads=self.model.config.num_kv_heads,
                            head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
                            max_requests=max_running,
                            max_context=min(self.config.max_position_embeddings, capacity),
@@ -82,7 +91,8 @@ class Engine(EmbeddedAPI):
                                    max_running=max_running, prefix_cache=prefix_cache,
                                    max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes,
                                    timelines=TimelineRecorder(lambda: self._step + 1))  # the step being run
-        self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs, max_batch=max_running,
+        # CUDA graphs at tp>1 would need every rank to capture and replay in lockstep: not built yet.
+        self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs and tp == 1, max_batch=max_running,
                                   progress=progress)
         generator = torch.Generator(device=self.device)
         # Never torch.seed(): that would reseed the notebook's global RNG.
@@ -309,6 +319,8 @@ class Engine(EmbeddedAPI):
         self._detokenizers.clear()
         self._events.close()
         self.grammars.close()
+        if hasattr(self.model, "close"):  # a tensor-parallel model's worker processes
+            self.model.close()
         del self.model, self.pool, self.runner, self.scheduler
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

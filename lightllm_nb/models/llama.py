@@ -62,6 +62,8 @@ class LlamaModel:
         self.scale = config.head_dim ** -0.5
         # Projections: F.linear until choose_decode_kernels() measures where the GEMV wins.
         self.linear = DecodeLinear()
+        # Tensor parallelism's collectives (lightllm_nb.parallel.comm.ShardComm); None at tp=1.
+        self.tp = None
 
     def choose_decode_kernels(self) -> None:
         """On CUDA, time cuBLAS against the Triton GEMV for every projection at batch 1."""
@@ -89,19 +91,29 @@ class LlamaModel:
     def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
         """Logits [N, vocab] (float32, or float64 for a float64 model) for the tokens at batch.logits_index."""
         cfg, k = self.config, self.kernels
-        hidden = F.embedding(batch.input_ids, self.embed)
+        if self.tp is None:
+            hidden = F.embedding(batch.input_ids, self.embed)
+        else:  # this rank's vocabulary rows: the others' tokens come from the other ranks
+            hidden = self.tp.embed(batch.input_ids, self.embed)
         residual = hidden
         x = k.rmsnorm(hidden, self.layers[0].attn_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
             attn = self._attention(i, layer, x, batch, pool)
-            x, residual = k.add_rmsnorm(self.linear(attn, layer.o), residual, layer.mlp_norm, cfg.rms_norm_eps)
+            attn = self.linear(attn, layer.o)
+            if self.tp is not None:  # o and down see only this rank's heads / columns: sum the parts
+                self.tp.all_reduce(attn)
+            x, residual = k.add_rmsnorm(attn, residual, layer.mlp_norm, cfg.rms_norm_eps)
             hidden = self.linear(k.silu_mul(self.linear(x, layer.gate_up)), layer.down)
+            if self.tp is not None:
+                self.tp.all_reduce(hidden)
         # Only the rows that sample need the final norm and the (large) vocabulary projection.
         last_hidden, last_residual = hidden[batch.logits_index], residual[batch.logits_index]
         x, _ = k.add_rmsnorm(last_hidden, last_residual, self.final_norm, cfg.rms_norm_eps)
         logits = self.linear(x, self.lm_head)
+        if self.tp is not None:  # this rank's vocabulary shard: rank 0 gathers the whole row
+            logits = self.tp.gather_logits(logits)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,

@@ -22,12 +22,14 @@ _LAYER_PARTS = {
 
 
 def build_model(config: ModelConfig, checkpoint, *, device: torch.device, dtype: torch.dtype,
-                kernels: KernelSet, max_positions: int, progress: bool = True) -> LlamaModel:
+                kernels: KernelSet, max_positions: int, progress: bool = True, shard=None) -> LlamaModel:
+    """`shard(name, tensor)`, for tensor parallelism, returns the part this rank keeps; it runs
+    before the copy to the device, so the full tensor never reaches it."""
     parts: list[dict[str, torch.Tensor]] = [{} for _ in range(config.num_layers)]
     top: dict[str, torch.Tensor] = {}
     for name, tensor in tqdm(checkpoint.tensors(), total=checkpoint.num_tensors, disable=not progress,
                              desc="loading weights", unit="tensor", leave=False):
-        tensor = tensor.to(device=device, dtype=dtype)
+        tensor = (tensor if shard is None else shard(name, tensor)).to(device=device, dtype=dtype)
         match = _LAYER_NAME.fullmatch(name)
         if match and match.group(2) in _LAYER_PARTS and int(match.group(1)) < config.num_layers:
             parts[int(match.group(1))][match.group(2)] = tensor
