@@ -27,6 +27,7 @@ def test_a_flood_does_not_starve_another_user(tiny_model):
         bob = engine.add_request(prompt_token_ids=[9, 9, 9], sampling=sampling, user="bob")
         while not any(d.kind == "admit" and d.request_id == bob for d in events[-1].decisions):
             engine.step()
+            assert events[-1].step < 100, "bob was never admitted"  # fail, not hang, if steps keep failing
         decisions = [(e.step, d) for e in events for d in e.decisions]
         first_finish = min(step for step, d in decisions if d.kind == "finish")
         assert events[-1].step == first_finish + 1, "bob is admitted as soon as a slot frees"
