@@ -21,7 +21,7 @@ def _engine(args):
     from .engine.engine import Engine
 
     return Engine(args.model, device=args.device, dtype=args.dtype, kv_tokens=args.kv_tokens,
-                  page_size=args.page_size, scheduler=args.scheduler)
+                  page_size=args.page_size, scheduler=args.scheduler, tp=args.tp)
 
 
 def _sampling(args):
@@ -90,7 +90,7 @@ def _serving_engine(args):
                   page_size=args.block_size, scheduler=args.scheduler, prefix_cache=args.enable_prefix_caching,
                   max_running_per_user=args.max_running_per_user, seed=args.seed,
                   kv_memory_fraction=args.gpu_memory_utilization, cuda_graphs=not args.enforce_eager, **limits,
-                  prefix_cache_scope=args.prefix_cache_scope,
+                  prefix_cache_scope=args.prefix_cache_scope, tp=args.tp,
                   shared_prefixes=read_shared_prefixes(args.shared_prefixes) if args.shared_prefixes else None)
 
 
@@ -122,6 +122,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="KV cache size in tokens (default: a share of free GPU memory, 1 GiB on CPU)")
     p.add_argument("--scheduler", default="past_future", choices=["past_future", "conservative", "aggressive"],
                    help="admission policy")
+    p.add_argument("--tp", type=_checked(int, 1), default=1,
+                   help="tensor parallelism: spread the model over this many GPUs (CPU processes on the CPU)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:

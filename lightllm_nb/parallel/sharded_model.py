@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 
 from ..engine.engine_setup import usable_cpus
+from ..models.config import ModelConfig
 from ..models.llama import ForwardBatch
 from .comm import start_group, stop_group
+from .shard import ShardPlan
 from .step_messages import MirroredKVPool, send_pool, send_step, send_stop
 from .worker import failed_key, load_shard, loaded_key, run_worker
 
@@ -50,6 +52,8 @@ class ShardedModel:
         if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + tp:
             raise ValueError(f"tp={tp} needs {tp} GPUs from {device} on, but {torch.cuda.device_count()} are "
                              "visible: lower tp or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+        if checkpoint is not None:  # a model that cannot be split says so before any process starts
+            ShardPlan.make(ModelConfig.from_hf(checkpoint.config), 0, tp)
         self.tp = tp
         self.failure: str | None = None
         self._closing = False
