@@ -162,6 +162,11 @@ def test_sampling_is_deterministic_for_a_seed():
     assert (a.sample_final_lengths(produced, cap) == b.sample_final_lengths(produced, cap)).all()
 
 
+def test_the_smallest_settings_are_accepted():
+    policy = PastFuturePolicy(window=1, samples=1, reserve=0.0, min_history=1)
+    assert (policy.window, policy.samples, policy.min_history) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("kwargs", [{"window": 0}, {"samples": 0}, {"reserve": 1.0}, {"reserve": -0.1},
                                     {"min_history": 0}, {"window": 5, "min_history": 6}])
 def test_bad_settings_are_refused(kwargs):

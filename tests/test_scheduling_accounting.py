@@ -76,6 +76,7 @@ def test_pages_held_after_admission_and_each_decode(page_size, over):
     assert scheduler.pool.free_tokens == scheduler.pool_view().free == (pages_total - 3 - over) * page_size
     assert (scheduler.pool.page_owner[req.pages] == req.row).all()
     assert (scheduler.pool.page_owner == req.row).sum() == 3 + over
+    assert not scheduler.pool.is_whole(), "pages in use: the pool is not whole"
     req.num_computed += prompt_len
     req.token_ids.append(SAMPLED)
     while not req.finished:
@@ -88,6 +89,9 @@ def test_pages_held_after_admission_and_each_decode(page_size, over):
         if req.num_output >= req.sampling.max_tokens:
             scheduler.finish(req, "length")
     assert scheduler.pool.is_whole()
+    row = scheduler.pool.alloc_row()
+    assert not scheduler.pool.is_whole(), "every page is free but a row is not: that is a leak too"
+    scheduler.pool.free_row(row)
 
 
 @pytest.mark.parametrize("page_size", [4, 16])
