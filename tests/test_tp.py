@@ -128,3 +128,13 @@ def test_shard_plan_replicates_kv_heads_and_pads_the_vocabulary():
     assert torch.equal(torch.cat(parts)[:1000], embed)
     o = torch.randn(64, 6 * plans[0].head_dim)
     assert torch.equal(torch.cat([p.slice("model.layers.0.self_attn.o_proj.weight", o) for p in plans], 1), o)
+
+
+def test_bad_tp_settings_are_refused_before_loading(tiny_model):
+    from lightllm_nb.loading import load_checkpoint
+
+    with pytest.raises(ValueError, match="tp=0 is invalid"):
+        Engine("demo", tp=0)
+    folder, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="pass the model's name or path, not a Checkpoint"):
+        Engine(load_checkpoint(str(folder)), tp=2, device="cpu")

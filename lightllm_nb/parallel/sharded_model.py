@@ -59,6 +59,8 @@ class ShardedModel:
         self._closing = False
         self._pool_sent = False
         threads = max(1, usable_cpus() // tp) if device.type == "cpu" else 1
+        if device.type == "cpu" and torch.get_num_threads() > threads:
+            torch.set_num_threads(threads)  # the ranks share the CPUs: more threads would wait on each other
         timeout = datetime.timedelta(seconds=startup_timeout)
         self._store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, timeout=timeout, wait_for_workers=False)
         context = multiprocessing.get_context("spawn")
