@@ -74,7 +74,7 @@ class ShardedModel:
         self._stopper = weakref.finalize(self, _stop_workers, self.workers, 0.0)
         try:
             self._wait_for(lambda: start_group(self._store, 0, tp, device), startup_timeout, "joining the group")
-            self.local, self.full_config = load_shard(checkpoint or model_source, 0, tp, device, dtype, progress)
+            self.local = load_shard(checkpoint or model_source, 0, tp, device, dtype, progress)
             self._wait_until_loaded(startup_timeout)
         except BaseException:
             self.close()

@@ -30,8 +30,8 @@ def failed_key(rank: int) -> str:
 
 
 def load_shard(model_source, rank: int, tp: int, device: torch.device, dtype: torch.dtype, progress: bool):
-    """(this rank's LlamaModel with its ShardComm hook, the full ModelConfig). `model_source`: a
-    name or path, or a Checkpoint already opened."""
+    """This rank's LlamaModel with its ShardComm hook. `model_source`: a name or path, or a
+    Checkpoint already opened."""
     from ..loading import Checkpoint, load_checkpoint
     from ..models.config import ModelConfig
     from ..models.kernel_set import kernels_for
@@ -46,7 +46,7 @@ def load_shard(model_source, rank: int, tp: int, device: torch.device, dtype: to
                         kernels=kernels_for(device), max_positions=config.max_position_embeddings,
                         progress=progress, shard=plan.slice)
     model.tp = ShardComm(plan)
-    return model, config
+    return model
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -66,7 +66,7 @@ def run_worker(rank: int, tp: int, port: int, model_source, device: str, dtype: 
                           timeout=datetime.timedelta(seconds=startup_timeout))
     try:
         start_group(store, rank, tp, device)
-        model, _ = load_shard(model_source, rank, tp, device, dtype, progress=False)
+        model = load_shard(model_source, rank, tp, device, dtype, progress=False)
     except BaseException:
         store.set(failed_key(rank), traceback.format_exc())
         raise
