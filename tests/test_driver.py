@@ -42,6 +42,22 @@ def test_a_failing_step_finishes_its_batch_with_error_and_the_loop_serves_on(eng
     assert again.finish_reason == "length" and len(again.token_ids) == 5 and again.error is None
 
 
+def test_a_loop_that_cannot_take_the_engine_says_why_instead_of_hanging(engine, monkeypatch):
+    # As on a GPU named plain "cuda", where setting the loop thread's device once raised.
+    own = engine._own
+
+    def refuses(thread_id):
+        if thread_id is not None:
+            raise ValueError("no such device")
+        own(thread_id)
+
+    monkeypatch.setattr(engine, "_own", refuses)
+    with pytest.raises(RuntimeError, match="could not take over the engine: no such device"):
+        engine.generate(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY)
+    monkeypatch.setattr(engine, "_own", own)
+    assert engine.generate(prompt_token_ids=[[5, 6, 7]], sampling=GREEDY)[0].finish_reason == "length"
+
+
 def test_an_idle_loop_sleeps_and_publishes_nothing(engine):
     loop = engine.driver()
     events = loop.subscribe(maxsize=1000)

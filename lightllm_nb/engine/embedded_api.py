@@ -83,7 +83,9 @@ class EmbeddedAPI:
     def _own(self, thread_id: int | None) -> None:
         """The driver loop takes the engine (its thread id, called on that thread) or gives it back (None)."""
         if thread_id is not None and self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # per thread: Triton launches on the current device
+            # Per thread: Triton launches on the current device. A bare "cuda" names no index; the pool's
+            # buffers (allocated on the constructing thread's current device) do.
+            torch.cuda.set_device(self.pool.req_to_token.device)
         self._owner = thread_id
 
     def _adopt_loop(self, loop) -> None:

@@ -48,8 +48,12 @@ class DriverLoop:
         self._thread = threading.Thread(target=_drive, args=(weakref.ref(self), self._wake),
                                         name="lightllm-driver", daemon=True)
         self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._thread.start()
         self._started.wait()
+        if self._start_error is not None:
+            raise RuntimeError(f"the driver loop could not take over the engine: {self._start_error}") \
+                from self._start_error
 
     # ---- the caller's side (any thread) ----------------------------------------------------
     def submit(self, prompt_ids_: list[int], sampling: SamplingParams | dict | None = None, *, user: str,
@@ -266,7 +270,14 @@ def _ended(handle: RequestHandle, reason: str, error: str | None) -> RequestOutp
 def _drive(ref: weakref.ref, wake: threading.Condition) -> None:
     """The loop thread: commands and steps while there is work, asleep on `wake` otherwise, with no
     strong reference to the DriverLoop while asleep (see DriverLoop.__init__)."""
-    ref()._begin()
+    try:
+        ref()._begin()
+    except BaseException as err:  # the constructor must hear why, not wait on the loop forever
+        loop = ref()
+        loop._start_error = err
+        loop._started.set()  # first: the constructor may hold the engine's lock that _end() takes
+        loop._end()
+        return
     while True:
         with wake:
             while True:
