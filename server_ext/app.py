@@ -27,7 +27,7 @@ class LightLLM(ExtensionApp):
     model = Unicode("demo", config=True, help="'demo', a .gguf file or a Hugging Face model folder")
     device = Unicode("auto", config=True, help="'auto', 'cpu' or 'cuda'")
     dtype = Unicode("auto", config=True, help="'auto', 'float16', 'bfloat16' or 'float32'")
-    tp = Int(1, config=True, help="tensor-parallel degree: the number of GPUs the engine host uses (1 for now)")
+    tp = Int(1, config=True, help="tensor-parallel degree: the number of GPUs the engine host uses")
     kv_fraction = Float(None, allow_none=True, config=True,
                         help="the share of free GPU memory the KV cache takes (serve's default when unset)")
     scheduler = Unicode("past_future", config=True, help="admission policy: past_future, conservative, aggressive")
@@ -50,16 +50,16 @@ class LightLLM(ExtensionApp):
                             help="seconds a request waits for a starting engine host before a 503")
 
     @validate("tp")
-    def _tp_is_one(self, proposal):
-        if proposal["value"] != 1:
-            raise TraitError(f"c.LightLLM.tp = {proposal['value']}: the engine host has no tensor parallelism yet; "
-                             "set c.LightLLM.tp = 1 (one GPU) and pick it with CUDA_VISIBLE_DEVICES")
+    def _tp_is_positive(self, proposal):
+        if proposal["value"] < 1:
+            raise TraitError(f"c.LightLLM.tp = {proposal['value']}: it is the number of GPUs the engine host "
+                             "uses, at least 1")
         return proposal["value"]
 
     def serve_args(self) -> list[str]:
         """The `lightllm-nb serve` options that this configuration sets."""
         args = ["--model", self.model, "--device", self.device, "--dtype", self.dtype,
-                "--scheduler", self.scheduler]
+                "--scheduler", self.scheduler, "--tp", str(self.tp)]
         if self.kv_fraction is not None:
             args += ["--gpu-memory-utilization", str(self.kv_fraction)]
         if self.max_running_per_user is not None:

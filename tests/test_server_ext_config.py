@@ -26,6 +26,7 @@ def test_unset_limits_leave_serves_defaults():
     assert args.gpu_memory_utilization == defaults.gpu_memory_utilization
 
 
-def test_tensor_parallel_degree_other_than_one_is_refused_with_advice():
-    with pytest.raises(TraitError, match="CUDA_VISIBLE_DEVICES"):
-        LightLLM(tp=2)
+def test_tensor_parallel_degree_reaches_serve_and_nonsense_is_refused():
+    assert build_parser().parse_args(["serve", *LightLLM(tp=2).serve_args()]).tp == 2
+    with pytest.raises(TraitError, match="at least 1"):
+        LightLLM(tp=0)
