@@ -36,9 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 # left out: minutes per mutant. The model-free scheduler tests drive the real scheduler, pool and
 # cache in milliseconds; the simulator's tests (seconds each) are left out to keep runs short.
 SCHEDULING_TESTS = ["tests/test_fairness.py", "tests/test_progress_guard.py"]
+# the model-free share_prompt test first (milliseconds), then the property test (tens of seconds)
+PREFIX_CACHE_TESTS = ["tests/test_prefix_cache_sharing.py", "tests/test_prefix_cache.py"]
 MODULES = {
-    "kv_pool": ("lightllm_nb/kv/kv_pool.py", [*SCHEDULING_TESTS, "tests/test_prefix_cache.py"]),
-    "prefix_cache": ("lightllm_nb/kv/prefix_cache.py", [*SCHEDULING_TESTS, "tests/test_prefix_cache.py"]),
+    "kv_pool": ("lightllm_nb/kv/kv_pool.py", [*SCHEDULING_TESTS, *PREFIX_CACHE_TESTS]),
+    "prefix_cache": ("lightllm_nb/kv/prefix_cache.py", [*SCHEDULING_TESTS, *PREFIX_CACHE_TESTS]),
     "scheduler": ("lightllm_nb/scheduling/scheduler.py", SCHEDULING_TESTS),
     "admission": ("lightllm_nb/scheduling/admission.py", [*SCHEDULING_TESTS, "tests/test_past_future.py"]),
     "past_future": ("lightllm_nb/scheduling/past_future.py", ["tests/test_past_future.py", *SCHEDULING_TESTS]),
