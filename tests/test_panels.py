@@ -1,6 +1,8 @@
 """Panels against a real engine: what reaches the front end (comm messages, recorded) equals the
 engine's real events and pool, the throttle bounds the messages, replay and close work."""
 
+import json
+import random
 import threading
 import time
 from dataclasses import replace
@@ -91,6 +93,15 @@ def add_requests(engine, n, max_tokens, prefix="The same long shared system prom
                            SamplingParams(max_tokens=max_tokens, temperature=0.0))
 
 
+def expected_holders(engine):
+    """Every running request holding pages of its own, named (one user, unredacted), with its tokens:
+    also those this step's batch skipped."""
+    pool = engine.pool.page_owner
+    held = {r.row: (r, int((pool == r.row).sum())) for r in engine.scheduler.running if r.row is not None}
+    return {str(row): {"pages": n, "who": "mine", "request": r.request_id, "tokens": r.num_computed}
+            for row, (r, n) in held.items() if n}
+
+
 def test_dashboard_state_equals_the_engine_s_events_and_pool(engine, front_end):
     events = []
     engine.subscribe(events.append, pages=True)
@@ -107,6 +118,7 @@ def test_dashboard_state_equals_the_engine_s_events_and_pool(engine, front_end):
         assert np.array_equal(owners, expected_cells(events[-1].page_owner))
         assert np.array_equal(owners, expected_cells(engine.pool.page_owner))  # the pool itself, right now
         assert meta["used"] == events[-1].kv_capacity - events[-1].kv_free
+        assert meta["rows"] == expected_holders(engine)
     wait_for(lambda: front_end.items(decisions) and front_end.items(decisions)[-1]["step"] == events[-1].step
              or not any(e.decisions for e in events[-1:]))
     wait_for(lambda: front_end.items(batch) and front_end.items(batch)[-1]["step"] == events[-1].step)
@@ -160,6 +172,11 @@ def test_a_saved_trace_replays_with_the_step_slider(engine, front_end, tmp_path)
     recorder.close()
     engine.close()  # the trace is all a replay needs
     events = load_trace(path)
+    assert [e.kv_holders for e in events] == [e.kv_holders for e in recorded] and any(e.kv_holders for e in events)
+    old = tmp_path / "old.jsonl"  # a trace recorded before kv_holders existed still loads
+    old.write_text("".join(json.dumps({k: v for k, v in e.to_dict().items() if k != "kv_holders"}) + "\n"
+                           for e in events))
+    assert [e.kv_holders for e in load_trace(old)] == [None] * len(events)
     panel = Dashboard(str(path))
     kv, decisions = panel.parts[1].view, panel.parts[3].view
     for k in (3, len(events)):
@@ -210,3 +227,42 @@ def test_a_million_slot_pool_is_aggregated_and_patched_by_change():
     second = grid.patch()
     assert not second.full and len(second.indices) == 3
     assert took < 2.0, f"aggregating a million slots took {took:.2f}s"
+
+
+def test_the_kv_grid_names_the_viewer_s_requests_and_keeps_others_anonymous(engine, front_end):
+    """Alice's panel through her redacted subscription: at every step it drew, its hover/legend data
+    names exactly her requests holding pages, and bob's only as "other" rows with token counts."""
+    rng = random.Random(0)
+    loop = engine.driver()
+    operator = loop.subscribe(pages=True, maxsize=10_000)
+    panel = KVCachePanel(engine.client(user="alice"), rate=50.0)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    handles = [loop.submit([rng.randrange(3, 49152) for _ in range(12)], params, user=user)
+               for user in ("bob-the-secret", "alice") * 3]
+    assert all(h.result(60).finish_reason == "length" for h in handles)
+    ids = {user: {h.request_id for h in handles if h.user == user} for user in ("alice", "bob-the-secret")}
+    steps = loop.stats()["steps"]
+    view = panel.parts[0].view
+    wait_for(lambda: (front_end.grid(view)[1] or {}).get("step") == steps)
+    shown = [content for content, _ in front_end.custom(view) if content.get("cells")]
+    panel.close()
+    operator.close()
+    full = {e.step: e for e in operator}
+    both = 0
+    for content in shown:
+        event = full[content["step"]]
+        pages = np.bincount(event.page_owner[event.page_owner >= 0])
+        expected = {}
+        for h in event.kv_holders:
+            if h.row < len(pages) and pages[h.row]:
+                mine = h.user == "alice"
+                expected[str(h.row)] = {"pages": int(pages[h.row]), "who": "mine" if mine else "other",
+                                        "request": h.request_id if mine else None, "tokens": h.tokens}
+        assert content["rows"] == expected
+        named = {v["request"] for v in content["rows"].values() if v["who"] == "mine"}
+        assert named <= ids["alice"]
+        both += bool(named) and any(v["who"] == "other" for v in content["rows"].values())
+        text = json.dumps(content)
+        assert "bob" not in text and "secret" not in text and "other-" not in text
+        assert not any(rid in text for rid in ids["bob-the-secret"])
+    assert len(shown) >= 2 and both, (len(shown), both)

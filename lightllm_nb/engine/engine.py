@@ -40,7 +40,7 @@ from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.timeline import TimelineRecorder
-from ..telemetry.events import BatchRow, StepEvent
+from ..telemetry.events import BatchRow, KVHolder, StepEvent
 from ..telemetry.hub import EventHub
 
 log = logging.getLogger(__name__)
@@ -394,5 +394,7 @@ class Engine(EmbeddedAPI):
                       rows=rows, decisions=decisions, kv_capacity=pool.capacity,
                       kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
                       running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                      page_size=pool.page_size),
+                      page_size=pool.page_size,
+                      kv_holders=[KVHolder(r.row, r.request_id, r.user, r.num_computed)
+                                  for r in self.scheduler.running if r.row is not None]),
             page_owner=lambda: pool.page_owner)

@@ -27,6 +27,17 @@ class BatchRow:
 
 
 @dataclass
+class KVHolder:
+    """A running request that holds a row of req_to_token: what a page owner code (the row) means.
+    Running requests skipped by this step's batch hold pages too, so these are not the BatchRows."""
+
+    row: int            # its req_to_token row: the code page_owner gives its pages
+    request_id: str
+    user: str
+    tokens: int         # tokens in its KV cache (context computed so far, cached prefix included)
+
+
+@dataclass
 class StepEvent:
     step: int
     time: float                 # seconds since the engine started
@@ -41,6 +52,8 @@ class StepEvent:
     page_size: int
     # Per page: owner row, -1 free, -2 cached, -3 shared; only for subscribers that ask (int32).
     page_owner: np.ndarray | None = None
+    # Who holds each owner row after the step; None in traces recorded before it existed.
+    kv_holders: list[KVHolder] | None = None
 
     @property
     def prefill_tokens(self) -> int:
@@ -58,8 +71,9 @@ class StepEvent:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepEvent":
-        pages = d.get("page_owner")
+        pages, holders = d.get("page_owner"), d.get("kv_holders")
         return cls(**{**d, "rows": [BatchRow(**r) for r in d["rows"]],
+                      "kv_holders": None if holders is None else [KVHolder(**h) for h in holders],
                       "decisions": [Decision.from_dict(x) for x in d["decisions"]],
                       "page_owner": None if pages is None else np.asarray(pages, dtype=np.int32)})
 
@@ -83,6 +97,9 @@ class StepEvent:
 
         rows = [r if r.user == user else replace(r, request_id=alias(r.request_id), user="other")
                 for r in self.rows]
+        holders = None if self.kv_holders is None else [
+            h if h.user == user else replace(h, request_id=alias(h.request_id), user="other")
+            for h in self.kv_holders]
         decisions = []
         for d in self.decisions:
             related = tuple((own_or_alias(rid, owner), owner if owner == user else "other")
@@ -94,7 +111,7 @@ class StepEvent:
             numbers = {k: v for k, v in d.numbers.items() if isinstance(v, Real)}
             decisions.append(replace(d, request_id=alias(d.request_id), user=None if d.user is None else "other",
                                      numbers=numbers, related=related, policy_reason=""))
-        return replace(self, rows=rows, decisions=decisions)
+        return replace(self, rows=rows, decisions=decisions, kv_holders=holders)
 
     def summary(self) -> str:
         used = self.kv_capacity - self.kv_free

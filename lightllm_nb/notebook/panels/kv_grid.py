@@ -20,6 +20,24 @@ FREE_CELL = -3
 FREE_PAGE, CACHED_PAGE, SHARED_PAGE = -1, -2, -3
 
 
+def page_holders(row_pages: dict[int, int], holders) -> dict[int, dict]:
+    """Per owner row holding pages: its pages, and whose it is, from an event's `kv_holders`.
+    A redacted event calls other users' requests user "other" with an alias for an id: those show
+    as anonymous, without the alias (a viewer has no use for it). `holders` None (a trace from
+    before holders were recorded): rows only."""
+    by_row = {h.row: h for h in holders or ()}
+    shown = {}
+    for row, pages in row_pages.items():
+        h = by_row.get(row)
+        if h is None:
+            shown[row] = {"pages": pages, "who": "unknown" if holders is None else "gone", "request": None, "tokens": None}
+        elif h.user == "other":
+            shown[row] = {"pages": pages, "who": "other", "request": None, "tokens": h.tokens}
+        else:
+            shown[row] = {"pages": pages, "who": "mine", "request": h.request_id, "tokens": h.tokens}
+    return shown
+
+
 @dataclass
 class GridPatch:
     """What changed since the last patch: cell indices with their new owner code and fill (0-255)."""

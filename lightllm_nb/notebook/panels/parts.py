@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ...telemetry.events import StepEvent
 from .history import BatchHistory, DecisionLog, EngineTrends, RecentItems
-from .kv_grid import KVGrid
+from .kv_grid import KVGrid, page_holders
 from .views import BatchBarsView, DecisionsView, KVGridView, SparklinesView
 
 
@@ -55,8 +55,8 @@ class KVPart:
                 f"{g.pages_per_cell} page{'s' if g.pages_per_cell > 1 else ''} per cell")
         return {"kind": "grid", "full": full, "cells": len(g.owners), "cols": _columns(len(g.owners)),
                 "pages": g.num_pages, "pages_per_cell": g.pages_per_cell, "page_size": event.page_size,
-                "rows": {str(k): v for k, v in g.row_pages.items()}, "info": info, "step": event.step,
-                "used": in_use}
+                "rows": {str(k): v for k, v in page_holders(g.row_pages, event.kv_holders).items()},
+                "info": info, "step": event.step, "used": in_use}
 
 
 class ItemsPart:

@@ -1,13 +1,27 @@
 // KV pool grid: one square per cell (a run of pages), coloured by owner, shaded by fill.
-// Python sends {kind: "grid"} messages carrying only the cells that changed.
+// Python sends {kind: "grid"} messages carrying only the cells that changed, and `rows`: per owner
+// row, whose it is ("mine" with its request id, "other": another user's, anonymous) and its tokens.
 const FREE = -3, CACHED = -2, SHARED = -1;
+const OTHER_HUE = 28;  // every other user's request in one colour: they stay anonymous
+const LEGEND_NAMED = 12;
 
-function ownerColor(owner, fill) {
+function ownerColor(owner, fill, rows) {
   if (owner === FREE) return "#eef0f3";
   if (owner === CACHED) return "#9aa8b8";
   if (owner === SHARED) return "#7b61c9";
   const light = 62 - 22 * (fill / 255);   // fuller cells are darker
+  const held = rows && rows[owner];
+  if (held && held.who === "other") return `hsl(${OTHER_HUE}, 25%, ${light + 8}%)`;
   return `hsl(${(owner * 137.508) % 360}, 68%, ${light}%)`;
+}
+
+function holderText(held, row, pageSize) {
+  if (!held) return `request in row ${row}`;
+  const tokens = held.tokens === null ? `${held.pages * pageSize}` : `${held.tokens}`;
+  const pages = `${held.pages} page${held.pages > 1 ? "s" : ""} of its own`;
+  if (held.who === "mine") return `your request ${held.request}: ${tokens} tokens in KV, ${pages}`;
+  if (held.who === "other") return `another user's request: ${tokens} tokens in KV, ${pages}`;
+  return `request in row ${row}: ${pages}`;  // a trace without holders: rows only
 }
 
 function typed(buffer, Type) {
@@ -33,18 +47,34 @@ export default {
     tip.style.color = "#555";
     tip.textContent = "hover a cell for its pages";
     const legend = document.createElement("div");
-    legend.append(legendItem("hsl(200,68%,50%)", "a request's pages (one colour per request)"),
-                  legendItem(ownerColor(SHARED, 0), "prefix cache, in use"),
-                  legendItem(ownerColor(CACHED, 0), "prefix cache, reclaimable"),
-                  legendItem(ownerColor(FREE, 0), "free"));
+    legend.className = "lnb-kv-legend";
+    const fixedLegend = [legendItem(ownerColor(SHARED, 0), "prefix cache, in use"),
+                         legendItem(ownerColor(CACHED, 0), "prefix cache, reclaimable"),
+                         legendItem(ownerColor(FREE, 0), "free")];
     el.append(title, info, canvas, tip, legend);
 
-    let owners = new Int32Array(0), fills = new Uint8Array(0), meta = null;
+    function drawLegend() {
+      const mine = [], others = { n: 0, tokens: 0 }, unknown = [];
+      for (const [row, held] of Object.entries(meta.rows || {})) {
+        if (held.who === "mine") mine.push([Number(row), held]);
+        else if (held.who === "other") { others.n += 1; others.tokens += held.tokens || 0; }
+        else unknown.push(Number(row));
+      }
+      const items = mine.slice(0, LEGEND_NAMED).map(([row, held]) =>
+        legendItem(ownerColor(row, 160, meta.rows), `${held.request} (${held.tokens} tokens)`));
+      if (mine.length > LEGEND_NAMED) items.push(legendItem("transparent", `+${mine.length - LEGEND_NAMED} more of yours`));
+      if (others.n) items.push(legendItem(`hsl(${OTHER_HUE}, 25%, 60%)`,
+        `another user's request${others.n > 1 ? "s" : ""} (${others.n}, ${others.tokens} tokens)`));
+      if (unknown.length) items.push(legendItem("hsl(200,68%,50%)", "a request's pages (one colour per row)"));
+      legend.replaceChildren(...items, ...fixedLegend);
+    }
+
+    let owners = new Int32Array(0), fills = new Uint8Array(0), meta = null, whoSeen = "";
     const cellPx = () => Math.max(3, Math.min(14, Math.floor(560 / meta.cols)));
 
     function drawCell(ctx, i, px) {
       const x = (i % meta.cols) * px, y = Math.floor(i / meta.cols) * px;
-      ctx.fillStyle = ownerColor(owners[i], fills[i]);
+      ctx.fillStyle = ownerColor(owners[i], fills[i], meta.rows);
       ctx.fillRect(x, y, px - 1, px - 1);
     }
     function drawAll() {
@@ -69,7 +99,10 @@ export default {
       }
       meta = msg;
       for (let k = 0; k < idx.length; k++) { owners[idx[k]] = own[k]; fills[idx[k]] = fil[k]; }
-      if (msg.full) drawAll();
+      // A row's colour depends on whose it is: when a row changes hands, unchanged cells repaint too.
+      const who = Object.entries(msg.rows || {}).map(([row, held]) => `${row}:${held.who}`).join(",");
+      drawLegend();
+      if (msg.full || who !== whoSeen) { whoSeen = who; drawAll(); }
       else { const ctx = canvas.getContext("2d"), px = cellPx(); for (let k = 0; k < idx.length; k++) drawCell(ctx, idx[k], px); }
       canvas.dataset.step = msg.step;
       canvas.dataset.used = msg.used;
@@ -85,8 +118,8 @@ export default {
       const pages = first === last ? `page ${first}` : `pages ${first}-${last}`;
       const used = Math.round(100 * fills[i] / 255);
       const o = owners[i];
-      let who = o === FREE ? "free" : o === CACHED ? "prefix cache (reclaimable)" : o === SHARED ? "prefix cache, shared by running requests"
-        : `request in row ${o}: holds ${(meta.rows[o] || 0) * meta.page_size} tokens`;
+      const who = o === FREE ? "free" : o === CACHED ? "prefix cache (reclaimable)" : o === SHARED ? "prefix cache, shared by running requests"
+        : holderText(meta.rows[o], o, meta.page_size);
       tip.textContent = `${pages} (${meta.page_size} token${meta.page_size > 1 ? "s" : ""}/page), ${used}% in use: ${who}`;
     });
     model.send({ kind: "hello" });
