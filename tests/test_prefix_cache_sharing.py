@@ -55,3 +55,23 @@ def test_a_duplicate_prompt_is_remapped_to_the_trees_pages(page_size):
         pool.free_row(req.row)
     cache.clear()
     assert pool.is_whole()
+
+
+@pytest.mark.parametrize("mode", ["user", "shared"])
+def test_match_counts_reused_tokens_by_source(mode):
+    """What a prefix hit reports (decisions, panels, timelines): declared tokens, then the rest as
+    the user's own or as shared, adding up to the match and nothing more."""
+    from lightllm_nb.kv.cache_scope import CacheScopes
+
+    pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=1, num_tokens=64, page_size=2,
+                  max_requests=4, max_context=32, dtype=torch.float32, device=torch.device("cpu"))
+    system = [5, 6, 7, 8]
+    cache = PrefixCache(pool, CacheScopes(mode=mode, shared_prefixes=(system,)))
+    prompt = system + [9, 10, 11, 12, 13]
+    assert cache.match(prompt, "u").sources() == {"own": 0, "declared": 0, "shared": 0}
+    assert cache.insert(prompt[:8], pool.alloc_pages(4, owner=0), "u") == []
+    hit = cache.match(prompt, "u")
+    declared = 4 if mode == "user" else 0
+    rest = "own" if mode == "user" else "shared"
+    assert hit.length == 8 and hit.declared == declared
+    assert hit.sources() == {"own": 0, "declared": 0, "shared": 0} | {"declared": declared, rest: 8 - declared}
