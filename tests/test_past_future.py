@@ -172,3 +172,15 @@ def test_the_smallest_settings_are_accepted():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         PastFuturePolicy(**kwargs)
+
+
+def test_the_history_counts_from_exactly_min_history_finished_requests():
+    """Cold below min_history finished lengths (every request assumed to run to max_tokens), warm
+    at exactly min_history: the sampled future, here far shorter than max_tokens, decides."""
+    policy = policy_with_history([3, 3], min_history=3, samples=2)
+    candidate = make_request(10, max_tokens=100)
+    cold = policy.check(candidate, [make_request(10, max_tokens=100, rid="a")], pool(200))
+    assert cold.numbers["history"] == 2 and cold.numbers["samples"] == 1 and not cold.admit
+    policy.record_finished(make_request(1, produced=3, max_tokens=3))
+    warm = policy.check(candidate, [make_request(10, max_tokens=100, rid="a")], pool(200))
+    assert warm.numbers["history"] == 3 and warm.numbers["samples"] == 2 and warm.admit, warm.reason
