@@ -5,7 +5,8 @@ what the pool says is free right after admission, and where the policies draw th
 import pytest
 
 from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy, PoolView
-from lightllm_nb.scheduling.request import PENDING_TOKEN
+from lightllm_nb.sampling_params import SamplingParams
+from lightllm_nb.scheduling.request import PENDING_TOKEN, Request
 from model_free import SAMPLED, make_scheduler, request, run, step
 
 
@@ -107,6 +108,20 @@ def test_a_finished_request_leaves_exactly_its_computed_whole_pages_cached(page_
     assert scheduler.pool_view().free == 8 * page_size, "unused cached pages count as free"
     assert scheduler.clear_prefix_cache().numbers["evicted"] == cached
     assert scheduler.pool.is_whole()
+
+
+def test_a_prompt_that_needs_exactly_every_reclaimable_page_evicts_them_all():
+    """Free pages plus unused cached pages are exactly what the prompt needs: evict the whole cache
+    and admit it now (evicting is refused only when it cannot free enough)."""
+    scheduler = make_scheduler(capacity=16, prefix_cache=True)
+    scheduler.add(request("first", prompt_len=8, max_tokens=1))
+    run(scheduler)
+    assert scheduler.cache.reclaimable_pages == 8 and scheduler.pool.num_free_pages == 8
+    other = Request("other", list(range(100, 116)), SamplingParams(max_tokens=2))  # no prefix in common
+    scheduler.add(other)
+    decisions = step(scheduler)
+    assert [(d.kind, d.numbers["evicted"]) for d in decisions if d.kind == "evict"] == [("evict", 8)]
+    assert scheduler.running == [other] and len(other.pages) == 16 and scheduler.pool.num_free_pages == 0
 
 
 # ---- where the policies draw the line ---------------------------------------------------------------
