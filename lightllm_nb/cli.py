@@ -176,10 +176,17 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="log level (info: one line per request)")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says what the default means."""
+
+    def _get_help_string(self, action):
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightllm-nb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     gen = sub.add_parser("generate", help="stream the answer to one prompt", formatter_class=fmt)
     gen.add_argument("prompt", help="the question or text to continue")
     gen.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
