@@ -1,0 +1,30 @@
+"""Per-request timelines from the real scheduler, model-free: every admission is recorded, and a
+resumed request's recomputed tokens are what it had computed less what the cache gave back."""
+
+import pytest
+
+from lightllm_nb.scheduling.timeline import TimelineRecorder
+from model_free import make_scheduler, request, run, step
+
+
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_admissions_and_recomputation_after_a_preemption_are_recorded(prefix_cache):
+    # as in test_the_newest_request_is_preempted_first: "new" is preempted once the pool runs dry
+    scheduler = make_scheduler(capacity=30, max_running=3, prefix_cache=prefix_cache, timelines=TimelineRecorder())
+    reqs = [request(rid, prompt_len=8, max_tokens=10) for rid in ("old", "mid", "new")]
+    for req in reqs:
+        scheduler.add(req)
+        step(scheduler)
+    run(scheduler)
+    for req in reqs:
+        events = [e["event"] for e in req.timeline]
+        assert events[0] == "queued" and events[1] == "admitted", events
+        assert req.timeline[1]["cached_tokens"] == req.num_cached == (7 if prefix_cache and req is not reqs[0] else 0)
+    new = reqs[2]
+    preempted = [e for e in new.timeline if e["event"] == "preempted"]
+    resumed = [e for e in new.timeline if e["event"] == "resumed"]
+    assert preempted and len(resumed) == len(preempted)
+    for before, after in zip(preempted, resumed):
+        assert after["recomputed"] == before["computed"] - after["cached_tokens"]
+        assert after["recomputed"] > 0 if not prefix_cache else after["cached_tokens"] > 0  # the cache kept them
+    assert new.num_recomputed == sum(e["recomputed"] for e in resumed)
