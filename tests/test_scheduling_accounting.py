@@ -18,6 +18,16 @@ def preempted(history):
     return [d.request_id for decisions in history for d in decisions if d.kind == "preempt"]
 
 
+def step_until_preempted(scheduler, history, steps=200):
+    """Step until someone is preempted; a bounded loop, so a scheduler that never preempts (or
+    never makes progress) fails here instead of hanging the test."""
+    for _ in range(steps):
+        if preempted(history):
+            return
+        history.append(step(scheduler))
+    assert preempted(history), f"nobody was preempted in {steps} steps"
+
+
 def admit_one_per_step(scheduler, rids, **kwargs):
     """Admit `rids` on consecutive steps, so their age order is known."""
     history = []
@@ -32,8 +42,7 @@ def test_the_newest_request_is_preempted_first():
     # 3 requests of 8 + up to 10 tokens in 30 slots: they fit until the oldest needs its 12th token.
     scheduler = make_scheduler(capacity=30, max_running=3)
     history = admit_one_per_step(scheduler, ["old", "mid", "new"], prompt_len=8, max_tokens=10)
-    while not preempted(history):
-        history.append(step(scheduler))
+    step_until_preempted(scheduler, history)
     assert preempted(history) == ["new"], "the newest goes first, not the oldest or the middle one"
     assert [r.request_id for r in scheduler.running] == ["old", "mid"]
     history += run(scheduler)
@@ -45,8 +54,7 @@ def test_the_newest_of_the_lowest_priority_is_preempted_before_a_newer_higher_on
     history = admit_one_per_step(scheduler, ["low-old"], prompt_len=8, max_tokens=10)
     history += admit_one_per_step(scheduler, ["low-new"], prompt_len=8, max_tokens=10)
     history += admit_one_per_step(scheduler, ["high"], prompt_len=8, max_tokens=10, priority=1)
-    while not preempted(history):
-        history.append(step(scheduler))
+    step_until_preempted(scheduler, history)
     assert preempted(history) == ["low-new"]
 
 
@@ -54,8 +62,7 @@ def test_a_request_outranked_by_everyone_else_preempts_itself():
     scheduler = make_scheduler(capacity=20, max_running=2)
     history = admit_one_per_step(scheduler, ["high"], prompt_len=8, max_tokens=10, priority=1)
     history += admit_one_per_step(scheduler, ["low"], prompt_len=8, max_tokens=10)
-    while not preempted(history):
-        history.append(step(scheduler))
+    step_until_preempted(scheduler, history)
     # "low" is the one that finds the pool dry (it is scheduled after "high"): it gives way itself.
     assert preempted(history) == ["low"]
     assert [r.request_id for r in scheduler.running] == ["high"]
