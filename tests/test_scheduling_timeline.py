@@ -28,3 +28,12 @@ def test_admissions_and_recomputation_after_a_preemption_are_recorded(prefix_cac
         assert after["recomputed"] == before["computed"] - after["cached_tokens"]
         assert after["recomputed"] > 0 if not prefix_cache else after["cached_tokens"] > 0  # the cache kept them
     assert new.num_recomputed == sum(e["recomputed"] for e in resumed)
+
+
+def test_every_prefill_chunk_is_recorded_even_a_one_token_one():
+    # 9 prompt tokens at 4 per step: chunks 4, 4 and 1 (the last one looks like a decode by size)
+    scheduler = make_scheduler(capacity=64, max_running=1, max_batch_tokens=4, timelines=TimelineRecorder())
+    req = request("r", prompt_len=9, max_tokens=2)
+    scheduler.add(req)
+    run(scheduler)
+    assert [e["tokens"] for e in req.timeline if e["event"] == "prefill"] == [4, 4, 1]
