@@ -23,7 +23,7 @@ def test_admissions_and_recomputation_after_a_preemption_are_recorded(prefix_cac
     new = reqs[2]
     preempted = [e for e in new.timeline if e["event"] == "preempted"]
     resumed = [e for e in new.timeline if e["event"] == "resumed"]
-    assert preempted and len(resumed) == len(preempted)
+    assert preempted and len(resumed) == len(preempted) == new.num_preemptions
     for before, after in zip(preempted, resumed):
         assert after["recomputed"] == before["computed"] - after["cached_tokens"]
         assert after["recomputed"] > 0 if not prefix_cache else after["cached_tokens"] > 0  # the cache kept them
