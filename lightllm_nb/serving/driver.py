@@ -52,6 +52,11 @@ class DriverLoop:
         self._thread.start()
         self._started.wait()
         if self._start_error is not None:
+            # Let go of the engine here, not only on the dying thread: a caller that retries at once
+            # must get a new loop, never this dead one.
+            with self._lock:
+                self._stopping = True
+            engine._release_loop(self)
             raise RuntimeError(f"the driver loop could not take over the engine: {self._start_error}") \
                 from self._start_error
 
@@ -274,9 +279,9 @@ def _drive(ref: weakref.ref, wake: threading.Condition) -> None:
         ref()._begin()
     except BaseException as err:  # the constructor must hear why, not wait on the loop forever
         loop = ref()
-        loop._start_error = err
-        loop._started.set()  # first: the constructor may hold the engine's lock that _end() takes
-        loop._end()
+        loop._start_error = err  # it never took the engine and holds no request: nothing to finish
+        loop._stopped.set()
+        loop._started.set()
         return
     while True:
         with wake:
