@@ -10,6 +10,7 @@ the tests are the project's own pytest files, unchanged.
     nice -n 19 python bench/mutation.py                     # every module, 40 sampled each
     python bench/mutation.py --modules past_future --per-module 0   # 0 = every mutant of the module
     python bench/mutation.py --mutants scheduler:17,kv_pool:3        # rerun chosen mutants
+    python bench/mutation.py --per-module 0 --skip-done bench/records/mutation-2026-12-02.jsonl  # the rest
 
 Mutant ids are `module:index` in the order the sites appear in the source, so an id names the same
 mutant as long as the module is unchanged. Records go to bench/records/mutation-<date>.jsonl.
@@ -229,6 +230,18 @@ def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, flo
     return "failed", seconds, failed[0] if failed else f"exit {os.waitstatus_to_exitcode(status)}"
 
 
+def already_run(records: list[Path]) -> set[tuple]:
+    """(id, line, change, code) of every mutant with a record in `records`. The line, change and code
+    are part of the key because ids are positional: after an edit to the module the same id can name
+    another mutant, which must then run again."""
+    done = set()
+    for path in records:
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["id"], r["line"], r["change"], r["code"]))
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated, from: " + ", ".join(MODULES))
@@ -238,6 +251,9 @@ def main() -> None:
     parser.add_argument("--code-from", default=None,
                         help="take the mutated modules from this commit (the tests stay HEAD's): rerun "
                              "an earlier campaign's mutants against newer tests")
+    parser.add_argument("--skip-done", default="",
+                        help="comma-separated JSONL records: mutants recorded there (the same site and change) "
+                             "are not run again")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per mutant; given, the unmutated run that checks the tests pass is skipped")
     parser.add_argument("--workdir", default="/tmp/lightllm-nb-mutation", help="private copy of the tree")
@@ -266,16 +282,22 @@ def main() -> None:
         parser.error(f"unknown modules {sorted(unknown)}: pick from {', '.join(MODULES)}")
     out = Path(args.out or REPO / f"bench/records/mutation-{datetime.date.today()}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
+    done = already_run([Path(p) for p in args.skip_done.split(",") if p])
 
     for name, indices in chosen.items():
         path, tests = MODULES[name]
         tests = extra + tests  # the model-free scheduling tests first: they fail fastest
         original = (workdir / path).read_text()
         mutants = find_mutants(original)
+        recorded = {i for i, m in enumerate(mutants) if (f"{name}:{i}", m["line"], m["change"], m["code"]) in done}
         if indices is None:
-            indices = list(range(len(mutants)))
+            indices = [i for i in range(len(mutants)) if i not in recorded]
             if args.per_module and len(indices) > args.per_module:
                 indices = sorted(random.Random(f"{args.seed}:{name}").sample(indices, args.per_module))
+        else:
+            indices = [i for i in indices if i not in recorded]
+        if recorded:
+            print(f"{name}: {len(recorded)} mutants already recorded, not run again", flush=True)
         if args.timeout:
             timeout = args.timeout
             print(f"{name}: {len(indices)} of {len(mutants)} mutants, unmutated run skipped", flush=True)
