@@ -1,7 +1,8 @@
 """What both attention kernels share: flash-attention's online softmax over KV blocks gathered
 through a request's row of req_to_token (a @triton.jit helper, inlined into each kernel), and
-the checks their launchers make on the inputs."""
+the checks their launchers make on the inputs and on the output they write into."""
 
+import torch
 import triton
 import triton.language as tl
 
@@ -49,3 +50,14 @@ def check_attention_inputs(q, k_cache, v_cache, req_to_token) -> None:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of kv heads ({num_kv_heads})")
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, req_to_token)):
         raise ValueError("q, the KV caches and req_to_token need a contiguous last dim")
+
+
+def attention_output(q, out):
+    """`out` checked to fit q's result, or a new tensor: the launchers write straight into a
+    caller's slice (the decode or prefill rows of a step's output), so nobody copies it there."""
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim, "
+                         f"got {tuple(out.shape)} {out.dtype} strides {out.stride()}")
+    return out

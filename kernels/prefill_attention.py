@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
-from .online_softmax import attend_kv_blocks, check_attention_inputs
+from .online_softmax import attend_kv_blocks, attention_output, check_attention_inputs
 
 _BLOCK_M = 64
 _BLOCK_N = 64
@@ -61,19 +61,21 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_lens, scale, max_q_len=None):
+def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_lens, scale, max_q_len=None,
+                      out=None):
     """Causal attention of packed new tokens over each request's full context.
 
     q [T, Hq, D] (rows and heads may be strided), k_cache/v_cache [S, Hkv, D], req_to_token
     [R, max_ctx] int32, req_rows [B], q_starts [B+1] int32 cumulative token offsets, kv_lens [B]
     context length including the new tokens (whose K/V is already written). Returns [T, Hq, D]
-    in q.dtype. No host sync when max_q_len is given or B == 1. On GPU, float32 inputs multiply
+    in q.dtype: `out` when given (any [T, Hq, D] view with a contiguous last dim), else a new
+    tensor. No host sync when max_q_len is given or B == 1. On GPU, float32 inputs multiply
     in full float32 (IEEE), so a float32 engine can be checked against a reference.
     """
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     check_attention_inputs(q, k_cache, v_cache, req_to_token)
-    out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = attention_output(q, out)
     batch = kv_lens.shape[0]
     if tokens == 0 or batch == 0:
         return out
@@ -94,14 +96,14 @@ def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_
 
 
 def prefill_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_lens, scale,
-                            max_q_len=None):
+                            max_q_len=None, out=None):
     """Torch path of prefill_attention: same signature and result (max_q_len is ignored)."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     group = num_q_heads // num_kv_heads
     # float32 at least; a float64 model (the exactness tests against HF) keeps float64.
     compute = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty((tokens, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    out = attention_output(q, out)
     starts = q_starts.tolist()
     for b, (row, kv_len) in enumerate(zip(req_rows.tolist(), kv_lens.tolist())):
         start, q_len = starts[b], starts[b + 1] - starts[b]

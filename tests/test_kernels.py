@@ -297,6 +297,34 @@ def test_decode_attention(dtype, case):
     assert not out.isnan().any()
 
 
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_attention_writes_into_out(case):
+    """Into the decode rows of a step's output, as the model passes them; with several splits the
+    last split of each (request, kv head) merges, and leaves its counter zero for the next layer."""
+    num_q_heads, num_kv_heads, head_dim, kv_lens, num_splits = DECODE_CASES[case]
+    dtype = torch.float32
+    gen = _gen(170 + case)
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    batch = len(kv_lens)
+    _, q, _, _ = _fused_qkv(gen, batch, num_q_heads, num_kv_heads, head_dim, dtype)
+    lens = torch.tensor(kv_lens)
+    args = (q, k_cache, v_cache, req_to_token, req_rows, lens, 1 / math.sqrt(head_dim))
+    expected = decode_attention_torch(*args)
+    counters = torch.zeros(batch * num_kv_heads + 3, dtype=torch.int32)
+    for fn in (decode_attention_torch, decode_attention, decode_attention):  # twice: counters reused
+        step_out = torch.full((batch + 3, num_q_heads, head_dim), float("nan"))
+        returned = fn(*args, max_kv_len=max(kv_lens), num_splits=num_splits, split_counters=counters,
+                      out=step_out[1:batch + 1])
+        assert returned.data_ptr() == step_out[1].data_ptr()
+        _close(step_out[1:batch + 1], expected, dtype)
+        assert step_out[0].isnan().all() and step_out[batch + 1:].isnan().all()  # nothing written outside
+        assert not counters.any()
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention(*args, out=step_out[:batch].transpose(1, 2))
+    with pytest.raises(ValueError, match="split_counters must be"):
+        decode_attention(*args, num_splits=2, split_counters=counters[:1])
+
+
 @pytest.mark.parametrize("dtype", NAIVE_TOL)
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 16), (9, 3, 32)])
 def test_prefill_attention_torch_matches_naive(dtype, num_q_heads, num_kv_heads, head_dim):
@@ -342,3 +370,9 @@ def test_prefill_attention(dtype, case):
     out = prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale, max_q_len)
     assert out.dtype == dtype and out.shape == q.shape
     _close(out, expected, dtype)
+    # Into the prefill rows of a step's output (decode rows first), nothing written outside them.
+    step_out = torch.full((2 + q.shape[0],) + q.shape[1:], float("nan"), dtype=dtype)
+    prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, lens, scale, max_q_len,
+                      out=step_out[2:])
+    _close(step_out[2:], expected, dtype)
+    assert step_out[:2].isnan().all()

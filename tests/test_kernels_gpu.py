@@ -120,6 +120,14 @@ def test_decode_attention_gpu(dtype, model, batch):
     expected = decode_attention_torch(*inputs)
     _close(decode_attention(*inputs), expected, dtype)
     _close(decode_attention(*inputs, max_kv_len=4096, num_splits=1), expected, dtype)
+    # The fused merge under real concurrency: many splits finishing in any order, one set of
+    # counters reused call after call (as by a step's layers); every call gives the same bits.
+    counters = torch.zeros(inputs[0].shape[0] * inputs[1].shape[1], dtype=torch.int32, device="cuda")
+    first = decode_attention(*inputs, max_kv_len=4096, num_splits=64, split_counters=counters)
+    _close(first, expected, dtype)
+    for _ in range(20):
+        assert torch.equal(decode_attention(*inputs, max_kv_len=4096, num_splits=64, split_counters=counters), first)
+    assert not counters.any()
 
 
 @pytest.mark.parametrize("model", MODELS)
