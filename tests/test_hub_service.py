@@ -78,7 +78,8 @@ def hub(tmp_path_factory):
         wait_for(lambda: up(f"{service_url}/health"), 180, "the lightllm service")
         tokens = {user: api.post(f"/users/{user}/tokens", json={"note": "test", "expires_in": 3600}).json()["token"]
                   for user in ("alice", "bob", "carol")}
-        yield {"service_url": service_url, "tokens": tokens, "log": work / "hub.log"}
+        yield {"service_url": service_url, "public_url": f"http://127.0.0.1:{ports['public']}", "tokens": tokens,
+               "log": work / "hub.log"}
     finally:
         api.close()
         process.terminate()
@@ -164,6 +165,34 @@ def test_two_hub_users_kernels_share_one_engine_and_see_only_their_own(hub):
         assert any({row["user"] for row in event["rows"]} == {me, "other"} for event in views[me])
 
 
+def _status(url):
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_the_service_answers_at_the_hubs_public_url(hub):
+    """The proxy forwards `/services/lightllm/...` with the prefix: the service answers there too."""
+    from openai import AuthenticationError, OpenAI
+
+    base = f"{hub['public_url']}/services/lightllm"
+    # The Hub adds the service's proxy route once it is up; /health needs no token.
+    wait_for(lambda: _status(f"{base}/health") == 200, 60, f"{base}/health to answer 200")
+    alice = OpenAI(base_url=f"{base}/v1", api_key=hub["tokens"]["alice"], max_retries=0)
+    chat = alice.chat.completions.create(model=alice.models.list().data[0].id, max_tokens=3, temperature=0,
+                                         messages=[{"role": "user", "content": "Hello"}])
+    assert chat.usage.completion_tokens == 3
+    stream = alice.completions.create(model=chat.model, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                      stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+    stats = httpx.get(f"{base}/api/stats", headers={"Authorization": f"Bearer {hub['tokens']['alice']}"}).json()
+    assert stats["user"]["name"] == "alice"
+    # Through the proxy as directly: no token, or a Hub user without the service's scope, is refused.
+    assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{base}/v1", api_key=hub["tokens"]["carol"], max_retries=0).models.list()
+
 
 def test_a_hub_that_cannot_be_reached_is_a_503_not_a_refusal():
     from lightllm_nb.serving.api_errors import ApiError
@@ -173,3 +202,12 @@ def test_a_hub_that_cannot_be_reached_is_a_503_not_a_refusal():
     with pytest.raises(ApiError) as err:
         tokens.identify("Bearer some-hub-token", None)
     assert err.value.status == 503 and "JUPYTERHUB_API_URL" in err.value.message
+
+
+def test_the_service_prefix_comes_from_the_hub_or_the_service_name(monkeypatch):
+    from lightllm_nb.serving.hub_auth import service_prefix
+
+    monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
+    assert service_prefix("lightllm") == "/services/lightllm"  # an external service at the default base_url
+    monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/jhub/services/llm/")  # a managed one: the Hub says
+    assert service_prefix("llm") == "/jhub/services/llm"

@@ -45,6 +45,15 @@ def resolve_tokens(api_key: str | None, api_key_file: str | None, tokens_file: s
     return KeySetup(TokenTable.from_sources(generate_key_file(default_key_file)), default_key_file)
 
 
+def hub_route_prefix(args) -> str:
+    """Under `--hub`, the Hub's public proxy forwards `<prefix>/v1/...` as it is: route that too."""
+    if not args.hub:
+        return ""
+    from .hub_auth import service_prefix
+
+    return service_prefix()
+
+
 def default_key_path(port: int, uds: str | None) -> Path:
     home = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".lightllm-nb")
     return home / ("lightllm-nb-api-key-" + (Path(uds).name if uds else str(port)))
@@ -71,8 +80,10 @@ def run_host(args, engine_factory) -> int:
     engine = engine_factory()
     model = ServedModel.of(engine, args.served_model_name or args.model)
     driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
-    ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name))
+    ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=hub_route_prefix(args))
     where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{sockets[0].getsockname()[1]}"
+    if ctx.route_prefix:
+        where += f" (and under {ctx.route_prefix}/ for the Hub's proxy)"
     if keys.generated_key_file:
         print(f"lightllm-nb serve: API key written to {keys.generated_key_file} (mode 0600)", flush=True)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class ServingContext:
     model: ServedModel
     tokens: TokenTable
     metrics: ServingMetrics
+    route_prefix: str = ""    # also serve every route under this path (a Hub service's public prefix)
     started: float = field(default_factory=time.time)
     stopping: bool = False
     active: set = field(default_factory=set)   # handlers with a request in flight
@@ -142,6 +144,8 @@ def make_app(ctx: ServingContext) -> tornado.web.Application:
               (r"/v1/completions", CompletionHandler), (r"/v1/chat/completions", ChatHandler),
               (r"/api/generate", NativeGenerateHandler), (r"/api/abort/([A-Za-z0-9_.-]+)", AbortHandler),
               (r"/api/stats", StatsHandler), (r"/api/events", EventStreamHandler), (r"/metrics", MetricsHandler)]
-    return tornado.web.Application([(path, handler, {"ctx": ctx}) for path, handler in routes],
+    prefixes = ("", re.escape(ctx.route_prefix)) if ctx.route_prefix else ("",)
+    return tornado.web.Application([(prefix + path, handler, {"ctx": ctx}) for prefix in prefixes
+                                    for path, handler in routes],
                                    default_handler_class=NotFoundHandler, default_handler_args={"ctx": ctx},
                                    log_function=lambda handler: None)  # one line per request comes from us

@@ -32,6 +32,18 @@ def _hub_unavailable(message: str) -> ApiError:
     return ApiError(503, message, code="hub_unavailable")
 
 
+def service_prefix(service_name: str | None = None) -> str:
+    """The path under which the Hub's public proxy forwards requests to this service, e.g. `/services/lightllm`.
+
+    The proxy passes the path on with that prefix, so the engine host must route it too. A managed
+    service gets JUPYTERHUB_SERVICE_PREFIX from the Hub; an external one is at `/services/<name>/`
+    unless its operator sets the variable (a Hub with its own base_url).
+    """
+    name = service_name or os.environ.get("JUPYTERHUB_SERVICE_NAME", "")
+    prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or (f"/services/{name}/" if name else "")
+    return "/" + prefix.strip("/") if prefix.strip("/") else ""
+
+
 def hub_user(token: str, *, api_url: str, service_name: str, timeout: float = 5.0) -> str | None:
     """The name of the Hub user who owns `token`, if the token may use this service; else None."""
     request = urllib.request.Request(api_url.rstrip("/") + "/user", headers={"Authorization": f"token {token}"})
