@@ -31,7 +31,7 @@ def test_prefill_logits_match_hf(tiny_model, kind):
         req.pages = engine.pool.alloc_pages(engine.pool.pages_for(len(prompt)), owner=req.row)
         batch, _, _ = engine.runner.prepare([(req, len(prompt))])
         batch.logits_index = torch.arange(len(prompt))
-        ours = engine.model.forward(batch, engine.pool)
+        ours = engine.model.forward(batch, engine.pool.buffers)
         engine.pool.free_pages(req.pages)
         engine.pool.free_row(req.row)
         assert engine.pool.is_whole()

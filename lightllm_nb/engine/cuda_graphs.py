@@ -58,11 +58,11 @@ class DecodeGraphs:
         for size in tqdm(sorted(self.buckets, reverse=True), desc="capturing CUDA graphs", unit="graph",
                          disable=not progress, leave=False):
             batch = self._static_batch(size)
-            self.model.forward(batch, self.pool)  # warm-up: compiles the Triton kernels outside capture
+            self.model.forward(batch, self.pool.buffers)  # warm-up: compiles the Triton kernels outside capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.mempool):
-                self.outputs[size] = self.model.forward(batch, self.pool)
+                self.outputs[size] = self.model.forward(batch, self.pool.buffers)
             self.graphs[size] = graph
         torch.cuda.synchronize()
 

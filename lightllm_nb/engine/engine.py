@@ -23,12 +23,12 @@ from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .embedded_api import EmbeddedAPI
 from .grammar import GrammarCompiler, RequestGrammar
-from .engine_setup import choose_batch_limits, limit_cpu_threads, resolve_device, resolve_dtype, size_kv_tokens
+from .engine_setup import (choose_batch_limits, cpu_threads_per_rank, limit_cpu_threads, resolve_device, resolve_dtype,
+                           size_kv_tokens)
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
 from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
 from ..kv.kv_pool import KVPool
-from ..parallel.step_messages import MirroredKVPool
 from ..loading import Checkpoint, load_checkpoint
 from .model_runner import ModelRunner
 from ..scheduling.policies import make_policy
@@ -73,14 +73,16 @@ class Engine(EmbeddedAPI):
         else:  # rank 0's shard plus one worker process per other rank (lightllm_nb/parallel)
             from ..parallel.sharded_model import ShardedModel
 
-            self.model = ShardedModel(model, tp, self.device, self.dtype, progress, checkpoint)
+            self.model = ShardedModel(model, tp, self.device, self.dtype, progress, checkpoint,
+                                      cpu_threads=cpu_threads_per_rank(self.device, tp))
         # model.config: this rank's shape (its KV heads), which is what the pool holds.
         kv_tokens = kv_tokens or size_kv_tokens(self.model.config, self.dtype, self.device, kv_memory_fraction)
         capacity = kv_tokens // page_size * page_size  # whole pages only
         # None: chosen from the device, the model and the pool (the rule is in engine_setup).
         max_running, max_batch_tokens = choose_batch_limits(self.config, self.dtype, self.device, kv_tokens,
                                                             max_running, max_batch_tokens)
-        self.pool = (KVPool if tp == 1 else MirroredKVPool)(
+        # At tp > 1 the sharded model makes the pool: its workers mirror what rank 0's pool maps.
+        self.pool = (KVPool if tp == 1 else self.model.kv_pool)(
                            num_layers=self.config.num_layers, num_kv_heads=self.model.config.num_kv_heads,
                            head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
                            max_requests=max_running,

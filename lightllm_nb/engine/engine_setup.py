@@ -134,6 +134,12 @@ def usable_cpus() -> int:
     return cpus
 
 
+def cpu_threads_per_rank(device: torch.device, tp: int) -> int:
+    """Torch threads for each of `tp` tensor-parallel ranks: on the CPU they share the usable CPUs
+    (more threads would wait on each other); on GPUs a rank's host thread only launches kernels."""
+    return max(1, usable_cpus() // tp) if device.type == "cpu" else 1
+
+
 def limit_cpu_threads(device: torch.device) -> None:
     """On the CPU, never run more torch threads than there are usable CPUs. torch sizes its pool
     from the host's cores; in a container with a quota, the surplus threads wait on each other at

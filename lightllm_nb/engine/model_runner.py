@@ -83,7 +83,7 @@ class ModelRunner:
         batch, samplers, sample_rows = self.prepare(items)
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)[batch.logits_index], samplers, sample_rows
-        return self.model.forward(batch, self.pool), samplers, sample_rows
+        return self.model.forward(batch, self.pool.buffers), samplers, sample_rows
 
     def remember_tokens(self, sample_rows: torch.Tensor, tokens: torch.Tensor) -> None:
         self.last_tokens[sample_rows] = tokens

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..models.kv_buffers import KVBuffers
+
 FREE = -1
 CACHED = -2  # holds prefix-cache tokens that no running request uses: reclaimable
 SHARED = -3  # holds prefix-cache tokens that several running requests use
@@ -37,11 +39,15 @@ class KVPool:
         # One extra page past the end and one extra row: padding for CUDA-graph batches writes
         # there, so padded entries never touch a live request's cache.
         shape = (num_layers, self.capacity + page_size, num_kv_heads, head_dim)
-        self.k_cache = torch.empty(shape, dtype=dtype, device=device)
-        self.v_cache = torch.empty(shape, dtype=dtype, device=device)
         self.dummy_slot = self.capacity
         self.dummy_row = max_requests
-        self.req_to_token = torch.zeros((max_requests + 1, max_context), dtype=torch.int32, device=device)
+        # The models' view: created once, so a CUDA graph captured over it stays valid for good.
+        self.buffers = KVBuffers(k_cache=torch.empty(shape, dtype=dtype, device=device),
+                                 v_cache=torch.empty(shape, dtype=dtype, device=device),
+                                 req_to_token=torch.zeros((max_requests + 1, max_context), dtype=torch.int32,
+                                                          device=device))
+        # Only this class writes it (the step's positions come through `map_positions`).
+        self.req_to_token = self.buffers.req_to_token
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out page 0 first
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.page_owner = np.full(self.num_pages, FREE, dtype=np.int64)

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from .kernel_set import KernelSet
-from ..kv.kv_pool import KVPool
 from .config import ModelConfig
 from .decode_linear import DecodeLinear
+from .kv_buffers import KVBuffers
 from .rope import rotary_tables
 
 
@@ -88,7 +88,7 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: KVPool) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, kv: KVBuffers) -> torch.Tensor:
         """Logits [N, vocab] (float32, or float64 for a float64 model) for the tokens at batch.logits_index."""
         cfg, k = self.config, self.kernels
         if self.tp is None:
@@ -100,7 +100,7 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
-            attn = self._attention(i, layer, x, batch, pool)
+            attn = self._attention(i, layer, x, batch, kv)
             attn = self.linear(attn, layer.o)
             if self.tp is not None:  # o and down see only this rank's heads / columns: sum the parts
                 self.tp.all_reduce(attn)
@@ -117,7 +117,7 @@ class LlamaModel:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
-                   pool: KVPool) -> torch.Tensor:
+                   kv: KVBuffers) -> torch.Tensor:
         cfg, k = self.config, self.kernels
         num_tokens = x.shape[0]
         qkv = self.linear(x, layer.qkv, layer.qkv_bias)
@@ -129,16 +129,16 @@ class LlamaModel:
             q = k.rmsnorm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_norm_eps).view_as(q)
             key = k.rmsnorm(key.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_norm_eps).view_as(key)
         k.apply_rotary(q, key, batch.positions, self.cos, self.sin)
-        k.write_kv(pool.k_cache[i], pool.v_cache[i], key, value, batch.out_slots)
+        k.write_kv(kv.k_cache[i], kv.v_cache[i], key, value, batch.out_slots)
 
         out = torch.empty((num_tokens, cfg.num_q_heads, cfg.head_dim), dtype=x.dtype, device=x.device)
         d = batch.num_decodes
         if d:
-            out[:d] = k.decode_attention(q[:d], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
+            out[:d] = k.decode_attention(q[:d], kv.k_cache[i], kv.v_cache[i], kv.req_to_token,
                                          batch.req_rows[:d], batch.kv_lens[:d], self.scale,
                                          max_kv_len=batch.max_kv_len, num_splits=batch.decode_splits)
         if d < batch.req_rows.shape[0]:
-            out[d:] = k.prefill_attention(q[d:], pool.k_cache[i], pool.v_cache[i], pool.req_to_token,
+            out[d:] = k.prefill_attention(q[d:], kv.k_cache[i], kv.v_cache[i], kv.req_to_token,
                                           batch.req_rows[d:], batch.q_starts[d:] - d, batch.kv_lens[d:],
                                           self.scale, max_q_len=batch.max_q_len)
         return out.view(num_tokens, -1)

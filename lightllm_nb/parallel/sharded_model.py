@@ -1,6 +1,7 @@
 """Rank 0's model in a tensor-parallel engine: its own shard plus the worker processes, in lockstep.
 
-The engine holds a `ShardedModel` where it would hold a `LlamaModel`: `forward(batch, pool)` first
+The engine holds a `ShardedModel` where it would hold a `LlamaModel`, and takes its KV pool from
+`kv_pool()` (a pool that remembers its prefix mappings for the workers): `forward(batch, kv)` first
 sends the step to the workers, then runs rank 0's shard; the shards meet in the all-reduces and
 the logits gather inside the forward. Everything else (device, dtype, config...) is rank 0's
 shard's. A worker that dies makes every later forward raise a RuntimeError that names it, so the
@@ -20,8 +21,8 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from ..engine.engine_setup import usable_cpus
 from ..models.config import ModelConfig
+from ..models.kv_buffers import KVBuffers
 from ..models.llama import ForwardBatch
 from .comm import start_group, stop_group
 from .shard import ShardPlan
@@ -47,8 +48,9 @@ class WorkerLostError(RuntimeError):
 
 class ShardedModel:
     def __init__(self, model_source, tp: int, device: torch.device, dtype: torch.dtype, progress: bool = True,
-                 checkpoint=None, startup_timeout: float = STARTUP_TIMEOUT_SECONDS):
-        """`checkpoint`: `model_source` already opened on rank 0 (the workers open their own)."""
+                 checkpoint=None, startup_timeout: float = STARTUP_TIMEOUT_SECONDS, cpu_threads: int = 1):
+        """`checkpoint`: `model_source` already opened on rank 0 (the workers open their own).
+        `cpu_threads`: torch threads for each rank on the CPU, where the ranks share the machine."""
         if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + tp:
             raise ValueError(f"tp={tp} needs {tp} GPUs from {device} on, but {torch.cuda.device_count()} are "
                              "visible: lower tp or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
@@ -57,8 +59,9 @@ class ShardedModel:
         self.tp = tp
         self.failure: str | None = None
         self._closing = False
+        self._pool: MirroredKVPool | None = None
         self._pool_sent = False
-        threads = max(1, usable_cpus() // tp) if device.type == "cpu" else 1
+        threads = cpu_threads if device.type == "cpu" else 1
         if device.type == "cpu" and torch.get_num_threads() > threads:
             torch.set_num_threads(threads)  # the ranks share the CPUs: more threads would wait on each other
         timeout = datetime.timedelta(seconds=startup_timeout)
@@ -130,15 +133,21 @@ class ShardedModel:
         if self.local.device.type == "cuda":  # NCCL would wait for the dead rank forever
             dist.distributed_c10d._abort_process_group()
 
-    def forward(self, batch: ForwardBatch, pool: MirroredKVPool) -> torch.Tensor:
+    def kv_pool(self, **layout) -> MirroredKVPool:
+        """Rank 0's KV pool (`KVPool`'s arguments): the workers build theirs from its layout and
+        copy the prefix mappings it makes, so every rank's req_to_token stays the same."""
+        self._pool = MirroredKVPool(**layout)
+        return self._pool
+
+    def forward(self, batch: ForwardBatch, kv: KVBuffers) -> torch.Tensor:
         if self.failure is not None:
             raise WorkerLostError(self.failure)
         try:
             if not self._pool_sent:
-                send_pool(self.local.tp, pool.layout, self.device)
+                send_pool(self.local.tp, self._pool.layout, self.device)
                 self._pool_sent = True
-            send_step(self.local.tp, batch, pool.take_maps(), self.device)
-            return self.local.forward(batch, pool)
+            send_step(self.local.tp, batch, self._pool.take_maps(), self.device)
+            return self.local.forward(batch, kv)
         except RuntimeError as err:
             # A collective broken by a dying peer: give the watcher a moment to say which one.
             for _ in range(20):

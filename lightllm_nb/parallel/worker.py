@@ -92,4 +92,4 @@ def _serve_steps(model, device: torch.device) -> None:
                           dtype=model.dtype, device=device, **message.pool_layout)
             continue
         apply_slot_mappings(pool, message)
-        model.forward(message.batch, pool)
+        model.forward(message.batch, pool.buffers)
