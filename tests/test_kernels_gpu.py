@@ -13,7 +13,8 @@ import torch
 from lightllm_nb.kernels import (
     add_rmsnorm, add_rmsnorm_torch, apply_rotary, apply_rotary_torch, decode_attention,
     decode_attention_torch, decode_num_splits, decode_workspace_numel, prefill_attention,
-    prefill_attention_torch, rmsnorm, rmsnorm_torch, silu_mul, silu_mul_torch, write_kv, write_kv_torch,
+    prefill_attention_torch, rmsnorm, rmsnorm_torch, rotary_kv_write, rotary_kv_write_torch, silu_mul,
+    silu_mul_torch, write_kv, write_kv_torch,
 )
 # pytest puts tests/ on sys.path, so the CPU file's input builders are shared, not copied.
 from test_kernels import _close, _fused_qkv, _hf_rmsnorm, _hf_rotary, _kv_setup, _randn, _rope_tables
@@ -67,6 +68,31 @@ def test_apply_rotary_gpu(dtype, model):
     _close(q, q_torch, dtype)
     _close(k, k_torch, dtype)
     torch.testing.assert_close(v, v_before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", MODELS)
+def test_rotary_kv_write_gpu(dtype, model):
+    num_q_heads, num_kv_heads, head_dim = MODELS[model]
+    gen = _gen(17 + DTYPES.index(dtype))
+    cos, sin = (t.cuda() for t in _rope_tables(8192, head_dim, base=500000.0))
+    _, q, k, v = _fused_qkv(gen, 1500, num_q_heads, num_kv_heads, head_dim, dtype)
+    positions = torch.randint(0, 8192, (1500,), generator=gen, device="cuda")
+    slots = torch.randperm(300_000, generator=gen, device="cuda")[:1500]
+    results = []
+    for fn in (rotary_kv_write_torch, rotary_kv_write):
+        q_out = q.clone()
+        k_cache = torch.full((300_000, num_kv_heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+        v_cache = torch.full_like(k_cache, float("nan"))
+        fn(q_out, k, v, positions, cos, sin, k_cache, v_cache, slots)
+        results.append((q_out, k_cache, v_cache))
+    (q_torch, k_torch, v_torch), (q_out, k_cache, v_cache) = results
+    _close(q_torch, _hf_rotary(q, positions, cos, sin), dtype)
+    _close(k_torch[slots], _hf_rotary(k, positions, cos, sin), dtype)
+    _close(q_out, q_torch, dtype)
+    _close(k_cache[slots], k_torch[slots], dtype)
+    torch.testing.assert_close(v_cache, v_torch, rtol=0, atol=0, equal_nan=True)
+    assert k_cache.isnan().sum() == k_torch.isnan().sum()  # no slot outside `slots` written
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
