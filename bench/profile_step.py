@@ -50,7 +50,7 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
         (batch_t, reqs, _), t = timed(lambda: runner.prepare(sched.items))
         parts["prepare"].append(t)
         logits, t = timed(lambda: runner.graphs.run(batch_t)[batch_t.logits_index]
-                          if runner.graphs and runner.graphs.fits(batch_t) else engine.model.forward(batch_t, engine.pool))
+                          if runner.graphs and runner.graphs.fits(batch_t) else engine.model.forward(batch_t, engine.pool.buffers))
         parts["forward"].append(t)
         sampled, t = timed(lambda: engine.sampler.sample(logits, [r.sampler for r in reqs]))
         parts["sample"].append(t)
@@ -110,7 +110,7 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
     batch_t, _, _ = engine.runner.prepare(sched.items)
     graphs = engine.runner.graphs
     run = (lambda: graphs.run(batch_t)) if graphs and graphs.fits(batch_t) else \
-        (lambda: engine.model.forward(batch_t, engine.pool))
+        (lambda: engine.model.forward(batch_t, engine.pool.buffers))
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
