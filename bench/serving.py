@@ -163,18 +163,40 @@ def start_serve(model: str, serve_args: list[str], log_path: Path) -> tuple[subp
     raise RuntimeError("lightllm-nb serve did not start:\n" + log_path.read_text()[-3000:])
 
 
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) per thread name of a process, from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
 def run_http(model: str, warm, prompts, output_len: int, clients: int, serve_args: list[str], procs: int,
              log_path: Path) -> dict:
     process, host, port = start_serve(model, serve_args, log_path)
     try:
         run_http_load(host, port, warm, output_len, min(clients, len(warm)), 1)
+        before = thread_cpu_seconds(process.pid)
         records, wall = run_http_load(host, port, prompts, output_len, clients, procs)
+        after = thread_cpu_seconds(process.pid)
     finally:
         process.terminate()
         code = process.wait(120)
     if code != 0:
         raise RuntimeError(f"serve exited {code}:\n" + log_path.read_text()[-3000:])
-    return summarize(records, wall)
+    result = summarize(records, wall)
+    # Where the serve process's CPU went per streamed token, by thread: the IOLoop runs in the
+    # main thread (named like the executable), the steps in "lightllm-driver".
+    result["serve_cpu_us_per_token"] = {name: round((after[name] - before.get(name, 0.0)) / result["output_tokens"]
+                                                    * 1e6, 1) for name in after if after[name] > before.get(name, 0.0)}
+    return result
 
 
 # ---- the model -------------------------------------------------------------------------------
@@ -208,6 +230,9 @@ def print_table(log: dict) -> None:
     if "embedded" in log and "http" in log:
         print(f"HTTP keeps {log['http']['output_tok_s'] / log['embedded']['output_tok_s']:.1%} of the embedded "
               "throughput")
+    if "http" in log:
+        print("serve CPU per streamed token, by thread:",
+              ", ".join(f"{name} {us:.0f} us" for name, us in log["http"]["serve_cpu_us_per_token"].items()))
 
 
 def main() -> None:

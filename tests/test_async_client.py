@@ -79,3 +79,50 @@ def test_async_chat_and_subscription(engine):
     reply, first = asyncio.run(main())
     assert reply.completion_tokens <= 3 and reply.finish_reason in ("length", "stop")
     assert first.rows and all(r.user == "async" for r in first.rows)
+
+
+def test_each_event_loop_is_woken_once_per_step_not_once_per_output(engine):
+    """12 streams read on one event loop: the driver wakes the loop once per step for all of them."""
+    client = engine.client(user="async")
+    prompts = [[5 + i, 6, 7] for i in range(12)]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        threadsafe = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args, **kw: wakeups.append(args[0]) or threadsafe(*args, **kw)
+        events = await client.asubscribe(maxsize=1024)
+        streams = [await client.astream(prompt_token_ids=p, sampling=GREEDY) for p in prompts]
+
+        async def read(stream):
+            return [out async for out in stream._handle]
+        outputs = await asyncio.gather(*(read(s) for s in streams))  # all 12 asleep together
+        loop.call_soon_threadsafe = threadsafe
+        steps = 0
+        while True:
+            try:
+                events.get(timeout=0)
+            except TimeoutError:
+                break
+            steps += 1
+        events.close()
+        return wakeups, steps, outputs
+
+    wakeups, steps, outputs = asyncio.run(main())
+    delivered = sum(len(o) for o in outputs)
+    assert delivered >= 12 * GREEDY.max_tokens
+    assert 1 <= len(wakeups) <= steps, f"{len(wakeups)} wake-ups of the event loop for {steps} steps"
+
+
+def test_a_reader_that_fell_behind_takes_everything_produced_in_one_output(engine):
+    expected = engine.generate(prompt_token_ids=[[8, 9, 10]], sampling=GREEDY)[0]
+    handle = engine.driver().submit([8, 9, 10], GREEDY, user="async")
+    handle.result(timeout=60)  # every output is queued, none read
+
+    async def read():
+        return [out async for out in handle.coalesced()]
+
+    (merged,) = asyncio.run(read())
+    assert merged.new_token_ids == expected.token_ids
+    assert merged.text_delta == expected.text
+    assert merged.finished and merged.finish_reason == "length" and merged.completion.text == expected.text

@@ -20,7 +20,7 @@ from ..engine.prompt_checks import check_fits, check_user_and_priority, prompt_i
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.request import Completion, RequestOutput
 from ..telemetry.hub import EventSubscription
-from .request_handle import RequestHandle
+from .request_handle import RequestHandle, wake_readers
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,9 @@ class DriverLoop:
                 self._deliver([_ended(handle, "error", f"the request could not be queued: {err}")])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their handles in one go (outputs of requests added through the
-        low-level API before the loop started have no handle and are dropped)."""
+        """Hand a step's outputs to their handles in one go, then wake each asyncio reader's event
+        loop once (outputs of requests added through the low-level API before the loop started have
+        no handle and are dropped)."""
         delivered = []
         with self._lock:
             for out in outputs:
@@ -228,8 +229,18 @@ class DriverLoop:
                         del self._waiting_per_user[handle.user]
                 if out.finished:
                     del self._handles[out.request_id]
+        readers: dict[object, list[RequestHandle]] = {}
         for handle, out in delivered:
             handle._deliver(out)
+            if handle.reader_loop is not None:
+                readers.setdefault(handle.reader_loop, []).append(handle)
+        # One wake-up per event loop per step (not one per output): a tornado IOLoop serving 256
+        # streams resumes them all from a single callback.
+        for event_loop, handles in readers.items():
+            try:
+                event_loop.call_soon_threadsafe(wake_readers, handles)
+            except RuntimeError:  # that event loop is closed: nobody reads there any more
+                pass
 
     def _stats(self, user: str | None) -> dict:
         stats = {**self.engine.stats(), "max_waiting": self.max_waiting,

@@ -36,7 +36,8 @@ class _GenerationHandler(ApiHandler):
             raise
         try:
             self.handle = self.ctx.driver.submit(request.prompt_ids, request.sampling, user=self.caller.user,
-                                                 priority=request.priority, stream_text=True)
+                                                 priority=request.priority, stream_text=request.stream,
+                                                 keep_outputs=request.stream)
         except InvalidRequestError as err:
             self.ctx.metrics.request_rejected()
             raise ApiError(429 if "waiting" in str(err) else 400, str(err)) from None
@@ -58,18 +59,20 @@ class _GenerationHandler(ApiHandler):
             self._log_request(completion)
 
     async def collect(self):
-        async for out in self.handle:
-            if out.completion is not None:
-                self.send_json(self.complete(out.completion))
-                return out.completion
-        raise ApiError(503, "the engine stopped before this request finished")
+        completion = await self.handle.aresult()
+        if completion is None:
+            raise ApiError(503, "the engine stopped before this request finished")
+        self.send_json(self.complete(completion))
+        return completion
 
     async def stream(self, request):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Request-Id", self.handle.request_id)
         self.flush()
-        async for out in self.handle:
+        # A stream that fell behind sends everything produced since its last write as one record
+        # (OpenAI clients take multi-token deltas): the cost per token falls as the load rises.
+        async for out in self.handle.coalesced():
             self.write(b"".join(sse(r) for r in self.records(out, request)))
             await self.flush()
             if out.completion is not None:

@@ -1,8 +1,14 @@
 """A caller's sink for one request: its outputs as they come (blocking or async iteration), its
-completion at the end, and `abort()`."""
+completion at the end, and `abort()`.
+
+An asyncio reader is not woken once per output: the handle remembers the event loop that reads it
+(`reader_loop`), and the driver loop wakes each event loop once per step for all the handles it
+read (`wake_readers`). A reader that fell behind can take everything queued at once (`coalesced`).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Callable
 
@@ -25,6 +31,8 @@ class RequestHandle:
         self._text = text              # decodes text deltas as outputs are read (off the step thread)
         self._outputs = Mailbox()      # unbounded: a request's outputs are never dropped
         self._done = threading.Event()
+        self.reader_loop: asyncio.AbstractEventLoop | None = None  # set by the first async read
+        self._reader_waiting: asyncio.Future | None = None         # that reader, asleep until a step wakes it
 
     @property
     def finished(self) -> bool:
@@ -44,7 +52,7 @@ class RequestHandle:
         """`result` for asyncio; consumes any outputs not yet read."""
         while True:
             try:
-                await self._outputs.aget()
+                await self._next_queued()
             except MailboxClosed:
                 return self.completion
 
@@ -62,14 +70,45 @@ class RequestHandle:
 
     async def __anext__(self) -> RequestOutput:
         try:
-            return self._with_text(await self._outputs.aget())
+            return self._with_text(await self._next_queued())
         except MailboxClosed:
             raise StopAsyncIteration from None
+
+    async def coalesced(self):
+        """Async iteration that yields, at each wake-up, one output merging everything produced
+        since the last one (token ids and text joined; the last one's end and completion)."""
+        while True:
+            try:
+                outs = [await self._next_queued()]
+            except MailboxClosed:
+                return
+            while len(self._outputs):  # one reader: what is counted here is there to take
+                outs.append(self._outputs.get())
+            yield self._with_text(outs[0] if len(outs) == 1 else _merged(outs))
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
         if self._text is not None:
             out.text_delta = self._text.delta(out.new_token_ids, out.finish_reason)
         return out
+
+    async def _next_queued(self) -> RequestOutput:
+        """The oldest output, asleep until the driver loop's once-per-step wake-up if none is queued."""
+        loop = asyncio.get_running_loop()
+        while True:
+            # Say where the reader sleeps before looking: an output put after the look is then
+            # followed by a wake-up on this loop (see DriverLoop._deliver).
+            waiting = self._reader_waiting = loop.create_future()
+            self.reader_loop = loop
+            if len(self._outputs) or self._outputs.closed:
+                self._reader_waiting = None
+                return self._outputs.get()  # MailboxClosed once closed and empty
+            await waiting
+
+    def wake_reader(self) -> None:
+        """On the reader's event loop: outputs (or the end) arrived."""
+        waiting, self._reader_waiting = self._reader_waiting, None
+        if waiting is not None and not waiting.done():  # a cancelled reader's future is done already
+            waiting.set_result(None)
 
     def _deliver(self, out: RequestOutput) -> None:
         """On the loop thread: one output; the last one closes the sink."""
@@ -85,3 +124,16 @@ class RequestHandle:
     def __repr__(self) -> str:
         state = self.completion.finish_reason if self.completion else "running"
         return f"RequestHandle({self.request_id!r}, user={self.user!r}, {state})"
+
+
+def wake_readers(handles: list[RequestHandle]) -> None:
+    """One event loop's wake-up for a step: every handle of that loop that got outputs."""
+    for handle in handles:
+        handle.wake_reader()
+
+
+def _merged(outs: list[RequestOutput]) -> RequestOutput:
+    last = outs[-1]
+    return RequestOutput(last.request_id, [t for out in outs for t in out.new_token_ids],
+                         "".join(out.text_delta for out in outs), last.finished, last.finish_reason,
+                         last.completion)
