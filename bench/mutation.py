@@ -181,6 +181,7 @@ def warm_up(workdir: Path) -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py sets it without a GPU
     import hypothesis, numpy, pytest, torch, transformers  # noqa: F401  (loaded for the forks)
     import lightllm_nb.engine.engine  # noqa: F401  (its dependencies stay; the package is re-imported)
+    import tiny_models  # noqa: F401  (conftest's; it loads transformers' model classes: ~10 CPU s a run)
     _forget_package()
 
 
@@ -189,9 +190,22 @@ def _forget_package() -> None:
         del sys.modules[name]
 
 
-def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
-    """("passed" | "failed" | "timeout", seconds, the first failing test) for the tests in `workdir`,
-    run by pytest in a fork of this (warmed-up) process."""
+# A hang is told from a starved run by CPU time, not wall time: under `nice -n 19` on shared cores a
+# mutant's tests may wait minutes for a core (the first campaign's "timeouts" were that), while a
+# livelocked loop burns its CPU. The wall-clock cap catches only a run blocked without computing.
+WALL_CAP_SECONDS = 3600
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_tests(workdir: Path, tests: list[str], cpu_limit: float) -> tuple[str, float, float, str]:
+    """("passed" | "failed" | "timeout", wall seconds, CPU seconds, the first failing test) for the
+    tests in `workdir`, run by pytest in a fork of this (warmed-up) process; "timeout" once the run
+    has used `cpu_limit` CPU seconds (or WALL_CAP_SECONDS of wall time)."""
     shutil.rmtree(workdir / ".hypothesis", ignore_errors=True)  # no examples remembered from other mutants
     log = workdir / "mutant-run.log"
     started = time.perf_counter()
@@ -214,20 +228,22 @@ def run_tests(workdir: Path, tests: list[str], timeout: float) -> tuple[str, flo
         finally:
             os._exit(code)
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         seconds = time.perf_counter() - started
         if done:
+            cpu = usage.ru_utime + usage.ru_stime
             break
-        if seconds > timeout:
+        cpu = cpu_seconds(pid)
+        if cpu > cpu_limit or seconds > WALL_CAP_SECONDS:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
-            return "timeout", seconds, ""
+            return "timeout", seconds, cpu, ""
         time.sleep(0.1)
     if os.waitstatus_to_exitcode(status) == 0:
-        return "passed", seconds, ""
+        return "passed", seconds, cpu, ""
     out = log.read_text(errors="replace").splitlines()
     failed = [line.split(" ")[1] for line in out if line.startswith(("FAILED ", "ERROR "))]
-    return "failed", seconds, failed[0] if failed else f"exit {os.waitstatus_to_exitcode(status)}"
+    return "failed", seconds, cpu, failed[0] if failed else f"exit {os.waitstatus_to_exitcode(status)}"
 
 
 def already_run(records: list[Path]) -> set[tuple]:
@@ -255,7 +271,7 @@ def main() -> None:
                         help="comma-separated JSONL records: mutants recorded there (the same site and change) "
                              "are not run again")
     parser.add_argument("--timeout", type=float, default=None,
-                        help="seconds per mutant; given, the unmutated run that checks the tests pass is skipped")
+                        help="CPU seconds per mutant; given, the unmutated run that checks the tests pass is skipped")
     parser.add_argument("--workdir", default="/tmp/lightllm-nb-mutation", help="private copy of the tree")
     parser.add_argument("--out", default=None, help="JSONL records (default bench/records/mutation-<date>.jsonl)")
     args = parser.parse_args()
@@ -302,19 +318,20 @@ def main() -> None:
             timeout = args.timeout
             print(f"{name}: {len(indices)} of {len(mutants)} mutants, unmutated run skipped", flush=True)
         else:
-            status, baseline, first = run_tests(workdir, tests, timeout=1800)
+            status, _, baseline, first = run_tests(workdir, tests, cpu_limit=1800)
             if status != "passed":
                 sys.exit(f"{name}: the tests fail on the unmutated code ({first}): fix that first")
-            timeout = max(60.0, 4 * baseline)
-            print(f"{name}: {len(indices)} of {len(mutants)} mutants, tests take {baseline:.0f}s", flush=True)
+            timeout = max(30.0, 4 * baseline)
+            print(f"{name}: {len(indices)} of {len(mutants)} mutants, tests take {baseline:.0f} CPU s", flush=True)
         try:
             for index in indices:
                 mutant = mutants[index]
                 (workdir / path).write_text(mutant["source"])
-                status, seconds, first = run_tests(workdir, tests, timeout)
+                status, seconds, cpu, first = run_tests(workdir, tests, timeout)
                 result = "survived" if status == "passed" else "killed" if status == "failed" else "timeout"
                 record = {"id": f"{name}:{index}", "module": path, "line": mutant["line"], "change": mutant["change"],
                           "code": mutant["code"], "result": result, "killed_by": first, "seconds": round(seconds, 1),
+                          "cpu_seconds": round(cpu, 1),
                           "of": len(mutants), "commit": commit, "date": str(datetime.date.today())}
                 with out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
