@@ -184,3 +184,14 @@ def test_the_history_counts_from_exactly_min_history_finished_requests():
     policy.record_finished(make_request(1, produced=3, max_tokens=3))
     warm = policy.check(candidate, [make_request(10, max_tokens=100, rid="a")], pool(200))
     assert warm.numbers["history"] == 3 and warm.numbers["samples"] == 2 and warm.admit, warm.reason
+
+
+def test_by_default_the_last_1000_finished_lengths_are_sampled_from():
+    """The default window (1000, PastFuturePolicy's signature): the 1001st finished request pushes
+    the first one out, so a single old outlier no longer shapes the futures sampled."""
+    policy = PastFuturePolicy()
+    for n in [500] + [10] * 1000:
+        policy.record_finished(make_request(1, produced=n, max_tokens=n))
+    assert len(policy.history) == 1000 and 500 not in policy.history
+    finals = policy.sample_final_lengths(np.array([0] * 50), np.array([1000] * 50))
+    assert (finals == 10).all(), "the outlier 500 left the window"

@@ -37,3 +37,20 @@ def test_every_prefill_chunk_is_recorded_even_a_one_token_one():
     scheduler.add(req)
     run(scheduler)
     assert [e["tokens"] for e in req.timeline if e["event"] == "prefill"] == [4, 4, 1]
+
+
+def test_a_request_preempted_in_the_middle_of_a_page_keeps_its_whole_computed_pages():
+    # Pages of 4, 28 slots: "old" (8 + 12 tokens) outgrows the pool while "new" (6 + 12) has computed
+    # 13 tokens on 4 pages; "new" is preempted for it and the cache keeps 3 whole pages, not the 4th.
+    scheduler = make_scheduler(capacity=28, page_size=4, max_running=2, prefix_cache=True,
+                               timelines=TimelineRecorder())
+    old, new = request("old", prompt_len=8, max_tokens=12), request("new", prompt_len=6, max_tokens=12)
+    scheduler.add(old)
+    step(scheduler)
+    scheduler.add(new)
+    run(scheduler)
+    [preempted] = [e for e in new.timeline if e["event"] == "preempted"]
+    [resumed] = [e for e in new.timeline if e["event"] == "resumed"]
+    assert (preempted["code"], preempted["computed"]) == ("preempted_for", 13), "the scenario: mid-page"
+    assert preempted["kept"] == 12, "whole computed pages only: 13 // 4 * 4"
+    assert (resumed["cached_tokens"], resumed["recomputed"]) == (12, 1), "the resume finds what was kept"

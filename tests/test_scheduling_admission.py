@@ -1,0 +1,57 @@
+"""What the real scheduler says when it admits or defers a request, and who may pass a request that
+cannot start yet; model-free. The reason a decision carries is what panels and `explain()` show."""
+
+from types import SimpleNamespace
+
+from lightllm_nb.scheduling.admission import ConservativePolicy, Verdict
+from model_free import make_scheduler, request, run, step
+
+
+class AdmitEverything:
+    """A policy that lets every request in, so the pool alone can turn one down."""
+
+    name = "admit_everything"
+
+    def check(self, candidate, running, pool):
+        return Verdict(True, "this policy admits everything", {"free": pool.free})
+
+    def record_finished(self, request):
+        pass
+
+
+def test_an_admission_and_a_policy_refusal_carry_the_policys_own_reason():
+    # Conservative, 64 slots: "a" reserves 40, "b" would need 40 more.
+    scheduler = make_scheduler(capacity=64, policy=ConservativePolicy())
+    scheduler.add(request("a", prompt_len=20, max_tokens=20))
+    scheduler.add(request("b", prompt_len=20, max_tokens=20))
+    admit, defer = [d for d in step(scheduler) if d.kind in ("admit", "defer")]
+    assert (admit.kind, admit.request_id, admit.code) == ("admit", "a", "policy")
+    assert admit.reason == "reserved 0 + worst case 40 <= capacity 64"
+    assert admit.numbers == {"reserved": 0, "need": 40, "capacity": 64}
+    assert (defer.kind, defer.request_id, defer.code) == ("defer", "b", "policy")
+    assert defer.reason == "reserved 40 + worst case 40 > capacity 64"
+
+
+def test_a_request_the_policy_admits_but_the_pool_cannot_hold_is_deferred_for_room():
+    scheduler = make_scheduler(capacity=16, policy=AdmitEverything())
+    scheduler.add(request("a", prompt_len=12, max_tokens=4))
+    step(scheduler)
+    scheduler.add(request("b", prompt_len=8, max_tokens=4))
+    [defer] = [d for d in step(scheduler) if d.kind == "defer"]
+    assert (defer.request_id, defer.code, defer.numbers) == ("b", "no_room", {"need": 8, "free": 3})
+    assert defer.reason == "8 tokens do not fit in 3 free slots"
+
+
+def test_a_request_whose_grammar_is_still_compiling_waits_without_holding_up_others():
+    scheduler = make_scheduler()
+    compiling = request("compiling", "alice")
+    compiling.grammar = SimpleNamespace(ready=False)  # RequestGrammar.ready is False until xgrammar is done
+    scheduler.add(compiling)
+    scheduler.add(request("plain", "bob"))  # another user: the same user's next request queues behind
+    decisions = step(scheduler)
+    assert [d.request_id for d in decisions if d.kind == "admit"] == ["plain"], \
+        "the compiling request waits in the queue; the one behind it starts now"
+    assert len(scheduler.waiting) == 1 and compiling.status.name == "WAITING"
+    compiling.grammar.ready = True
+    run(scheduler)
+    assert compiling.finish_reason == "length" and compiling.num_output == compiling.sampling.max_tokens
