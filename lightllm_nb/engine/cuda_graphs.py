@@ -37,7 +37,6 @@ class DecodeGraphs:
         self.kv_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.q_starts = torch.arange(top + 1, dtype=torch.int32, device=device)
         self.logits_index = torch.arange(top, dtype=torch.int64, device=device)
-        pool.req_to_token[pool.dummy_row].fill_(pool.dummy_slot)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.mempool = torch.cuda.graph_pool_handle()

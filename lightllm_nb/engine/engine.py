@@ -35,7 +35,7 @@ from ..scheduling.policies import make_policy
 from ..models.config import ModelConfig
 from ..models.weights import build_model
 from .prompt_checks import PromptEncoder, check_fits, check_user_and_priority, prompt_ids, sampling_params
-from ..scheduling.request import PENDING_TOKEN, Completion, Request, RequestOutput, request_metrics
+from ..scheduling.request import Completion, Request, RequestOutput, request_metrics
 from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
@@ -254,7 +254,7 @@ class Engine(EmbeddedAPI):
         for req, index, token in zip(inflight.requests, inflight.indices, tokens):
             if req.finished:  # aborted, or stopped a step ago on a token seen late
                 continue
-            req.token_ids[index] = token
+            req.fill_pending_token(index, token)
             outputs.append(self._accept_token(req, index, now, None, 0, decisions))
         return outputs
 
@@ -367,7 +367,7 @@ class Engine(EmbeddedAPI):
         out = RequestOutput(req.request_id, [token], delta, reason is not None, reason)
         if reason is None:
             return out
-        del req.token_ids[index + 1:]  # a token the next overlapped step already asked for
+        req.drop_tokens_after(index)  # a token the next overlapped step already asked for
         decisions.append(self.scheduler.finish(req, reason))
         return self._retire(out)
 
@@ -375,7 +375,7 @@ class Engine(EmbeddedAPI):
         """Forget a finished request, attaching its Completion to its last output."""
         req = self._requests.pop(out.request_id)
         detok = self._detokenizers.pop(out.request_id, None)
-        ids = [t for t in req.output_ids if t != PENDING_TOKEN]
+        ids = req.known_output_ids
         if detok is not None:
             text = detok.text
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..scheduling.request import PENDING_TOKEN, Request
+from ..scheduling.request import Request
 
 
 class InflightTokens:
@@ -14,9 +14,7 @@ class InflightTokens:
         self.requests = requests
         # Each request's newest token becomes a placeholder now, so the scheduler already sees
         # one more uncomputed token and the next step can run before the value arrives.
-        for req in requests:
-            req.token_ids.append(PENDING_TOKEN)
-        self.indices = [len(req.token_ids) - 1 for req in requests]
+        self.indices = [req.add_pending_token() for req in requests]
         if tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)

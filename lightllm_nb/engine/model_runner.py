@@ -7,7 +7,7 @@ import torch
 
 from ..kv.kv_pool import KVPool
 from ..models.llama import ForwardBatch, LlamaModel
-from ..scheduling.request import PENDING_TOKEN, Request
+from ..scheduling.request import Request, fill_pending, has_pending
 
 
 class ModelRunner:
@@ -69,9 +69,9 @@ class ModelRunner:
         offsets = np.cumsum([0, t, t, t, t, b, b + 1, b, s, s])
         ids_t, pos_t, slot_t, row_tok_t, rows_t, qs_t, kv_t, li_t, sample_rows_t = (
             packed[offsets[i]:offsets[i + 1]] for i in range(9))
-        if PENDING_TOKEN in ids:  # tokens the previous (overlapped) step sampled are only on the device
-            ids_t = torch.where(ids_t == PENDING_TOKEN, self.last_tokens[row_tok_t], ids_t)
-        pool.req_to_token[row_tok_t, pos_t] = slot_t.to(torch.int32)
+        if has_pending(ids):  # tokens the previous (overlapped) step sampled are only on the device
+            ids_t = fill_pending(ids_t, self.last_tokens[row_tok_t])
+        pool.map_positions(row_tok_t, pos_t, slot_t)
         batch = ForwardBatch(
             input_ids=ids_t, positions=pos_t, out_slots=slot_t, req_rows=rows_t.to(torch.int32),
             q_starts=qs_t.to(torch.int32), kv_lens=kv_t.to(torch.int32), logits_index=li_t,

@@ -36,8 +36,8 @@ class KVPool:
         self.capacity = self.num_pages * page_size
         self.max_requests = max_requests
         self.max_context = max_context
-        # One extra page past the end and one extra row: padding for CUDA-graph batches writes
-        # there, so padded entries never touch a live request's cache.
+        # One extra page past the end and one extra row mapping every position to it: padding for
+        # CUDA-graph batches writes and reads there, so padded entries never touch a live request's cache.
         shape = (num_layers, self.capacity + page_size, num_kv_heads, head_dim)
         self.dummy_slot = self.capacity
         self.dummy_row = max_requests
@@ -48,6 +48,7 @@ class KVPool:
                                                           device=device))
         # Only this class writes it (the step's positions come through `map_positions`).
         self.req_to_token = self.buffers.req_to_token
+        self.req_to_token[self.dummy_row].fill_(self.dummy_slot)
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out page 0 first
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self.page_owner = np.full(self.num_pages, FREE, dtype=np.int64)
@@ -100,6 +101,11 @@ class KVPool:
         so it never writes these positions itself. One host-to-device copy."""
         slots = torch.from_numpy(self.slots(pages, 0, length)).to(self.req_to_token.device, torch.int32)
         self.req_to_token[row, :length] = slots
+
+    def map_positions(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Point `positions` of `rows` at `slots` (device tensors, one entry per token): the
+        positions a step computes, in one scatter on the device."""
+        self.req_to_token[rows, positions] = slots.to(torch.int32)
 
     def alloc_row(self) -> int | None:
         return self._free_rows.pop() if self._free_rows else None

@@ -95,6 +95,6 @@ def apply_slot_mappings(pool: KVPool, message: StepMessage) -> None:
     """What rank 0's scheduler and runner wrote into its req_to_token, written into this rank's."""
     batch = message.batch
     rows, positions, slots = message.maps
-    pool.req_to_token[rows, positions] = slots.to(torch.int32)
+    pool.map_positions(rows, positions, slots)
     row_per_token = batch.req_rows.long().repeat_interleave((batch.q_starts[1:] - batch.q_starts[:-1]).long())
-    pool.req_to_token[row_per_token, batch.positions] = batch.out_slots.to(torch.int32)
+    pool.map_positions(row_per_token, batch.positions, batch.out_slots)

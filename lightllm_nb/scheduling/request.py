@@ -1,4 +1,9 @@
-"""A request as the engine tracks it, and the finished result handed back to users."""
+"""A request as the engine tracks it, and the finished result handed back to users.
+
+This module alone knows the overlap placeholder: a `Request` puts one in (`add_pending_token`),
+replaces it (`fill_pending_token`) and leaves it out of results; the runner fills placeholders of
+a step's device tensor with `fill_pending`.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,24 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..sampling_params import SamplingParams
 
 
 # Stands in token_ids for a sampled token still on its way back from the GPU: with overlapped
 # steps the next step is launched before this one's tokens reach the host.
 PENDING_TOKEN = -1
+
+
+def has_pending(token_ids: list[int]) -> bool:
+    return PENDING_TOKEN in token_ids
+
+
+def fill_pending(token_ids: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+    """`token_ids` (on the device) with each placeholder replaced by `newest` at the same index:
+    the tokens the previous step sampled, which only the device has seen yet."""
+    return torch.where(token_ids == PENDING_TOKEN, newest, token_ids)
 
 
 class Status(enum.Enum):
@@ -63,7 +80,13 @@ class Request:
 
     @property
     def output_ids(self) -> list[int]:
+        """Every output token, a placeholder of one still on the GPU included."""
         return self.token_ids[self.num_prompt:]
+
+    @property
+    def known_output_ids(self) -> list[int]:
+        """The output tokens the host has seen (placeholders left out)."""
+        return [t for t in self.output_ids if t != PENDING_TOKEN]
 
     @property
     def num_output(self) -> int:
@@ -88,13 +111,31 @@ class Request:
         return self.num_prompt + self.sampling.max_tokens
 
     @property
+    def newest_is_pending(self) -> bool:
+        """Its newest token was sampled but is still on its way back from the GPU."""
+        return self.token_ids[-1] == PENDING_TOKEN
+
+    @property
     def awaiting_final(self) -> bool:
         """Its newest token is still on the GPU and will be its last (max_tokens): nothing left to compute."""
-        return self.token_ids[-1] == PENDING_TOKEN and self.num_output >= self.sampling.max_tokens
+        return self.newest_is_pending and self.num_output >= self.sampling.max_tokens
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def add_pending_token(self) -> int:
+        """A placeholder for a token sampled on the device, so the scheduler already sees one more
+        uncomputed token; returns its index, for `fill_pending_token` once the value arrives."""
+        self.token_ids.append(PENDING_TOKEN)
+        return len(self.token_ids) - 1
+
+    def fill_pending_token(self, index: int, token: int) -> None:
+        self.token_ids[index] = token
+
+    def drop_tokens_after(self, index: int) -> None:
+        """Forget tokens past `index`: a stop seen a step late leaves a placeholder behind it."""
+        del self.token_ids[index + 1:]
 
 
 @dataclass

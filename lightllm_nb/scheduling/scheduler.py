@@ -20,7 +20,7 @@ from .decisions import Decision
 from ..kv.kv_pool import KVPool
 from ..kv.cache_scope import CacheScopes
 from ..kv.prefix_cache import PrefixCache, PrefixMatch
-from .request import PENDING_TOKEN, Request, Status
+from .request import Request, Status
 from .progress_guard import ProgressGuard
 from .timeline import TimelineRecorder
 from .waiting_queue import WaitingQueue
@@ -192,7 +192,7 @@ class Scheduler:
         for req in self.waiting.in_admission_order(self._running_per_user):
             if req.user in skipped:
                 continue
-            if req.token_ids[-1] == PENDING_TOKEN:
+            if req.newest_is_pending:
                 # Preempted this very step with its newest token still on the GPU: that token is
                 # read back at the end of the step, so it can resume from the next one.
                 continue
