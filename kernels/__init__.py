@@ -3,18 +3,16 @@
 from .decode_attention import (decode_attention, decode_attention_torch, decode_num_splits,
                                decode_workspace_numel)
 from .gemv import GEMV_MAX_M, gemv, gemv_torch
-from .kv_write import write_kv, write_kv_torch
 from .prefill_attention import prefill_attention, prefill_attention_torch
 from .rmsnorm import add_rmsnorm, add_rmsnorm_torch, rmsnorm, rmsnorm_torch
-from .rotary import apply_rotary, apply_rotary_torch
 from .rotary_kv_write import rotary_kv_write, rotary_kv_write_torch
 from .silu_mul import silu_mul, silu_mul_torch
 
 __all__ = [
-    "add_rmsnorm", "add_rmsnorm_torch", "apply_rotary", "apply_rotary_torch",
+    "add_rmsnorm", "add_rmsnorm_torch",
     "decode_attention", "decode_attention_torch", "decode_num_splits", "decode_workspace_numel",
     "GEMV_MAX_M", "gemv", "gemv_torch",
     "prefill_attention", "prefill_attention_torch", "rmsnorm", "rmsnorm_torch",
     "rotary_kv_write", "rotary_kv_write_torch",
-    "silu_mul", "silu_mul_torch", "write_kv", "write_kv_torch",
+    "silu_mul", "silu_mul_torch",
 ]

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from lightllm_nb.kernels import (
-    add_rmsnorm, add_rmsnorm_torch, apply_rotary, apply_rotary_torch, decode_attention,
-    decode_attention_torch, decode_workspace_numel, prefill_attention, prefill_attention_torch,
-    rmsnorm, rmsnorm_torch, silu_mul, silu_mul_torch, write_kv, write_kv_torch,
+    add_rmsnorm, add_rmsnorm_torch, decode_attention, decode_attention_torch, decode_workspace_numel,
+    prefill_attention, prefill_attention_torch, rmsnorm, rmsnorm_torch, silu_mul, silu_mul_torch,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -87,7 +86,7 @@ def test_add_rmsnorm(dtype):
     _close(out, out_torch, dtype)
 
 
-# ---------------------------------------------------------------- rotary
+# ---------------------------------------------------------------- rotary (tested in test_fused_rotary_kv_write.py)
 
 
 def _rope_tables(max_pos, head_dim, base=10000.0):
@@ -116,27 +115,6 @@ def _fused_qkv(gen, tokens, num_q_heads, num_kv_heads, head_dim, dtype):
             qkv[:, k_end:].view(tokens, num_kv_heads, head_dim))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(4, 4, 16), (9, 3, 32)])
-def test_apply_rotary(dtype, num_q_heads, num_kv_heads, head_dim):
-    gen = _gen(30 + DTYPES.index(dtype) + head_dim)
-    cos, sin = _rope_tables(200, head_dim)
-    qkv, q, k, v = _fused_qkv(gen, 7, num_q_heads, num_kv_heads, head_dim, dtype)
-    assert not q.is_contiguous()
-    positions = torch.randperm(200, generator=gen)[:7]
-    v_before = v.clone()
-
-    q_torch, k_torch = q.clone(), k.clone()
-    apply_rotary_torch(q_torch, k_torch, positions, cos, sin)
-    _close(q_torch, _hf_rotary(q, positions, cos, sin), dtype)
-    _close(k_torch, _hf_rotary(k, positions, cos, sin), dtype)
-
-    apply_rotary(q, k, positions, cos, sin)
-    _close(q, q_torch, dtype)
-    _close(k, k_torch, dtype)
-    torch.testing.assert_close(v, v_before, rtol=0, atol=0)  # no write past k's columns
-
-
 # ---------------------------------------------------------------- silu_mul
 
 
@@ -154,8 +132,8 @@ def test_silu_mul(dtype):
 
 
 def test_elementwise_torch_paths_in_float64():
-    """A float64 model stays float64 where HF computes in float64 (rotary, SwiGLU); RMSNorm
-    normalizes in float32 as HF does."""
+    """A float64 model stays float64 where HF computes in float64 (SwiGLU; rotary in
+    test_fused_rotary_kv_write.py); RMSNorm normalizes in float32 as HF does."""
     gen = _gen(45)
     x = _randn(gen, 4, 32, dtype=torch.float64)
     weight = 1 + _randn(gen, 32, dtype=torch.float64) * 0.1
@@ -163,39 +141,6 @@ def test_elementwise_torch_paths_in_float64():
     gate_up = _randn(gen, 4, 64, dtype=torch.float64)
     gate, up = gate_up[:, :32], gate_up[:, 32:]
     torch.testing.assert_close(silu_mul_torch(gate_up), gate / (1 + torch.exp(-gate)) * up, rtol=1e-14, atol=1e-14)
-    cos, sin = _rope_tables(50, 16)
-    _, q, k, _ = _fused_qkv(gen, 5, 6, 2, 16, torch.float64)
-    positions = torch.randperm(50, generator=gen)[:5]
-    q_expected, k_expected = _hf_rotary(q, positions, cos, sin), _hf_rotary(k, positions, cos, sin)
-    apply_rotary_torch(q, k, positions, cos, sin)
-    torch.testing.assert_close(q, q_expected, rtol=1e-14, atol=1e-14)
-    torch.testing.assert_close(k, k_expected, rtol=1e-14, atol=1e-14)
-
-
-# ---------------------------------------------------------------- write_kv
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
-def test_write_kv(dtype, slot_dtype):
-    gen = _gen(50 + DTYPES.index(dtype) + (slot_dtype == torch.int64))
-    num_kv_heads, head_dim, tokens, num_slots = 3, 24, 9, 40
-    _, _, k, v = _fused_qkv(gen, tokens, 9, num_kv_heads, head_dim, dtype)
-    slots = torch.randperm(num_slots, generator=gen)[:tokens].to(slot_dtype)
-    untouched = torch.ones(num_slots, dtype=torch.bool)
-    untouched[slots.long()] = False
-
-    caches = {}
-    for name, fn in (("torch", write_kv_torch), ("kernel", write_kv)):
-        k_cache = torch.full((num_slots, num_kv_heads, head_dim), float("nan"), dtype=dtype)
-        v_cache = torch.full_like(k_cache, float("nan"))
-        fn(k_cache, v_cache, k, v, slots)
-        caches[name] = (k_cache, v_cache)
-    for k_cache, v_cache in caches.values():
-        for t, slot in enumerate(slots.tolist()):
-            torch.testing.assert_close(k_cache[slot], k[t], rtol=0, atol=0)
-            torch.testing.assert_close(v_cache[slot], v[t], rtol=0, atol=0)
-        assert k_cache[untouched].isnan().all() and v_cache[untouched].isnan().all()
 
 
 # ---------------------------------------------------------------- attention

@@ -13,9 +13,8 @@ class KernelSet:
     name: str
     rmsnorm: Callable
     add_rmsnorm: Callable
-    apply_rotary: Callable
+    rotary_kv_write: Callable
     silu_mul: Callable
-    write_kv: Callable
     decode_attention: Callable
     prefill_attention: Callable
 
@@ -24,7 +23,7 @@ def kernels_for(device: torch.device) -> KernelSet:
     from .. import kernels as k
 
     if device.type == "cuda":
-        return KernelSet("triton", k.rmsnorm, k.add_rmsnorm, k.apply_rotary, k.silu_mul, k.write_kv,
+        return KernelSet("triton", k.rmsnorm, k.add_rmsnorm, k.rotary_kv_write, k.silu_mul,
                          k.decode_attention, k.prefill_attention)
-    return KernelSet("torch", k.rmsnorm_torch, k.add_rmsnorm_torch, k.apply_rotary_torch, k.silu_mul_torch,
-                     k.write_kv_torch, k.decode_attention_torch, k.prefill_attention_torch)
+    return KernelSet("torch", k.rmsnorm_torch, k.add_rmsnorm_torch, k.rotary_kv_write_torch, k.silu_mul_torch,
+                     k.decode_attention_torch, k.prefill_attention_torch)

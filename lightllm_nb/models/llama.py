@@ -96,11 +96,13 @@ class LlamaModel:
         else:  # this rank's vocabulary rows: the others' tokens come from the other ranks
             hidden = self.tp.embed(batch.input_ids, self.embed)
         residual = hidden
+        # Decode attention's split counters: zeroed once per step, each layer's launch leaves them zero.
+        split_counters = torch.zeros(batch.num_decodes * cfg.num_kv_heads, dtype=torch.int32, device=self.device)
         x = k.rmsnorm(hidden, self.layers[0].attn_norm, cfg.rms_norm_eps)
         for i, layer in enumerate(self.layers):
             if i > 0:
                 x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
-            attn = self._attention(i, layer, x, batch, kv)
+            attn = self._attention(i, layer, x, batch, kv, split_counters)
             attn = self.linear(attn, layer.o)
             if self.tp is not None:  # o and down see only this rank's heads / columns: sum the parts
                 self.tp.all_reduce(attn)
@@ -117,7 +119,7 @@ class LlamaModel:
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
-                   kv: KVBuffers) -> torch.Tensor:
+                   kv: KVBuffers, split_counters: torch.Tensor) -> torch.Tensor:
         cfg, k = self.config, self.kernels
         num_tokens = x.shape[0]
         qkv = self.linear(x, layer.qkv, layer.qkv_bias)
@@ -128,17 +130,18 @@ class LlamaModel:
         if layer.q_norm is not None:  # Qwen3 normalizes each head before rotary
             q = k.rmsnorm(q.reshape(-1, cfg.head_dim), layer.q_norm, cfg.rms_norm_eps).view_as(q)
             key = k.rmsnorm(key.reshape(-1, cfg.head_dim), layer.k_norm, cfg.rms_norm_eps).view_as(key)
-        k.apply_rotary(q, key, batch.positions, self.cos, self.sin)
-        k.write_kv(kv.k_cache[i], kv.v_cache[i], key, value, batch.out_slots)
+        k.rotary_kv_write(q, key, value, batch.positions, self.cos, self.sin, kv.k_cache[i], kv.v_cache[i],
+                          batch.out_slots)
 
+        # Each attention kernel writes its rows of the output in place: no copy into the slices.
         out = torch.empty((num_tokens, cfg.num_q_heads, cfg.head_dim), dtype=x.dtype, device=x.device)
         d = batch.num_decodes
         if d:
-            out[:d] = k.decode_attention(q[:d], kv.k_cache[i], kv.v_cache[i], kv.req_to_token,
-                                         batch.req_rows[:d], batch.kv_lens[:d], self.scale,
-                                         max_kv_len=batch.max_kv_len, num_splits=batch.decode_splits)
+            k.decode_attention(q[:d], kv.k_cache[i], kv.v_cache[i], kv.req_to_token, batch.req_rows[:d],
+                               batch.kv_lens[:d], self.scale, max_kv_len=batch.max_kv_len,
+                               num_splits=batch.decode_splits, split_counters=split_counters, out=out[:d])
         if d < batch.req_rows.shape[0]:
-            out[d:] = k.prefill_attention(q[d:], kv.k_cache[i], kv.v_cache[i], kv.req_to_token,
-                                          batch.req_rows[d:], batch.q_starts[d:] - d, batch.kv_lens[d:],
-                                          self.scale, max_q_len=batch.max_q_len)
+            k.prefill_attention(q[d:], kv.k_cache[i], kv.v_cache[i], kv.req_to_token, batch.req_rows[d:],
+                                batch.q_starts[d:] - d, batch.kv_lens[d:], self.scale, max_q_len=batch.max_q_len,
+                                out=out[d:])
         return out.view(num_tokens, -1)
