@@ -1,6 +1,10 @@
-"""Where a decode step's time goes: scheduling, input preparation, the GPU forward, sampling.
+"""Where a decode step's time goes: scheduling, input preparation, the GPU forward, sampling; and
+how many kernels a step launches, beside its time (a small model's step is mostly fixed per-kernel
+cost, so the count is what fusions bring down).
 
     python bench/profile_step.py --tokenizer DIR [--shape llama-1b]
+
+CUDA only: the kernel count comes from torch.profiler's CUDA activity, which a CPU run has none of.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from roofline import SHAPES  # noqa: E402
-from throughput import check_full_batch, random_checkpoint  # noqa: E402
+from engine_timing import check_full_batch, random_checkpoint  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 
@@ -60,6 +64,9 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
             req.token_ids.append(sampled.token_ids[i])
         _, t = timed(engine.step)
         parts["step"].append(t)
+    forward_kernels, _, _ = count_kernels(lambda: runner.graphs.run(batch_t) if runner.graphs and runner.graphs.fits(batch_t)
+                                          else engine.model.forward(batch_t, engine.pool.buffers))
+    step_kernels, _, _ = count_kernels(engine.step)
     engine.overlap = True  # steady-state time of an overlapped step: wall time between steps
     engine.step()
     for _ in range(steps):
@@ -68,7 +75,21 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
     for rid in rids:
         engine.abort(rid)
     engine.step()
-    return {k: statistics.median(v) * 1e3 for k, v in parts.items()}
+    return {**{k: statistics.median(v) * 1e3 for k, v in parts.items()},
+            "kernels/step": step_kernels, "kernels/fwd": forward_kernels}
+
+
+def count_kernels(run, repeats: int = 3):
+    """Device operations (kernels, and the copies and memsets a graph also replays) per call of
+    `run`, their GPU microseconds per call, and the profile they were read from."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    device_events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    return (sum(e.count for e in device_events) / repeats,
+            sum(e.self_device_time_total for e in device_events) / repeats, prof)
 
 
 def outlast_prefill(engine: Engine, batch: int, context: int) -> int:
@@ -82,15 +103,22 @@ def main() -> None:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--shape", default="llama-1b")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_step.py needs a CUDA GPU: it times GPU work and counts kernels from "
+                         "torch.profiler's CUDA activity, which a CPU run cannot give")
     from transformers import AutoTokenizer
 
     ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
     engine = Engine(ckpt, dtype="bfloat16", progress=False)
-    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>9}" for k in ("schedule", "prepare", "forward", "sample", "step", "overlapped")))
+    columns = ("schedule", "prepare", "forward", "sample", "step", "overlapped", "kernels/step", "kernels/fwd")
+    print("milliseconds per decode step, and device operations per step and per forward "
+          f"({engine.config.num_layers} layers)")
+    print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>12}" for k in columns))
     for context in (512, 2048):
         for batch in (1, 32, 128):
             r = profile(engine, batch, context)
-            print(f"{batch:>5} {context:>5} " + " ".join(f"{r[k]:9.3f}" for k in r), flush=True)
+            print(f"{batch:>5} {context:>5} " + " ".join(f"{r[k]:12.3f}" if "kernels" not in k else f"{r[k]:12.0f}"
+                                                       for k in columns), flush=True)
     kernel_table(engine, 1, 512)
     kernel_table(engine, 128, 2048)
 
@@ -119,12 +147,7 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
         run()
     end.record()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-    kernels_us = sum(e.self_device_time_total for e in prof.key_averages()) / 3
-    launches = sum(e.count for e in prof.key_averages() if e.self_device_time_total > 0) / 3
+    launches, kernels_us, prof = count_kernels(run)
     print(f"decode forward, batch {batch}, context {context}: {start.elapsed_time(end) / 10 * 1e3:.0f} us per "
           f"forward ({'graph' if graphs and graphs.fits(batch_t) else 'eager'}), of which kernels "
           f"{kernels_us:.0f} us in {launches:.0f} kernels ({launches / engine.config.num_layers:.1f} per layer); "
