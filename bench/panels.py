@@ -1,20 +1,22 @@
 """What a live Dashboard costs the engine, and how many messages it sends the browser.
 
-    python bench/panels.py [--model demo] [--device cpu|cuda] [--batch 8] [--context 64] [--kv-tokens N]
+    python bench/panels.py [--model demo] [--device cpu] [--batch 8] [--context 64] [--kv-tokens N]
+    python bench/panels.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 --context 512
 
 Median decode-step time on the driver-loop thread with no panel and with a Dashboard following
 the engine (KV grid with pages, batch bars, decisions, sparklines), interleaved rounds, best of
 each; the Dashboard's comm messages per second per view while the steps run; and the time one
 render of the KV grid takes at this pool size (on the panel's own thread, competing for the GIL).
 Comm messages are recorded in process instead of going to a kernel's iopub socket, so the send
-itself costs a little less here than in a notebook. On the GPU, pass the 1B model folder and leave
---kv-tokens out: the pool is then sized from free memory (about a million token slots).
+itself costs a little less here than in a notebook. On the GPU, leave --kv-tokens out: the pool is
+then sized from free memory (millions of token slots for the 1B shape).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -30,7 +32,7 @@ from lightllm_nb.notebook.panels.parts import KVPart
 from lightllm_nb.telemetry.events import StepEvent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import decode_latency  # noqa: E402  (the same median-step measurement as elsewhere)
+from engine_timing import add_model_options, bench_engine, decode_latency  # noqa: E402
 
 
 class FrontEndLog:
@@ -103,8 +105,7 @@ def synthetic_render_cost(slots: int, repeats: int = 10) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="demo")
-    parser.add_argument("--device", default="cpu")
+    add_model_options(parser, default_model="demo")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
@@ -114,12 +115,13 @@ def main() -> None:
     args = parser.parse_args()
     front_end = FrontEndLog()
     comm.create_comm = front_end.make_comm  # this script's own process: nothing else uses comms here
-    engine = Engine(args.model, device=args.device, kv_tokens=args.kv_tokens, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = bench_engine(args, tmp, kv_tokens=args.kv_tokens)
     loop = engine.driver()
     best = {"no panel": float("inf"), "Dashboard": float("inf")}
     rates: dict[str, float] = {}
-    for _ in range(args.rounds):  # interleaved, best of each: the noise is larger than the effect
-        for name in best:
+    for round_ in range(args.rounds):  # interleaved, best of each: the noise is larger than the effect
+        for name in best if round_ % 2 == 0 else reversed(best):
             dashboard = Dashboard(engine) if name == "Dashboard" else None
             start = time.monotonic()
             step = loop.call(lambda: decode_latency(engine, args.batch, args.context, steps=args.steps)).result()

@@ -44,7 +44,7 @@ def make_engine(args, scope: str, system: list[int]) -> Engine:
     if args.shape:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from roofline import SHAPES
-        from throughput import random_checkpoint
+        from engine_timing import random_checkpoint
         from transformers import AutoTokenizer
 
         ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape),

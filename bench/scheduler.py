@@ -254,7 +254,7 @@ def engine_model(args):
     if not args.tokenizer:
         raise SystemExit("--engine random:SHAPE needs --tokenizer DIR (any saved Hugging Face tokenizer)")
     from roofline import SHAPES
-    from throughput import random_checkpoint
+    from engine_timing import random_checkpoint
     from transformers import AutoTokenizer
 
     shape = args.engine.split(":", 1)[1]

@@ -1,6 +1,7 @@
 """GPU benchmark: what structured output costs a decode step, and what a grammar costs to compile.
 
-    python bench/structured.py --tokenizer DIR [--shape llama-1b] [--context 512] [--out FILE]
+    python bench/structured.py --device cuda --shape llama-1b --tokenizer DIR [--context 512] [--out FILE]
+    python bench/structured.py --batches 1 4 --context 32          # CPU smoke run, tiny random Llama
 
 Decode-step time at batch 1, 32 and 128 with every request JSON-constrained against none, on one
 engine (random bf16 weights of a real shape; the tokenizer is the real one, which is what a
@@ -21,17 +22,16 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from roofline import SHAPES  # noqa: E402
+from engine_timing import add_model_options, bench_engine, decode_latency  # noqa: E402
 from structured_schemas import SCHEMAS  # noqa: E402  (the schemas the CPU tests validate against)
-from throughput import check_full_batch, random_checkpoint  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar  # noqa: E402
@@ -39,30 +39,6 @@ from lightllm_nb.scheduling.request import Request  # noqa: E402
 
 LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 3000}},
              "required": ["text"]}
-
-
-def decode_step(engine: Engine, batch: int, context: int, sampling: SamplingParams, steps: int = 30) -> float:
-    """Median wall time of a whole engine step at this batch, every request under `sampling`."""
-    rng = np.random.default_rng(batch * 7 + context)
-    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(), sampling=sampling)
-            for _ in range(batch)]
-    while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
-        engine.step()
-    for _ in range(5):
-        engine.step()
-    check_full_batch(engine, batch)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    check_full_batch(engine, batch)
-    for rid in rids:
-        engine.abort(rid)
-    engine.step()
-    return statistics.median(times)
 
 
 def compile_times(engine: Engine) -> dict:
@@ -105,29 +81,27 @@ def mask_fill_ms(engine: Engine, batch: int, repeats: int = 20) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tokenizer", required=True)
-    parser.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_options(parser)
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), tokenizer)
-    engine = Engine(ckpt, dtype="bfloat16", progress=False)
-    log = {"card": torch.cuda.get_device_name(), "shape": args.shape, "date": time.strftime("%Y-%m-%d"),
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = bench_engine(args, tmp)
+    card = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    log = {"card": card, "model": engine.model_name, "date": time.strftime("%Y-%m-%d"),
            "context": args.context, "compile": compile_times(engine)}
     print(json.dumps(log), flush=True)
     plain = SamplingParams(max_tokens=400, temperature=0.8, ignore_eos=True)
     constrained = SamplingParams(max_tokens=400, temperature=0.8, json_schema=LONG_TEXT)
     rows = []
-    for batch in (1, 32, 128):
+    for batch in args.batches:
         row = {"batch": batch}
         for name, sampling, overlap in (("none_overlap", plain, True), ("none_plain", plain, False),
                                         ("json", constrained, True)):
             engine.overlap = overlap
-            row[name + "_ms"] = decode_step(engine, batch, args.context, sampling) * 1e3
+            row[name + "_ms"] = decode_latency(engine, batch, args.context, sampling=sampling) * 1e3
         row["mask_fill_ms"] = mask_fill_ms(engine, batch)
         row["json_vs_none"] = row["json_ms"] / row["none_overlap_ms"] - 1
         rows.append(row)
@@ -138,6 +112,7 @@ def main() -> None:
         print(f"{r['batch']:5d} | {r['none_overlap_ms']:8.2f} ms | {r['none_plain_ms']:8.2f} ms | "
               f"{r['json_ms']:8.2f} ms | {r['json_vs_none'] * 100:+6.1f}% | {r['mask_fill_ms']:6.2f} ms")
     print("compile:", json.dumps(log["compile"]))
+    engine.close()
     if args.out:
         Path(args.out).write_text(json.dumps(log, indent=1))
 

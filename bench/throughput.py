@@ -10,7 +10,6 @@ folder only serves detokenization. Prints one table last; --out writes the full 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -21,39 +20,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_timing import decode_latency, random_checkpoint  # noqa: E402
 from roofline import SHAPES, decode_step_floor, workload_ceiling  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
-from lightllm_nb.loading import Checkpoint  # noqa: E402
-
-
-def random_checkpoint(hf_config: dict, tokenizer, seed: int = 0) -> tuple[Checkpoint, dict]:
-    """Random bf16 weights generated on the GPU; the same tensors also feed the HF model."""
-    h, f, layers = hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["num_hidden_layers"]
-    d = hf_config["head_dim"]
-    q, kv = hf_config["num_attention_heads"] * d, hf_config["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (hf_config["vocab_size"], h), "model.norm.weight": (h,)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    if not hf_config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (hf_config["vocab_size"], h)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    tensors = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-        if len(shape) == 1:
-            t.uniform_(0.8, 1.2, generator=gen)
-        else:
-            t.normal_(0, shape[-1] ** -0.5, generator=gen)
-        tensors[name] = t
-    ckpt = Checkpoint(config=hf_config, tensors=lambda: iter(tensors.items()), num_tensors=len(tensors),
-                      tokenizer=tokenizer, source=f"random {hf_config['_shape']}")
-    return ckpt, tensors
 
 
 def copy_bandwidth() -> float:
@@ -87,38 +57,6 @@ def matmul_rate() -> float:
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t)
 
 
-def decode_latency(engine: Engine, batch: int, context: int, steps: int = 30,
-                   sampling: SamplingParams | None = None) -> float:
-    """Median wall time of a whole engine step (schedule + forward + sample) at this batch, every
-    request under `sampling` (default greedy, ignore_eos; its max_tokens is set here)."""
-    rng = np.random.default_rng(batch * 7 + context)
-    # Requests decode while later ones prefill: max_tokens must outlast the whole prefill, or
-    # the first requests finish before the timing starts and a smaller batch is timed (this is
-    # what made the decode kernel look faster than its bytes at batch 128 / context 2048).
-    prefill_steps = -(-batch * context // engine.scheduler.max_batch_tokens) + batch
-    sampling = dataclasses.replace(sampling or SamplingParams(temperature=0, ignore_eos=True),
-                                   max_tokens=prefill_steps + steps + 40)
-    rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(), sampling=sampling)
-            for _ in range(batch)]
-    while any(r.num_computed < r.num_prompt for r in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()
-    for _ in range(5):
-        engine.step()
-    check_full_batch(engine, batch)
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    check_full_batch(engine, batch)
-    for rid in rids:
-        engine.abort(rid)
-    engine.step()
-    return statistics.median(times)
-
-
 def prefill_ceiling(config, weight_bytes: int, length: int, flop_rate: float) -> float:
     """Prompt tokens per second of one prompt's prefill at the GEMM rate: the layers' weights in GEMMs
     and causal attention's two products (the vocabulary head runs for the last token only)."""
@@ -127,12 +65,6 @@ def prefill_ceiling(config, weight_bytes: int, length: int, flop_rate: float) ->
     attn = 4 * config.num_layers * config.num_q_heads * config.head_dim
     flops = 2 * params * length + attn * length * (length + 1) / 2
     return length / (flops / flop_rate)
-
-
-def check_full_batch(engine: Engine, batch: int) -> None:
-    running = engine.scheduler.running
-    if len(running) != batch or any(r.num_computed < r.num_prompt for r in running):
-        raise RuntimeError(f"{len(running)} requests are decoding, not {batch}: the timing would be of a smaller batch")
 
 
 def prefill_rate(engine: Engine, length: int, repeats: int = 3) -> float:

@@ -28,7 +28,7 @@ from lightllm_nb.scheduling.decisions import Decision
 from lightllm_nb.scheduling.request import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import decode_latency  # noqa: E402  (the same median-step measurement as on the GPU)
+from engine_timing import add_model_options, bench_engine, decode_latency, model_label  # noqa: E402
 
 
 def churn_step_time(engine: Engine, batch: int, requests: int, seed: int = 0) -> tuple[float, int, int]:
@@ -67,10 +67,7 @@ def entry_cost(recorder, repeats: int = 20000) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a HF folder; default: a tiny random Llama made here")
-    parser.add_argument("--shape", default=None, help="CUDA only: random bf16 weights of this shape (bench/roofline.py)")
-    parser.add_argument("--tokenizer", default=None, help="with --shape: a tokenizer folder")
-    parser.add_argument("--device", default="cpu")
+    add_model_options(parser)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--context", type=int, default=256, help="steady decode: prompt length")
     parser.add_argument("--requests", type=int, default=0, help="churn: requests per run (default 4 x batch)")
@@ -79,37 +76,21 @@ def main() -> None:
     args = parser.parse_args()
     requests = args.requests or 4 * args.batch
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if args.shape is not None:
-            from roofline import SHAPES
-            from throughput import random_checkpoint
-            from transformers import AutoTokenizer
-
-            model, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape),
-                                         AutoTokenizer.from_pretrained(args.tokenizer))
-        elif model is None:
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from tiny_models import make_tiny_model
-
-            from lightllm_nb.loading import load_checkpoint
-
-            make_tiny_model("llama", tmp, load_checkpoint("demo").tokenizer)
-            model = tmp
-        engine = Engine(model, device=args.device, kv_tokens=args.kv_tokens, max_running=args.batch,
-                        max_batch_tokens=max(2048, args.batch), progress=False)
-        recorder = engine.scheduler.timelines
-        decode = {True: float("inf"), False: float("inf")}
-        churn = {True: (float("inf"), 0, 0), False: (float("inf"), 0, 0)}
-        churn_step_time(engine, args.batch, args.batch)  # warm-up: first-call costs go to neither side
-        for round_ in range(args.rounds):
-            for enabled in ((True, False) if round_ % 2 == 0 else (False, True)):
-                recorder.enabled = enabled
-                decode[enabled] = min(decode[enabled], decode_latency(engine, args.batch, args.context, steps=40))
-                churn[enabled] = min(churn[enabled], churn_step_time(engine, args.batch, requests))
-        recorder.enabled = True
-        per_entry = entry_cost(recorder)
-        engine.close()
-    print(f"\n{args.device}, {args.shape or args.model or 'tiny llama'}, batch {args.batch}: step time with "
+        engine = bench_engine(args, tmp, kv_tokens=args.kv_tokens, max_running=args.batch,
+                              max_batch_tokens=max(2048, args.batch))
+    recorder = engine.scheduler.timelines
+    decode = {True: float("inf"), False: float("inf")}
+    churn = {True: (float("inf"), 0, 0), False: (float("inf"), 0, 0)}
+    churn_step_time(engine, args.batch, args.batch)  # warm-up: first-call costs go to neither side
+    for round_ in range(args.rounds):
+        for enabled in ((True, False) if round_ % 2 == 0 else (False, True)):
+            recorder.enabled = enabled
+            decode[enabled] = min(decode[enabled], decode_latency(engine, args.batch, args.context, steps=40))
+            churn[enabled] = min(churn[enabled], churn_step_time(engine, args.batch, requests))
+    recorder.enabled = True
+    per_entry = entry_cost(recorder)
+    engine.close()
+    print(f"\n{args.device}, {model_label(args)}, batch {args.batch}: step time with "
           "per-request timelines on vs off, best of rounds")
     on, off = decode[True], decode[False]
     print(f"  steady decode (context {args.context})   on {on * 1e3:8.3f} ms  off {off * 1e3:8.3f} ms  "

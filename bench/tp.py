@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_timing import decode_latency, weight_shapes  # noqa: E402
 from roofline import SHAPES  # noqa: E402
-from throughput import decode_latency, offline_workload  # noqa: E402
+from throughput import offline_workload  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 
@@ -42,21 +43,9 @@ def write_random_folder(hf_config: dict, tokenizer, folder: Path, seed: int = 0)
     if (folder / "model.safetensors").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    h, f, d = hf_config["hidden_size"], hf_config["intermediate_size"], hf_config["head_dim"]
-    q, kv = hf_config["num_attention_heads"] * d, hf_config["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (hf_config["vocab_size"], h), "model.norm.weight": (h,)}
-    for i in range(hf_config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    if not hf_config.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (hf_config["vocab_size"], h)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for name, shape in shapes.items():
+    for name, shape in weight_shapes(hf_config).items():
         t = torch.empty(shape, dtype=torch.float32)
         t.uniform_(0.8, 1.2, generator=gen) if len(shape) == 1 else t.normal_(0, shape[-1] ** -0.5, generator=gen)
         tensors[name] = t.to(torch.bfloat16)
