@@ -71,9 +71,11 @@ def add_model_options(parser: argparse.ArgumentParser, *, default_model: str | N
 def bench_engine(args: argparse.Namespace, folder: str, **settings) -> Engine:
     """The engine `add_model_options`' options name (a tiny random Llama is written to `folder`),
     with these Engine `settings`; loading progress is not shown."""
+    if (args.shape is None) != (args.tokenizer is None):
+        raise SystemExit("--shape and --tokenizer DIR go together: random weights come without a tokenizer")
     if args.shape is not None:
-        if args.tokenizer is None:
-            raise SystemExit("--shape needs --tokenizer DIR: random weights come without a tokenizer")
+        if not args.device.startswith("cuda"):
+            raise SystemExit(f"--shape makes its random weights on the GPU: add --device cuda (not {args.device})")
         from transformers import AutoTokenizer
 
         model, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape),
