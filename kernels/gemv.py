@@ -8,11 +8,17 @@ a 1/SPLIT_K slice of K, keeps a [BLOCK_M, BLOCK_N, BLOCK_K] float32 product sum 
 reduces it once at the end. With SPLIT_K > 1 the slices' partial sums go to a float32 workspace
 and a second launch adds them in a fixed order: deterministic, unlike atomics, so a step gives
 the same tokens every time.
+
+With swiglu=True, x is the MLP's fused gate_up output and the kernel multiplies silu(gate) * up,
+computed as it loads x (rounded to x's dtype exactly as kernels/silu_mul.py stores it, so the
+product is the unfused pair's): the down projection without the SiLU-mul launch before it.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .silu_mul import silu_mul_torch
 
 # Rows of x one launch takes; more rows and the weight tile is better spent on the tensor cores
 # (cuBLAS) than on one multiply-add per byte.
@@ -22,7 +28,8 @@ GEMV_MAX_M = 4
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, stride_xm, stride_wn, stride_om, stride_os, M, N, K, k_per_split,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     col_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -41,7 +48,13 @@ def _gemv_kernel(
         ks = k0 + offs_k
         mask_k = ks < k_end
         w = tl.load(w_rows + ks[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mask_x = mask_m[:, None] & mask_k[None, :]
+        if SWIGLU:  # x holds [gate | up], each K wide
+            gate = tl.load(x_rows + ks[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + ks[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(x_ptr.dtype.element_ty)
+        else:
+            x = tl.load(x_rows + ks[None, :], mask=mask_x, other=0.0)
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     total = tl.sum(acc, axis=2)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -65,16 +78,18 @@ def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, stride_om, M, N, splits,
     tl.store(out_ptr + row * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv(x, weight, bias=None, *, block_n=16, block_k=512, split_k=1, num_warps=4):
+def gemv(x, weight, bias=None, *, swiglu=False, block_n=16, block_k=512, split_k=1, num_warps=4):
     """x [M, K] (M <= GEMV_MAX_M, rows may be strided) @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype.
 
-    Sums in float32 in every dtype (no TF32). block_n, block_k, split_k and num_warps only tune speed.
+    swiglu: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place. Sums in float32 in
+    every dtype (no TF32). block_n, block_k, split_k and num_warps only tune speed.
     """
-    m, k = x.shape
-    n = weight.shape[0]
-    if weight.shape[1] != k or x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError(f"gemv needs x [M, K] and weight [N, K] with contiguous K, got x {tuple(x.shape)} "
-                         f"strides {x.stride()} and weight {tuple(weight.shape)} strides {weight.stride()}")
+    m = x.shape[0]
+    n, k = weight.shape
+    if x.shape[1] != (2 * k if swiglu else k) or x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"gemv needs x [M, {'2K' if swiglu else 'K'}] and weight [N, K] with contiguous K, got "
+                         f"x {tuple(x.shape)} strides {x.stride()} and weight {tuple(weight.shape)} "
+                         f"strides {weight.stride()}")
     if m > GEMV_MAX_M:
         raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}: use a GEMM (F.linear) for larger batches")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -88,20 +103,23 @@ def gemv(x, weight, bias=None, *, block_n=16, block_k=512, split_k=1, num_warps=
     grid = (triton.cdiv(n, block_n), splits)
     if splits == 1:
         _gemv_kernel[grid](x, weight, bias if has_bias else x, out, x.stride(0), weight.stride(0), out.stride(0), 0,
-                           m, n, k, k_per_split, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n,
-                           BLOCK_K=block_k, num_warps=num_warps)
+                           m, n, k, k_per_split, HAS_BIAS=has_bias, SWIGLU=swiglu, BLOCK_M=block_m,
+                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
         return out
     parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[grid](x, weight, x, parts, x.stride(0), weight.stride(0), n, m * n, m, n, k, k_per_split,
-                       HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
+                       HAS_BIAS=False, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                       num_warps=num_warps)
     block = 1024
     _split_sum_kernel[(m, triton.cdiv(n, block))](parts, bias if has_bias else parts, out, out.stride(0), m, n,
                                                  splits, HAS_BIAS=has_bias, BLOCK=block)
     return out
 
 
-def gemv_torch(x, weight, bias=None, **tuning):
+def gemv_torch(x, weight, bias=None, *, swiglu=False, **tuning):
     """Torch path of gemv: same result up to the order of the float32 sums (tuning ignored)."""
+    if swiglu:
+        x = silu_mul_torch(x)
     compute = torch.promote_types(x.dtype, torch.float32)  # a float64 model keeps float64
     out = x.to(compute) @ weight.to(compute).t()
     if bias is not None:

@@ -4,7 +4,7 @@ inputs: in Triton's interpreter on the CPU (small shapes), and at real model sha
 import pytest
 import torch
 
-from lightllm_nb.kernels import GEMV_MAX_M, gemv, gemv_torch
+from lightllm_nb.kernels import GEMV_MAX_M, gemv, gemv_torch, silu_mul, silu_mul_torch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -48,6 +48,25 @@ def test_gemv_matches_float64(m, n, k, block_k, split_k, bias):
     _check(gemv_torch(x, w, b), x, w, b, dtype)
 
 
+# (m, n, k, block_k, split_k): one and several rows, K not a multiple of the block, split K.
+SWIGLU_CASES = [(1, 40, 200, 64, 1), (3, 16, 257, 64, 3), (1, 7, 300, 128, 4)]
+
+
+@pytest.mark.parametrize("m, n, k, block_k, split_k", SWIGLU_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gemv_is_silu_mul_then_gemv(m, n, k, block_k, split_k, dtype):
+    """The fused input read gives the same bits as SiLU-mul's stored output fed to the same GEMV."""
+    gate_up, w, _ = _inputs(m + n + k + split_k, m, n, 2 * k, dtype, False, strided=m > 1)
+    w = w[:, :k].contiguous()
+    tuning = dict(block_n=16, block_k=block_k, split_k=split_k)
+    fused = gemv(gate_up, w, swiglu=True, **tuning)
+    assert torch.equal(fused, gemv(silu_mul(gate_up), w, **tuning))
+    torch.testing.assert_close(gemv_torch(gate_up, w, swiglu=True), gemv_torch(silu_mul_torch(gate_up), w),
+                               rtol=0, atol=0)
+    if dtype == torch.float32:
+        _check(fused, silu_mul_torch(gate_up), w, None, dtype)
+
+
 def test_split_k_is_deterministic():
     x, w, b = _inputs(5, 2, 24, 300, torch.float32, True, strided=False)
     first = gemv(x, w, b, block_n=8, block_k=32, split_k=4)
@@ -60,6 +79,8 @@ def test_gemv_says_what_to_use_instead():
         gemv(x, w)
     with pytest.raises(ValueError, match="contiguous K"):
         gemv(x[:1], w.t().contiguous().t())
+    with pytest.raises(ValueError, match=r"x \[M, 2K\]"):
+        gemv(x[:1], w, swiglu=True)
 
 
 # Real shapes (Llama-3.2-1B qkv / down / gate_up, a Qwen-sized vocabulary head), GPU only.
@@ -81,6 +102,21 @@ def test_gemv_gpu_shapes(dtype, n, k, m, split_k):
         torch.testing.assert_close(out, gemv_torch(x, w, b), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(2048, 8192), (896, 4864)])
+@pytest.mark.parametrize("split_k", [1, 8])
+def test_swiglu_gemv_gpu_shapes(dtype, n, k, split_k):
+    """Llama-3.2-1B's and Qwen2.5-0.5B's down projections: bit for bit SiLU-mul then the GEMV."""
+    gate_up, w, _ = _inputs(n + k + split_k, 1, n, 2 * k, dtype, False, strided=True)
+    w = w[:, :k].contiguous()
+    tuning = dict(block_n=4, block_k=1024, split_k=split_k)
+    fused = gemv(gate_up, w, swiglu=True, **tuning)
+    assert torch.equal(fused, gemv(silu_mul(gate_up), w, **tuning))
+    _check(fused, silu_mul_torch(gate_up), w, None, dtype)
+
+
 def test_decode_linear_uses_the_gemv_only_where_chosen():
     from lightllm_nb.models.decode_linear import DecodeLinear
 
@@ -93,3 +129,17 @@ def test_decode_linear_uses_the_gemv_only_where_chosen():
     linear = torch.nn.functional.linear
     assert torch.equal(chosen(x[:3], w, b), linear(x[:3], w, b))
     assert torch.equal(DecodeLinear()(x[:1], w, b), linear(x[:1], w, b))
+
+
+def test_decode_linear_swiglu_fuses_only_where_chosen():
+    from lightllm_nb.models.decode_linear import DecodeLinear
+
+    gate_up, w, _ = _inputs(11, 3, 24, 128, torch.float32, False, strided=False)
+    w = w[:, :64].contiguous()
+    tuning = dict(block_n=8, block_k=32, split_k=2)
+    chosen = DecodeLinear({(24, 64): tuning}, swiglu_choices={(24, 64): tuning})
+    assert torch.equal(chosen.swiglu(gate_up[:1], w, silu_mul_torch), gemv(gate_up[:1], w, swiglu=True, **tuning))
+    # Several rows, or no fused choice: SiLU-mul, then the projection as __call__ runs it.
+    assert torch.equal(chosen.swiglu(gate_up, w, silu_mul_torch), torch.nn.functional.linear(silu_mul_torch(gate_up), w))
+    plain = DecodeLinear({(24, 64): tuning})
+    assert torch.equal(plain.swiglu(gate_up[:1], w, silu_mul_torch), gemv(silu_mul_torch(gate_up[:1]), w, **tuning))

@@ -3,7 +3,9 @@
 Chosen once at start by timing both on this card, per weight shape, with every layer's weight of
 that shape in turn (as a decode step reads them: from memory, not from L2) and the launches
 captured in a CUDA graph (as the engine replays them: no Python launch cost in the numbers).
-The GEMV is used only where it is measurably faster, so no shape gets slower than cuBLAS.
+The GEMV is used only where it is measurably faster, so no shape gets slower than cuBLAS. The
+down projection is also timed with the SiLU-mul folded into the GEMV's read of its input (one
+launch where there were two) against SiLU-mul followed by whichever projection won above.
 
 Measured on an H200 (Llama-3.2-1B shape, 16 layers per shape): qkv 105 -> 94 us, o 100 -> 80 us
 with the GEMV; gate_up, down and the vocabulary head tied with or beat it, and at 4 rows cuBLAS won
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gemv
+from ..kernels import gemv, silu_mul
 
 # (block_n, block_k, num_warps) tried for each shape; split_k comes from the shape (below).
 GEMV_CONFIGS = ((4, 1024, 4), (8, 512, 4))
@@ -50,10 +52,14 @@ def _graph_time(fn, repeats: int = 5) -> float:
 
 
 class DecodeLinear:
-    """F.linear, except for one-row inputs of the weight shapes where a GEMV configuration measured faster."""
+    """F.linear, except for one-row inputs of the weight shapes where a GEMV configuration measured
+    faster; and the MLP's down projection of silu(gate) * up, in one fused GEMV where that measured
+    faster than SiLU-mul followed by the projection."""
 
-    def __init__(self, choices: dict[tuple[int, int], dict] | None = None):
-        self.choices = choices or {}   # (N, K) -> gemv keyword arguments
+    def __init__(self, choices: dict[tuple[int, int], dict] | None = None,
+                 swiglu_choices: dict[tuple[int, int], dict] | None = None):
+        self.choices = choices or {}                # (N, K) -> gemv keyword arguments
+        self.swiglu_choices = swiglu_choices or {}  # (N, K) -> gemv keyword arguments, swiglu input
         self.timings: list[dict] = []  # what was measured, for benchmarks
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -63,27 +69,53 @@ class DecodeLinear:
                 return gemv(x, weight, bias, **config)
         return F.linear(x, weight, bias)
 
+    def swiglu(self, gate_up: torch.Tensor, weight: torch.Tensor, silu_mul) -> torch.Tensor:
+        """weight applied to silu(gate) * up of the fused gate_up rows (silu_mul: the kernel set's)."""
+        if gate_up.shape[0] == 1:
+            config = self.swiglu_choices.get(tuple(weight.shape))
+            if config is not None:
+                return gemv(gate_up, weight, swiglu=True, **config)
+        return self(silu_mul(gate_up), weight)
+
     @classmethod
-    def measured(cls, weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> "DecodeLinear":
-        """Time cuBLAS and each GEMV configuration at one row on these (weight, bias) pairs, grouped by shape."""
+    def measured(cls, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
+                 swiglu_weights: list[torch.Tensor] = ()) -> "DecodeLinear":
+        """Time cuBLAS and each GEMV configuration at one row on these (weight, bias) pairs, grouped
+        by shape; then, for the swiglu_weights (down projections), the projection chosen so far
+        after the SiLU-mul kernel against the fused GEMV."""
         chooser = cls()
-        by_shape: dict[tuple[int, int], list] = {}
-        for weight, bias in weights:
-            by_shape.setdefault(tuple(weight.shape), []).append((weight, bias))
         device = weights[0][0].device
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        for (n, k), group in by_shape.items():
+        for (n, k), group in _by_shape(weights).items():
             x = torch.randn(1, k, device=device).to(group[0][0].dtype)
-            base = _graph_time(lambda: [F.linear(x, w, b) for w, b in group])
-            best, best_time = None, base
-            for block_n, block_k, warps in GEMV_CONFIGS:
-                config = dict(block_n=block_n, block_k=block_k, num_warps=warps,
-                              split_k=_split_k(n, k, block_n, block_k, sms))
-                t = _graph_time(lambda: [gemv(x, w, b, **config) for w, b in group])
-                if t < best_time:
-                    best, best_time = config, t
-            if best is not None and best_time < base * (1 - MIN_GAIN):
-                chooser.choices[(n, k)] = best
-            chooser.timings.append({"n": n, "k": k, "layers": len(group), "cublas_us": base * 1e6,
-                                    "gemv_us": best_time * 1e6, "gemv": best if best_time < base else None})
+            chooser._choose(chooser.choices, n, k, group, sms, lambda: [F.linear(x, w, b) for w, b in group],
+                            lambda config: [gemv(x, w, b, **config) for w, b in group])
+        for (n, k), group in _by_shape([(w, None) for w in swiglu_weights]).items():
+            gate_up = torch.randn(1, 2 * k, device=device).to(group[0][0].dtype)
+            chooser._choose(chooser.swiglu_choices, n, k, group, sms,
+                            lambda: [chooser(silu_mul(gate_up), w) for w, _ in group],
+                            lambda config: [gemv(gate_up, w, swiglu=True, **config) for w, _ in group])
         return chooser
+
+    def _choose(self, choices: dict, n: int, k: int, group: list, sms: int, baseline, fused) -> None:
+        """Record in `choices` the GEMV configuration that beats `baseline` by MIN_GAIN, if any."""
+        base = _graph_time(baseline)
+        best, best_time = None, base
+        for block_n, block_k, warps in GEMV_CONFIGS:
+            config = dict(block_n=block_n, block_k=block_k, num_warps=warps,
+                          split_k=_split_k(n, k, block_n, block_k, sms))
+            t = _graph_time(lambda: fused(config))
+            if t < best_time:
+                best, best_time = config, t
+        if best is not None and best_time < base * (1 - MIN_GAIN):
+            choices[(n, k)] = best
+        self.timings.append({"n": n, "k": k, "layers": len(group), "swiglu": choices is self.swiglu_choices,
+                             "cublas_us": base * 1e6, "gemv_us": best_time * 1e6,
+                             "gemv": best if best_time < base else None})
+
+
+def _by_shape(weights: list[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[tuple[int, int], list]:
+    by_shape: dict[tuple[int, int], list] = {}
+    for weight, bias in weights:
+        by_shape.setdefault(tuple(weight.shape), []).append((weight, bias))
+    return by_shape

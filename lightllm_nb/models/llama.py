@@ -71,7 +71,7 @@ class LlamaModel:
             return
         weights = [(w, b) for layer in self.layers
                    for w, b in ((layer.qkv, layer.qkv_bias), (layer.o, None), (layer.gate_up, None), (layer.down, None))]
-        self.linear = DecodeLinear.measured(weights + [(self.lm_head, None)])
+        self.linear = DecodeLinear.measured(weights + [(self.lm_head, None)], [layer.down for layer in self.layers])
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +107,7 @@ class LlamaModel:
             if self.tp is not None:  # o and down see only this rank's heads / columns: sum the parts
                 self.tp.all_reduce(attn)
             x, residual = k.add_rmsnorm(attn, residual, layer.mlp_norm, cfg.rms_norm_eps)
-            hidden = self.linear(k.silu_mul(self.linear(x, layer.gate_up)), layer.down)
+            hidden = self.linear.swiglu(self.linear(x, layer.gate_up), layer.down, k.silu_mul)
             if self.tp is not None:
                 self.tp.all_reduce(hidden)
         # Only the rows that sample need the final norm and the (large) vocabulary projection.
