@@ -148,7 +148,9 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     def admit(self, prompt):
         req = Request(f"r{next(self.ids)}", prompt, SamplingParams())
         req.row = self.pool.alloc_row()
-        self.cache.hold(req, self.cache.match(req.token_ids[:-1]))
+        match = self.cache.match(req.token_ids[:-1])
+        self.cache.hold(req.row, match)
+        req.pages, req.num_computed = list(match.pages), match.length
         self.running.append(req)
 
     @precondition(lambda self: self.running)
@@ -176,15 +178,21 @@ class PrefixCacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def share_prompt(self, data):
-        self.cache.share_prompt(data.draw(st.sampled_from(self.running)))
+        req = data.draw(st.sampled_from(self.running))
+        shared = self.cache.share_prompt(req.row, req.prompt_ids, req.pages, req.num_computed, req.user)
+        if shared is not None:
+            req.pages[:len(shared)] = shared
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
     def release(self, data):
         req = data.draw(st.sampled_from(self.running))
-        self.cache.release(req)
+        self.release_pages(req)
         self.pool.free_row(req.row)
         self.running.remove(req)
+
+    def release_pages(self, req):
+        self.cache.release(req.row, req.token_ids, req.pages, req.num_computed, req.user)
 
     @rule(pages=st.integers(0, 8))
     def evict(self, pages):
@@ -222,7 +230,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         assert self.cache.cached_tokens == len(tree_pages) * p
         own_pages = set()
         for req in self.running:
-            held = self.cache.held(req)
+            held = self.cache.held(req.row)
             assert req.pages[:len(held.pages)] == held.pages
             for page in req.pages[len(held.pages):]:
                 assert page not in tree_pages and page not in own_pages and owner[page] == req.row
@@ -243,7 +251,7 @@ class PrefixCacheMachine(RuleBasedStateMachine):
         if not hasattr(self, "pool"):
             return
         for req in self.running:
-            self.cache.release(req)
+            self.release_pages(req)
             self.pool.free_row(req.row)
         self.cache.clear()
         assert self.pool.is_whole() and self.cache.cached_tokens == 0

@@ -17,10 +17,13 @@ def compute_prompt(pool, cache, req):
     written into its row of req_to_token (as the model runner does), then share_prompt."""
     need = pool.pages_for(req.num_prompt) - len(req.pages)
     req.pages += pool.alloc_pages(need, owner=req.row)
-    slots = pool.slots(req.pages, req.num_computed, req.num_prompt)
-    pool.req_to_token[req.row, req.num_computed:req.num_prompt] = torch.from_numpy(slots).to(torch.int32)
+    positions = torch.arange(req.num_computed, req.num_prompt)
+    slots = torch.from_numpy(pool.slots(req.pages, req.num_computed, req.num_prompt))
+    pool.map_positions(torch.full_like(positions, req.row), positions, slots)
     req.num_computed = req.num_prompt
-    cache.share_prompt(req)
+    shared = cache.share_prompt(req.row, req.prompt_ids, req.pages, req.num_computed, req.user)
+    if shared is not None:  # as the scheduler does
+        req.pages[:len(shared)] = shared
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
@@ -32,8 +35,9 @@ def test_a_duplicate_prompt_is_remapped_to_the_trees_pages(page_size):
     a, b = (Request(rid, list(prompt), SamplingParams()) for rid in ("a", "b"))
     for req in (a, b):  # both admitted before either computed anything: neither hits the cache
         req.row = pool.alloc_row()
-        cache.hold(req, cache.match(req.token_ids[:-1]))
-        assert req.num_computed == 0
+        match = cache.match(req.token_ids[:-1])
+        cache.hold(req.row, match)
+        assert match.length == 0
     compute_prompt(pool, cache, a)   # the tree takes a's pages
     mine = list(b.pages)
     compute_prompt(pool, cache, b)   # b computed the same tokens into pages of its own: duplicates
@@ -51,7 +55,7 @@ def test_a_duplicate_prompt_is_remapped_to_the_trees_pages(page_size):
     assert pool.req_to_token[b.row, :length].tolist() == pool.req_to_token[a.row, :length].tolist()
 
     for req in (a, b):
-        cache.release(req)
+        cache.release(req.row, req.token_ids, req.pages, req.num_computed, req.user)
         pool.free_row(req.row)
     cache.clear()
     assert pool.is_whole()

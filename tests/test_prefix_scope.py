@@ -129,10 +129,11 @@ def test_a_page_never_crosses_scopes_through_eviction_and_reinsertion():
     def compute_and_release(user):
         req = Request(f"{user}-req", tokens, GREEDY, user=user)
         req.row = pool.alloc_row()
-        cache.hold(req, cache.match(tokens, user))
-        req.pages += pool.alloc_pages(len(tokens) - req.num_computed, owner=req.row)
+        match = cache.match(tokens, user)
+        cache.hold(req.row, match)
+        req.pages = match.pages + pool.alloc_pages(len(tokens) - match.length, owner=req.row)
         req.num_computed = len(tokens)
-        cache.release(req)
+        cache.release(req.row, req.token_ids, req.pages, req.num_computed, req.user)
         pool.free_row(req.row)
         return req
 

@@ -13,7 +13,8 @@ from their tail, so eviction can never take a page some request reads.
 
 Requests give their pages to the tree twice: their prompt as soon as it is computed (so requests
 arriving while it decodes hit it), and everything computed when they stop (finish, abort or
-preemption, so a resumed request recomputes almost nothing).
+preemption, so a resumed request recomputes almost nothing). The tree knows a request only as its
+row of req_to_token, its token ids, its pages and its user (the scope): never the request itself.
 
 Scopes (see cache_scope.py): every node belongs to one scope, part of its key among its parent's
 children, so a request walks, matches and inserts only nodes of its own scope, below the nodes of
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 
 from .cache_scope import DECLARED, CacheScopes
 from .kv_pool import CACHED, SHARED, KVPool
-from ..scheduling.request import Request
 
 
 class _Node:
@@ -53,7 +53,7 @@ class _Node:
 class PrefixMatch:
     """The longest cached prefix of some tokens that a user may reuse: `length` tokens held in
     `pages`, the first `declared` of them from a declared shared prefix. Pass it to `hold` (a
-    request) or `lock` / `unlock` (a row)."""
+    running request's row, until `release`) or `lock` / `unlock` (any row)."""
 
     node: _Node
     pages: list[int]
@@ -83,7 +83,7 @@ class PrefixCache:
         # held, given children or removed; they are skipped when popped (cheaper than re-sorting).
         self._lru: list[tuple[int, int, _Node]] = []
         self._tie = itertools.count()
-        self._held: dict[str, PrefixMatch] = {}   # request_id -> the prefix that running request holds
+        self._held: dict[int, PrefixMatch] = {}   # row -> the prefix that running request holds
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -151,43 +151,47 @@ class PrefixCache:
             self._show_owner(node)
             node = node.parent
 
-    # ---- requests --------------------------------------------------------------------------
-    def hold(self, req: Request, match: PrefixMatch) -> None:
-        """`req` (given a row) starts from `match`, which may be empty; it keeps it until `release`."""
-        self.lock(match, req.row)
-        self._held[req.request_id] = match
-        req.pages = list(match.pages)
-        req.num_computed = match.length
+    # ---- running requests, by row ----------------------------------------------------------
+    # A running request is its row of req_to_token; `token_ids` are its tokens, the first
+    # `num_computed` of them with K/V in `pages`, and `user` says its scope.
+    def hold(self, row: int, match: PrefixMatch) -> None:
+        """`row` starts from `match` (which may be empty: its pages are the request's first pages,
+        its length the tokens it need not compute); it keeps it until `release`."""
+        self.lock(match, row)
+        self._held[row] = match
 
-    def held(self, req: Request) -> PrefixMatch:
-        return self._held[req.request_id]
+    def held(self, row: int) -> PrefixMatch:
+        return self._held[row]
 
-    def share_prompt(self, req: Request) -> None:
-        """Put the computed whole pages of `req`'s prompt in the tree now rather than when it
-        stops. Pages another request cached meanwhile are swapped for the tree's and freed."""
+    def share_prompt(self, row: int, prompt_ids: list[int], pages: list[int], num_computed: int,
+                     user: str) -> list[int] | None:
+        """Put the computed whole pages of `row`'s prompt in the tree now rather than when it
+        stops. Where another request cached the same tokens meanwhile, `row`'s duplicate pages are
+        freed and its req_to_token points at the tree's: returns the tree's pages, which replace
+        the first ones of `pages`; None when `pages` stay as they are."""
         p = self.page_size
-        length = min(req.num_computed, req.num_prompt) // p * p
-        held = self._held[req.request_id]
+        length = min(num_computed, len(prompt_ids)) // p * p
+        held = self._held[row]
         if length <= held.length:
-            return
-        duplicates = self.insert(req.token_ids[:length], req.pages[:length // p], req.user)
-        self.unlock(held, req.row)
-        match = self.match(req.token_ids[:length], req.user)
-        self.lock(match, req.row)
-        self._held[req.request_id] = match
-        if duplicates:
-            req.pages[:length // p] = match.pages
-            self.pool.map_prefix(req.row, match.pages, length)
-            self.pool.free_pages(duplicates)
+            return None
+        duplicates = self.insert(prompt_ids[:length], pages[:length // p], user)
+        self.unlock(held, row)
+        match = self.match(prompt_ids[:length], user)
+        self.lock(match, row)
+        self._held[row] = match
+        if not duplicates:
+            return None
+        self.pool.map_prefix(row, match.pages, length)
+        self.pool.free_pages(duplicates)
+        return match.pages
 
-    def release(self, req: Request) -> None:
-        """`req` stops using its pages: its computed whole pages go into the tree (which keeps
-        those new to it), the rest return to the pool, and its hold is dropped."""
-        pages, req.pages = req.pages, []
-        kept = min(req.num_computed // self.page_size, len(pages))
-        duplicates = self.insert(req.token_ids[:kept * self.page_size], pages[:kept], req.user)
+    def release(self, row: int, token_ids: list[int], pages: list[int], num_computed: int, user: str) -> None:
+        """`row` stops using `pages`: its computed whole pages go into the tree (which keeps those
+        new to it), the rest return to the pool, and its hold is dropped."""
+        kept = min(num_computed // self.page_size, len(pages))
+        duplicates = self.insert(token_ids[:kept * self.page_size], pages[:kept], user)
         self.pool.free_pages(duplicates + pages[kept:])
-        self.unlock(self._held.pop(req.request_id), req.row)
+        self.unlock(self._held.pop(row), row)
 
     # ---- growing and shrinking -------------------------------------------------------------
     def insert(self, token_ids: list[int], pages: list[int], user: str = "default") -> list[int]:

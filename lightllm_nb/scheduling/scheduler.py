@@ -93,6 +93,13 @@ class Scheduler:
         return Decision("evict", None, "cache_cleared",
                         {"evicted": freed, "free": self.pool.free_tokens, "cached": self.cache.cached_tokens})
 
+    def _share_prompt(self, req: Request) -> None:
+        """Offer `req`'s computed prompt to the cache now, taking the cache's pages where it
+        already had them."""
+        shared = self.cache.share_prompt(req.row, req.prompt_ids, req.pages, req.num_computed, req.user)
+        if shared is not None:
+            req.pages[:len(shared)] = shared
+
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
@@ -105,7 +112,7 @@ class Scheduler:
             if req.status is not Status.RUNNING or budget == 0 or req.awaiting_final:
                 continue
             if self.cache is not None:
-                self.cache.share_prompt(req)
+                self._share_prompt(req)
             n = min(req.num_uncomputed, budget)
             if self._grow_or_preempt(req, req.num_computed + n, batch, in_batch):
                 batch.items.append((req, n))
@@ -170,7 +177,7 @@ class Scheduler:
         if not self.waiting or budget == 0 or len(self.running) >= self.max_running:
             return  # the common decode-only step: nothing to look at
         skipped: set[str] = set()
-        in_flight = {self._next_tokens(r, self.cache.held(r)): (r.request_id, r.user)
+        in_flight = {self._next_tokens(r, self.cache.held(r.row)): (r.request_id, r.user)
                      for r in self.running if r.num_computed < r.num_prompt} if self.cache is not None else {}
         while budget > 0 and len(self.running) < self.max_running:
             picked = self._next_candidate(batch.decisions, skipped, in_flight)
@@ -182,7 +189,7 @@ class Scheduler:
                 return
             budget -= n
             if self.cache is not None:
-                in_flight[self._next_tokens(req, self.cache.held(req))] = (req.request_id, req.user)
+                in_flight[self._next_tokens(req, self.cache.held(req.row))] = (req.request_id, req.user)
 
     def _next_candidate(self, decisions: list[Decision], skipped: set[str],
                         in_flight: dict) -> tuple[Request, PrefixMatch | None] | None:
@@ -231,7 +238,8 @@ class Scheduler:
             return 0
         req.row = row
         if match is not None:
-            self.cache.hold(req, match)
+            self.cache.hold(row, match)
+            req.pages, req.num_computed = list(match.pages), match.length
         matched = req.num_computed
         verdict = self.policy.check(req, self.running, self.pool_view())
         n = min(req.num_uncomputed, budget)
@@ -317,10 +325,10 @@ class Scheduler:
     def _release(self, req: Request) -> None:
         """Give back `req`'s memory; with a prefix cache its computed pages are cached first."""
         if self.cache is not None and req.row is not None:
-            self.cache.release(req)
+            self.cache.release(req.row, req.token_ids, req.pages, req.num_computed, req.user)
         else:
             self.pool.free_pages(req.pages)
-            req.pages = []
+        req.pages = []
         if req.row is not None:
             self.pool.free_row(req.row)
             req.row = None
