@@ -3,10 +3,13 @@ host directly and through `/lightllm/` on a Jupyter server, alternating, on one 
 
     python bench/proxy.py --device cpu --streams 64 --max-tokens 32        # the demo model on CPU
     python bench/proxy.py --device cuda --model /path/to/Llama-3.2-1B --streams 64 --max-tokens 256
+    python bench/proxy.py --device cuda --shape llama-1b --tokenizer DIR --streams 64 --max-tokens 256
 
 Starts `jupyter server` with the extension (which starts `lightllm-nb serve`), then runs `--rounds`
 pairs (direct, proxied) of `--streams` concurrent SSE streams and prints TTFT p50/p99 and output tok/s
-for each path and the difference.
+for each path (median and range over the rounds) and the difference. `--shape` serves random bf16
+weights of that shape (bench/roofline.SHAPES), written as a Hugging Face folder with the tokenizer
+from `--tokenizer` into a temporary directory (on the GPU: the weights are made there).
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ def start_jupyter(workdir: Path, args) -> tuple[subprocess.Popen, str, str]:
     token, port = secrets.token_hex(16), free_port()
     config_dir = workdir / "config"
     config_dir.mkdir()
-    # Only our extension: the bench measures our proxy, not other extensions' start-up work.
+    # Only our extension: the bench measures our proxy, not other extensions' start-up work. Enabled
+    # here too, for a checkout on PYTHONPATH that pip never installed (the GPU machine).
     (config_dir / "jupyter_server_config.json").write_text(json.dumps(
-        {"ServerApp": {"jpserver_extensions": {"jupyter_lsp": False, "jupyter_server_terminals": False}}}))
+        {"ServerApp": {"jpserver_extensions": {"jupyter_lsp": False, "jupyter_server_terminals": False,
+                                               "lightllm_nb.server_ext": True}}}))
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "JUPYTER_CONFIG_DIR": str(config_dir)}
     command = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}",
@@ -53,19 +58,23 @@ def start_jupyter(workdir: Path, args) -> tuple[subprocess.Popen, str, str]:
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}", token
 
 
-def wait_ready(url: str, token: str, process: subprocess.Popen, timeout: float = 600) -> dict:
+def wait_ready(url: str, token: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> dict:
+    """The extension's status once its engine host is up. The log goes with the temporary directory,
+    so a failure prints its end (on the GPU machine nothing else is left to read)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit("jupyter server exited; see its log")
+            sys.exit(f"jupyter server exited:\n{log.read_text()[-4000:]}")
         try:
             status = httpx.get(f"{url}/lightllm/status", headers={"Authorization": f"token {token}"}).json()
             if status["state"] == "ready":
                 return status
+            if status["state"] == "crashed":  # the supervisor would retry for ever; a bench should not
+                break
         except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
-    sys.exit(f"the engine host was not ready after {timeout:.0f} s")
+    sys.exit(f"the engine host did not become ready:\n{log.read_text()[-4000:]}")
 
 
 async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
@@ -100,18 +109,40 @@ async def run_batch(url: str, headers: dict, streams: int, max_tokens: int) -> d
             "tok_s": sum(r[1] for r in results) / wall}
 
 
+def random_model_folder(shape: str, tokenizer: str, workdir: Path) -> str:
+    """A Hugging Face folder of random bf16 weights of `shape`, made the way bench/serving.py makes it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from serving import write_random_model
+
+    folder = workdir / f"random-{shape}"
+    folder.mkdir()
+    write_random_model(shape, tokenizer, folder)
+    return str(folder)
+
+
+def spread(rounds: list[dict], key: str) -> str:
+    values = [r[key] for r in rounds]
+    return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="demo")
+    parser.add_argument("--model", default="demo", help="what `serve --model` takes (ignored with --shape)")
+    parser.add_argument("--shape", default=None, help="random weights of this shape, e.g. llama-1b (needs CUDA)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.shape and (not args.tokenizer or args.device == "cpu"):
+        parser.error("--shape needs --tokenizer DIR and a CUDA device (its random weights are made on the GPU)")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.shape:
+            args.model = random_model_folder(args.shape, args.tokenizer, Path(tmp))
         process, url, token = start_jupyter(Path(tmp), args)
         try:
-            status = wait_ready(url, token, process)
+            status = wait_ready(url, token, process, Path(tmp) / "jupyter.log")
             tokens_file = next((Path(tmp) / "runtime").glob("lightllm-tokens-*.json"))
             proxy_token = next(iter(json.loads(tokens_file.read_text())))
             user = httpx.get(f"{url}/lightllm/api/stats", headers={"Authorization": f"token {token}"}).json()["user"]
@@ -129,12 +160,12 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(60)
-    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, model {args.model} on {args.device}, "
-          f"{args.rounds} rounds each (medians of rounds)")
+    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, model {args.shape or args.model} on "
+          f"{args.device}, {args.rounds} rounds each, interleaved (median [min-max] of rounds)")
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
-    for name, s in summary.items():
-        print(f"  {name:9s}  TTFT p50 {s['ttft_p50_ms']:8.1f} ms  p99 {s['ttft_p99_ms']:8.1f} ms  "
-              f"{s['tok_s']:8.1f} tok/s")
+    for name, rs in runs.items():
+        print(f"  {name:9s}  TTFT p50 {spread(rs, 'ttft_p50_ms')} ms  p99 {spread(rs, 'ttft_p99_ms')} ms  "
+              f"{spread(rs, 'tok_s')} tok/s")
     d, e = summary["direct"], summary["extension"]
     print(f"  proxy adds {e['ttft_p50_ms'] - d['ttft_p50_ms']:+.1f} ms TTFT p50, "
           f"{e['ttft_p99_ms'] - d['ttft_p99_ms']:+.1f} ms p99, {100 * (e['tok_s'] / d['tok_s'] - 1):+.1f}% tok/s")
