@@ -29,6 +29,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from roofline import SHAPES  # noqa: E402
+
 PROMPTS = ["Write a story about a lighthouse keeper.", "Explain how a GPU runs many threads at once.",
            "List ten fruits and their colors.", "Describe the water cycle in detail.",
            "What makes a good cup of tea?", "Summarize the history of the printing press."]
@@ -111,7 +114,6 @@ async def run_batch(url: str, headers: dict, streams: int, max_tokens: int) -> d
 
 def random_model_folder(shape: str, tokenizer: str, workdir: Path) -> str:
     """A Hugging Face folder of random bf16 weights of `shape`, made the way bench/serving.py makes it."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from serving import write_random_model
 
     folder = workdir / f"random-{shape}"
@@ -128,7 +130,8 @@ def spread(rounds: list[dict], key: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="what `serve --model` takes (ignored with --shape)")
-    parser.add_argument("--shape", default=None, help="random weights of this shape, e.g. llama-1b (needs CUDA)")
+    parser.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                        help="random bf16 weights of this shape instead of --model (needs CUDA)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder for --shape")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--streams", type=int, default=64)
