@@ -101,9 +101,11 @@ class DecodeLinear:
         """Record in `choices` the GEMV configuration that beats `baseline` by MIN_GAIN, if any."""
         base = _graph_time(baseline)
         best, best_time = None, base
-        for block_n, block_k, warps in GEMV_CONFIGS:
-            config = dict(block_n=block_n, block_k=block_k, num_warps=warps,
-                          split_k=_split_k(n, k, block_n, block_k, sms))
+        # Split K as the shape wants, and not at all: one launch fewer (no reduce) may win over a fuller card.
+        configs = [dict(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split_k)
+                   for block_n, block_k, warps in GEMV_CONFIGS
+                   for split_k in sorted({_split_k(n, k, block_n, block_k, sms), 1})]
+        for config in configs:
             t = _graph_time(lambda: fused(config))
             if t < best_time:
                 best, best_time = config, t
