@@ -6,8 +6,10 @@ tilings built for large M there (measured on an H200: 75% of copy bandwidth at b
 each program owns BLOCK_N output columns (rows of W, contiguous in K, so loads are coalesced) and
 a 1/SPLIT_K slice of K, keeps a [BLOCK_M, BLOCK_N, BLOCK_K] float32 product sum in registers and
 reduces it once at the end. With SPLIT_K > 1 the slices' partial sums go to a float32 workspace
-and a second launch adds them in a fixed order: deterministic, unlike atomics, so a step gives
-the same tokens every time.
+and each program counts itself done on its column block's counter; the last one to finish adds
+the partials in split order (whichever program that is, so a step gives the same tokens every
+time, unlike atomic adds of the sums) and sets the counter back to zero: one launch, no reduce
+kernel after it.
 
 With swiglu=True, x is the MLP's fused gate_up output and the kernel multiplies silu(gate) * up,
 computed as it loads x (rounded to x's dtype exactly as kernels/silu_mul.py stores it, so the
@@ -27,9 +29,10 @@ GEMV_MAX_M = 4
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, stride_xm, stride_wn, stride_om, stride_os, M, N, K, k_per_split,
-    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, parts_ptr, counters_ptr, stride_xm, stride_wn, stride_om,
+    M, N, K, k_per_split, splits,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     col_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -58,31 +61,39 @@ def _gemv_kernel(
         acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     total = tl.sum(acc, axis=2)
     mask = mask_m[:, None] & mask_n[None, :]
-    out = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
-    if HAS_BIAS:  # SPLIT_K == 1 only: the reduce launch adds it otherwise
-        total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+    tile = offs_m[:, None] * N + offs_n[None, :]  # this program's outputs in a [M, N] partial
+    if SPLIT:
+        tl.store(parts_ptr + split * M * N + tile, total, mask=mask)
+        # Every thread's partial is stored before the count says so; the atomic releases them to
+        # the program that sums and acquires the others' for it.
+        tl.debug_barrier()
+        finished_before = tl.atomic_add(counters_ptr + col_block, 1, sem="acq_rel", scope="gpu")
+        if finished_before == splits - 1:
+            tl.store(counters_ptr + col_block, 0)  # ready for the next launch (a CUDA graph replays this one)
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for s in range(0, splits):
+                # .cg: the other programs' partials from L2, where their stores landed, not this SM's L1.
+                total += tl.load(parts_ptr + s * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_output(total, bias_ptr, out_ptr, stride_om, offs_m, offs_n, mask_n, mask, HAS_BIAS)
+    else:
+        _store_output(total, bias_ptr, out_ptr, stride_om, offs_m, offs_n, mask_n, mask, HAS_BIAS)
 
 
 @triton.jit
-def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, stride_om, M, N, splits,
-                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    total = tl.zeros([BLOCK], tl.float32)
-    for s in range(0, splits):
-        total += tl.load(part_ptr + (s * M + row) * N + offs, mask=mask, other=0.0)
+def _store_output(total, bias_ptr, out_ptr, stride_om, offs_m, offs_n, mask_n, mask, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
-        total += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_om + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+        total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv(x, weight, bias=None, *, swiglu=False, block_n=16, block_k=512, split_k=1, num_warps=4):
+def gemv(x, weight, bias=None, *, swiglu=False, split_counters=None, block_n=16, block_k=512, split_k=1,
+         num_warps=4):
     """x [M, K] (M <= GEMV_MAX_M, rows may be strided) @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype.
 
     swiglu: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place. Sums in float32 in
-    every dtype (no TF32). block_n, block_k, split_k and num_warps only tune speed.
+    every dtype (no TF32). block_n, block_k, split_k and num_warps only tune speed. split_counters:
+    optional int32 tensor of at least ceil(N / block_n) zeros, which a split-K launch leaves zero
+    again, so one tensor serves every call (without it each split-K call zeroes a new one).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -98,21 +109,21 @@ def gemv(x, weight, bias=None, *, swiglu=False, block_n=16, block_k=512, split_k
     # Whole K blocks per split, so only a split's last block is partly masked.
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
-    has_bias = bias is not None
-    block_m = triton.next_power_of_2(m)
-    grid = (triton.cdiv(n, block_n), splits)
-    if splits == 1:
-        _gemv_kernel[grid](x, weight, bias if has_bias else x, out, x.stride(0), weight.stride(0), out.stride(0), 0,
-                           m, n, k, k_per_split, HAS_BIAS=has_bias, SWIGLU=swiglu, BLOCK_M=block_m,
-                           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
-        return out
-    parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
-    _gemv_kernel[grid](x, weight, x, parts, x.stride(0), weight.stride(0), n, m * n, m, n, k, k_per_split,
-                       HAS_BIAS=False, SWIGLU=swiglu, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                       num_warps=num_warps)
-    block = 1024
-    _split_sum_kernel[(m, triton.cdiv(n, block))](parts, bias if has_bias else parts, out, out.stride(0), m, n,
-                                                 splits, HAS_BIAS=has_bias, BLOCK=block)
+    col_blocks = triton.cdiv(n, block_n)
+    if splits == 1:  # no partials, no counters: the kernel writes out directly
+        parts = split_counters = out
+    else:
+        parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+        if split_counters is None:
+            split_counters = torch.zeros(col_blocks, dtype=torch.int32, device=x.device)
+        elif split_counters.dtype != torch.int32 or split_counters.numel() < col_blocks:
+            raise ValueError(f"split_counters must be an int32 tensor of at least {col_blocks} zeros "
+                             f"(ceil(N / block_n)), got {split_counters.dtype} with {split_counters.numel()}")
+    _gemv_kernel[(col_blocks, splits)](
+        x, weight, bias if bias is not None else x, out, parts, split_counters,
+        x.stride(0), weight.stride(0), out.stride(0), m, n, k, k_per_split, splits,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT=splits > 1, BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=num_warps)
     return out
 
 

@@ -68,9 +68,16 @@ def test_swiglu_gemv_is_silu_mul_then_gemv(m, n, k, block_k, split_k, dtype):
 
 
 def test_split_k_is_deterministic():
+    """The last split of each column block sums all of them in split order, and leaves its counter
+    zero: one set of counters serves call after call with the same bits."""
     x, w, b = _inputs(5, 2, 24, 300, torch.float32, True, strided=False)
+    counters = torch.zeros(3 + 1, dtype=torch.int32)  # 24 outputs / block_n 8, one to spare
     first = gemv(x, w, b, block_n=8, block_k=32, split_k=4)
-    assert torch.equal(first, gemv(x, w, b, block_n=8, block_k=32, split_k=4))
+    for _ in range(2):
+        assert torch.equal(gemv(x, w, b, split_counters=counters, block_n=8, block_k=32, split_k=4), first)
+        assert not counters.any()
+    with pytest.raises(ValueError, match="split_counters must be"):
+        gemv(x, w, b, split_counters=counters[:2], block_n=8, block_k=32, split_k=4)
 
 
 def test_gemv_says_what_to_use_instead():
@@ -97,6 +104,11 @@ def test_gemv_gpu_shapes(dtype, n, k, m, split_k):
     x, w, b = _inputs(n + k + m + split_k, m, n, k, dtype, bias=split_k == 4, strided=True)
     out = gemv(x, w, b, block_n=8, block_k=512, split_k=split_k)
     _check(out, x, w, b, dtype)
+    if split_k > 1:  # the in-kernel reduce under real concurrency, counters reused: the same bits each call
+        counters = torch.zeros(-(-n // 8), dtype=torch.int32, device=DEVICE)
+        for _ in range(10):
+            assert torch.equal(gemv(x, w, b, split_counters=counters, block_n=8, block_k=512, split_k=split_k), out)
+        assert not counters.any()
     if dtype != torch.float32:
         # Both sum in float32 and round once: at most one unit in the last place apart.
         torch.testing.assert_close(out, gemv_torch(x, w, b), rtol=1e-2, atol=1e-2)

@@ -57,16 +57,19 @@ class DecodeLinear:
     faster than SiLU-mul followed by the projection."""
 
     def __init__(self, choices: dict[tuple[int, int], dict] | None = None,
-                 swiglu_choices: dict[tuple[int, int], dict] | None = None):
+                 swiglu_choices: dict[tuple[int, int], dict] | None = None,
+                 split_counters: torch.Tensor | None = None):
         self.choices = choices or {}                # (N, K) -> gemv keyword arguments
         self.swiglu_choices = swiglu_choices or {}  # (N, K) -> gemv keyword arguments, swiglu input
+        # Zeros that every split-K GEMV leaves zero: allocated once, so no launch zeroes them per call.
+        self.split_counters = split_counters
         self.timings: list[dict] = []  # what was measured, for benchmarks
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[0] == 1:
             config = self.choices.get(tuple(weight.shape))
             if config is not None:
-                return gemv(x, weight, bias, **config)
+                return gemv(x, weight, bias, split_counters=self.split_counters, **config)
         return F.linear(x, weight, bias)
 
     def swiglu(self, gate_up: torch.Tensor, weight: torch.Tensor, silu_mul) -> torch.Tensor:
@@ -74,7 +77,7 @@ class DecodeLinear:
         if gate_up.shape[0] == 1:
             config = self.swiglu_choices.get(tuple(weight.shape))
             if config is not None:
-                return gemv(gate_up, weight, swiglu=True, **config)
+                return gemv(gate_up, weight, swiglu=True, split_counters=self.split_counters, **config)
         return self(silu_mul(gate_up), weight)
 
     @classmethod
@@ -83,25 +86,28 @@ class DecodeLinear:
         """Time cuBLAS and each GEMV configuration at one row on these (weight, bias) pairs, grouped
         by shape; then, for the swiglu_weights (down projections), the projection chosen so far
         after the SiLU-mul kernel against the fused GEMV."""
-        chooser = cls()
         device = weights[0][0].device
+        widest = max(w.shape[0] for w, _ in weights)
+        counters = torch.zeros(-(-widest // min(c[0] for c in GEMV_CONFIGS)), dtype=torch.int32, device=device)
+        chooser = cls(split_counters=counters)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         for (n, k), group in _by_shape(weights).items():
             x = torch.randn(1, k, device=device).to(group[0][0].dtype)
             chooser._choose(chooser.choices, n, k, group, sms, lambda: [F.linear(x, w, b) for w, b in group],
-                            lambda config: [gemv(x, w, b, **config) for w, b in group])
+                            lambda config: [gemv(x, w, b, split_counters=counters, **config) for w, b in group])
         for (n, k), group in _by_shape([(w, None) for w in swiglu_weights]).items():
             gate_up = torch.randn(1, 2 * k, device=device).to(group[0][0].dtype)
             chooser._choose(chooser.swiglu_choices, n, k, group, sms,
                             lambda: [chooser(silu_mul(gate_up), w) for w, _ in group],
-                            lambda config: [gemv(gate_up, w, swiglu=True, **config) for w, _ in group])
+                            lambda config: [gemv(gate_up, w, swiglu=True, split_counters=counters, **config)
+                                            for w, _ in group])
         return chooser
 
     def _choose(self, choices: dict, n: int, k: int, group: list, sms: int, baseline, fused) -> None:
         """Record in `choices` the GEMV configuration that beats `baseline` by MIN_GAIN, if any."""
         base = _graph_time(baseline)
         best, best_time = None, base
-        # Split K as the shape wants, and not at all: one launch fewer (no reduce) may win over a fuller card.
+        # Split K as the shape wants, and not at all: fewer, longer programs may beat a fuller card.
         configs = [dict(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split_k)
                    for block_n, block_k, warps in GEMV_CONFIGS
                    for split_k in sorted({_split_k(n, k, block_n, block_k, sms), 1})]
