@@ -15,6 +15,7 @@ from comm.base_comm import BaseComm
 from lightllm_nb import Engine, SamplingParams
 from lightllm_nb.notebook.panels import Dashboard, KVCachePanel
 from lightllm_nb.notebook.panels.kv_grid import CACHED_CELL, FREE_CELL, SHARED_CELL, KVGrid
+from lightllm_nb.notebook.panels.pump import Pump
 from lightllm_nb.telemetry.hub import EventHub
 from lightllm_nb.telemetry.traces import TraceRecorder, load_trace
 
@@ -266,3 +267,32 @@ def test_the_kv_grid_names_the_viewer_s_requests_and_keeps_others_anonymous(engi
         assert "bob" not in text and "secret" not in text and "other-" not in text
         assert not any(rid in text for rid in ids["bob-the-secret"])
     assert len(shown) >= 2 and both, (len(shown), both)
+
+
+def test_a_pump_behind_its_events_drops_the_oldest_and_a_stopped_pump_draws_nothing_still_queued():
+    consumed, renders = [], []
+    busy, go_on = threading.Event(), threading.Event()
+
+    def consume(event):
+        busy.set()
+        go_on.wait(30)
+        consumed.append(event)
+
+    pump = Pump(consume, lambda: renders.append(list(consumed)), rate=1000, backlog=4)
+    pump.push(0)
+    assert busy.wait(30)  # the pump holds event 0 and is stuck in consume
+    for i in range(1, 11):
+        pump.push(i)  # ten more than a backlog of 4 holds
+    assert pump.dropped == 6
+    go_on.set()
+    wait_for(lambda: renders and renders[-1] == [0, 7, 8, 9, 10])  # the newest four survive
+
+    busy.clear()
+    go_on.clear()
+    pump.push("being consumed")
+    assert busy.wait(30)
+    pump.push("still queued")
+    pump.stop(timeout=0)
+    go_on.set()
+    wait_for(lambda: not pump.running)
+    assert consumed[-1] == "being consumed"

@@ -1,7 +1,13 @@
 """StepEvents: one per step, every decision with its reason, traces that round-trip, and a view
 per user that hides everyone else's identity."""
 
+import threading
+import time
+
+import pytest
+
 from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.telemetry.mailbox import Mailbox, MailboxClosed
 from lightllm_nb.telemetry.traces import TraceRecorder, load_trace
 
 
@@ -67,3 +73,21 @@ def test_a_slow_callback_never_slows_a_step_and_traces_work_under_the_loop(tiny_
     assert len(seen) < steps, "the slow subscriber lost its oldest events instead"
     assert [e.step for e in load_trace(tmp_path / "trace.jsonl")] == list(range(1, steps + 1))
     assert len(pages) == steps and all(p.dtype == np.int32 and len(p) == 256 for p in pages)
+
+
+def test_a_mailbox_hands_over_all_it_holds_at_once_and_drops_the_oldest_when_full():
+    mailbox = Mailbox(maxsize=3)
+    assert mailbox.get_all(timeout=0) == []
+    for i in range(5):
+        mailbox.put(i)
+    assert mailbox.get_all() == [2, 3, 4] and mailbox.dropped == 2
+    start = time.monotonic()
+    assert mailbox.get_all(timeout=0.05) == []
+    assert time.monotonic() - start >= 0.05
+    threading.Timer(0.05, mailbox.put, args=("late",)).start()
+    assert mailbox.get_all(timeout=30) == ["late"]  # a waiting reader wakes when it arrives
+    mailbox.put("last")
+    mailbox.close()
+    assert mailbox.get_all() == ["last"]  # closed: what is left first, then the end
+    with pytest.raises(MailboxClosed):
+        mailbox.get_all()

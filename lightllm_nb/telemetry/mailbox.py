@@ -1,5 +1,5 @@
 """A queue that one thread fills and a thread or an asyncio task reads: the sink of every request
-output and every StepEvent that leaves the step thread.
+output and every StepEvent that leaves the step thread, and a panel's backlog of events to draw.
 
 Putting never blocks the writer (the step thread): a bounded mailbox drops its oldest item and
 counts it. Readers block (threads) or await (asyncio: woken with `call_soon_threadsafe`, so a
@@ -58,16 +58,20 @@ class Mailbox:
 
     def get(self, timeout: float | None = None):
         """The oldest item, waiting for one; MailboxClosed at the end, TimeoutError after `timeout`."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not self._items:
-                if self._closed:
-                    raise MailboxClosed
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"nothing arrived within {timeout} s")
-                self._cond.wait(left)
+            if not self._wait_for_items(timeout):
+                raise TimeoutError(f"nothing arrived within {timeout} s")
             return self._items.popleft()
+
+    def get_all(self, timeout: float | None = None) -> list:
+        """Every item, oldest first, waiting for one; [] after `timeout` (0: no wait), MailboxClosed
+        at the end. For a reader that handles whatever came since it last looked in one go."""
+        with self._cond:
+            if not self._wait_for_items(timeout):
+                return []
+            items = list(self._items)
+            self._items.clear()
+            return items
 
     async def aget(self):
         """`get` for asyncio: awaits without holding a thread."""
@@ -83,7 +87,7 @@ class Mailbox:
             await future
 
     def task_done(self) -> None:
-        """Mark one item taken with `get` as fully handled (for `join`)."""
+        """Mark one item taken with `get` (or `get_all`) as fully handled (for `join`)."""
         with self._cond:
             self._unhandled -= 1
             self._cond.notify_all()
@@ -92,6 +96,18 @@ class Mailbox:
         """Wait until every item put so far was handled (or dropped); False on timeout."""
         with self._cond:
             return self._cond.wait_for(lambda: self._unhandled <= 0 or self._closed, timeout)
+
+    def _wait_for_items(self, timeout: float | None) -> bool:
+        """With the lock held: True once an item is in, False after `timeout`; MailboxClosed at the end."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._items:
+            if self._closed:
+                raise MailboxClosed
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._cond.wait(left)
+        return True
 
     def _wake(self) -> None:
         self._cond.notify_all()

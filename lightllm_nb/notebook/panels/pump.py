@@ -3,8 +3,8 @@
 Events arrive on whatever thread produces them (the engine's step thread, a subscription
 reader); the pump hands each to the panel's `consume` (cheap bookkeeping) on its own thread and
 calls `render` (which sends to the browser) at most `rate` times a second: the latest state
-wins, intermediate ones are never sent. A slow pump drops the oldest events; it never blocks
-the producer, so a panel cannot slow a step.
+wins, intermediate ones are never sent. The events wait in a bounded telemetry Mailbox: a slow
+pump drops the oldest; it never blocks the producer, so a panel cannot slow a step.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from collections import deque
 from typing import Callable
+
+from ...telemetry.mailbox import Mailbox, MailboxClosed
 
 
 class Pump:
@@ -23,29 +24,25 @@ class Pump:
             raise ValueError(f"rate={rate} must be positive (renders per second)")
         self._consume, self._render = consume, render
         self._interval = 1.0 / rate
-        self._events: deque = deque(maxlen=backlog)
-        self._wake = threading.Condition()
-        self._stopping = False
-        self.dropped = 0
+        self._events = Mailbox(backlog)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def dropped(self) -> int:
+        """Events this pump lost because it fell behind by more than `backlog`."""
+        return self._events.dropped
+
     def push(self, event) -> None:
         """Thread-safe; never blocks."""
-        with self._wake:
-            if len(self._events) == self._events.maxlen:
-                self.dropped += 1
-            self._events.append(event)
-            self._wake.notify()
+        self._events.put(event)
 
     def request_render(self) -> None:
         """Render again soon (e.g. a new view opened), within the same rate limit."""
         self.push(None)
 
     def stop(self, timeout: float = 5.0) -> None:
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
+        self._events.close()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
@@ -57,14 +54,14 @@ class Pump:
         last_render = 0.0
         dirty = False
         while True:
-            with self._wake:
-                wait = None if not dirty else max(0.0, last_render + self._interval - time.monotonic())
-                if not self._events and not self._stopping and wait != 0.0:
-                    self._wake.wait(wait)
-                if self._stopping:
-                    return
-                batch = list(self._events)
-                self._events.clear()
+            # Clean: sleep until something arrives. Dirty: only until the next render is due.
+            wait = None if not dirty else max(0.0, last_render + self._interval - time.monotonic())
+            try:
+                batch = self._events.get_all(wait)
+            except MailboxClosed:
+                return
+            if self._events.closed:  # stopped: what is still queued is never drawn
+                return
             try:
                 for event in batch:
                     if event is not None:
