@@ -1,17 +1,19 @@
 """What StepEvent subscribers cost an engine step: the median decode step with 0, 1 and 8 event
 subscribers (issue 8's target: 8 subscribers cost at most 3%).
 
-    python bench/telemetry_overhead.py [--device cpu] [--batch 64] [--context 64]     # tiny random Llama
+    python bench/telemetry_overhead.py --batch 16 --context 64 --kv-tokens 16384    # CPU, tiny random Llama
     python bench/telemetry_overhead.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 \\
-        --context 512 --kv-tokens 262144 --rounds 6
+        --context 512 --rounds 6
 
 Each subscriber is what the event stream (`GET /api/events`) serves a notebook: a subscription
-through the driver loop (`DriverLoop.subscribe(user=...)`), redacted for its own user and drained
-on its own thread into the stream's JSON record; one of the 8 also asks for the KV page map and
-turns it into bytes, as a KV grid does. The step runs on the driver-loop thread, as served: events
-leave it through bounded queues, so the readers compete with it only for the GIL. Rounds are
-interleaved (every other round in reverse order) and each setting's best round is reported, with
-every round's ratio to 0 subscribers: noise on a shared machine is larger than the effect.
+through the driver loop (`DriverLoop.subscribe(user=...)`), redacted for its own user and drained on
+its own thread into the stream's JSON record; one of the 8 also asks for the KV page map and turns
+it into bytes, as a KV grid does (the step thread copies that map once a step: its cost grows with
+the pool, so leave --kv-tokens out on the GPU to time the pool a server has). The step runs on the
+driver-loop thread, as served: events leave it through bounded queues, so the readers compete with
+it only for the GIL. Rounds are interleaved (every other round in reverse order) and each setting's
+best round is reported, with every round's ratio to 0 subscribers: noise on a shared machine is
+larger than the effect.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per round")
-    parser.add_argument("--kv-tokens", type=int, default=65536)
+    parser.add_argument("--kv-tokens", type=int, default=None,
+                        help="KV pool size (default: as served, from free GPU memory or the CPU budget)")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,8 +80,9 @@ def main() -> None:
             for subscription in subscriptions:
                 dropped[count] += subscription.dropped
                 subscription.close()
+    kv_tokens = engine.stats()["kv_capacity_tokens"]
     engine.close()
-    print(f"\n{model_label(args)} on {args.device}, batch {args.batch}, context {args.context}, {args.kv_tokens} KV tokens: "
+    print(f"\n{model_label(args)} on {args.device}, batch {args.batch}, context {args.context}, {kv_tokens:,} KV tokens: "
           f"median decode step on the driver-loop thread, best of {args.rounds} interleaved rounds")
     print(f"{'subscribers':>11} | {'step ms':>9} | {'vs 0':>6} | {'vs 0, each round':<28} | events dropped")
     for count, times in steps.items():
