@@ -183,6 +183,7 @@ def warm_up(workdir: Path) -> None:
     import hypothesis, numpy, pytest, torch, transformers  # noqa: F401  (loaded for the forks)
     import lightllm_nb.engine.engine  # noqa: F401  (its dependencies stay; the package is re-imported)
     import tiny_models  # noqa: F401  (conftest's; it loads transformers' model classes: ~10 CPU s a run)
+    import lightllm_nb.notebook.panels  # noqa: F401  (the KV grid test's: ipywidgets stays loaded)
     _forget_package()
 
 

@@ -4,6 +4,7 @@ what the pool says is free right after admission, and where the policies draw th
 
 import pytest
 
+from lightllm_nb.notebook.panels.kv_grid import CACHED_CELL, FREE_CELL, SHARED_CELL, KVGrid
 from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy, PoolView
 from lightllm_nb.sampling_params import SamplingParams
 from lightllm_nb.scheduling.request import PENDING_TOKEN, Request
@@ -183,3 +184,28 @@ def test_a_preempted_request_with_its_token_in_flight_does_not_hold_up_others():
     decisions = scheduler.schedule().decisions
     assert [d.request_id for d in decisions if d.kind in ("admit", "resume")] == ["b"], \
         "a waits a step for its token; b behind it is admitted now"
+
+
+# ---- what the pool tells the KV panel ----------------------------------------------------------------
+def test_the_kv_grid_reads_the_pools_page_owners():
+    """`page_owner` is what the KV panel draws: cached, shared and free pages must carry the codes
+    the grid decodes (it keeps its own copy of them, as the browser does)."""
+    scheduler = make_scheduler(capacity=16, prefix_cache=True)
+    scheduler.add(request("first", prompt_len=8, max_tokens=1))
+    run(scheduler)
+    grid = KVGrid()
+    grid.update(scheduler.pool.page_owner)
+    assert grid.owners.tolist() == [CACHED_CELL] * 8 + [FREE_CELL] * 8 and grid.row_pages == {}
+    for rid in ("b", "c"):  # the same prompt: both hold its first 7 tokens from the cache
+        scheduler.add(request(rid, prompt_len=8, max_tokens=3))
+        step(scheduler)
+    grid.update(scheduler.pool.page_owner)
+    assert grid.owners.tolist()[:7] == [SHARED_CELL] * 7
+    assert set(grid.row_pages) == {r.row for r in scheduler.running} == {0, 1}
+
+
+def test_a_pool_of_exactly_one_page_is_accepted_and_less_is_refused():
+    pool = make_scheduler(capacity=4, page_size=4, max_running=1).pool
+    assert (pool.num_pages, pool.capacity) == (1, 4)
+    with pytest.raises(ValueError, match="kv_tokens=3 is too small"):
+        make_scheduler(capacity=3, page_size=4, max_running=1)
