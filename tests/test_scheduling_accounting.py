@@ -209,3 +209,17 @@ def test_a_pool_of_exactly_one_page_is_accepted_and_less_is_refused():
     assert (pool.num_pages, pool.capacity) == (1, 4)
     with pytest.raises(ValueError, match="kv_tokens=3 is too small"):
         make_scheduler(capacity=3, page_size=4, max_running=1)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_the_padding_page_and_row_lie_inside_the_buffers_past_every_live_one(page_size):
+    """Padded entries of a CUDA-graph batch write K/V into the dummy page through the dummy row: both
+    must exist in the buffers the models see, and no live page or request may use them."""
+    pool = make_scheduler(capacity=8 * page_size, page_size=page_size, max_running=3).pool
+    buffers = pool.buffers
+    assert buffers.k_cache.shape[1] >= pool.dummy_slot + page_size <= buffers.v_cache.shape[1]
+    live = pool.slots(pool.alloc_pages(pool.num_pages, owner=0), 0, pool.capacity)
+    assert live.max() < pool.dummy_slot, "a live page overlaps the dummy page"
+    rows = [pool.alloc_row() for _ in range(3)]
+    assert pool.alloc_row() is None and pool.dummy_row not in rows
+    assert (buffers.req_to_token[pool.dummy_row] == pool.dummy_slot).all()
