@@ -24,7 +24,7 @@ DATE = r"20\d\d-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 def engine(demo_tokenizer):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from roofline import SHAPES
-    from throughput import random_checkpoint
+    from engine_timing import random_checkpoint
 
     ckpt, _ = random_checkpoint(dict(SHAPES["llama-1b"], _shape="llama-1b"), demo_tokenizer)
     # float32: the unconstrained rows are compared token by token between two batch shapes.
