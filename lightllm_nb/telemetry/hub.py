@@ -7,7 +7,9 @@ is copied (int32, one entry per page) once per step, and only when a subscriber 
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import warnings
 from dataclasses import replace
 from typing import Callable
@@ -20,14 +22,24 @@ from .mailbox import Mailbox, MailboxClosed
 
 class EventSubscription:
     """StepEvents, oldest first: iterate (blocking) or `async for` them; `close()` ends it.
-    `user=None` sees everything (the operator); otherwise each event is redacted for `user`."""
+    `user=None` sees everything (the operator); otherwise each event is redacted for `user`.
 
-    def __init__(self, hub: "EventHub", *, user: str | None, pages: bool, maxsize: int):
+    With `max_rate` (events a second, for a reader that only draws) the latest event wins: the
+    reader sleeps out the gap while steps queue up unread, then gets the newest step carrying every
+    decision of the steps it skipped, redacted once. A reader at every step costs the step thread
+    its redaction and encoding in GIL time (issue 8); at 10/s that is a few percent of it."""
+
+    def __init__(self, hub: "EventHub", *, user: str | None, pages: bool, maxsize: int,
+                 max_rate: float | None = None):
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError(f"max_rate={max_rate!r} must be positive (events a second), or None for every step")
         self.user = user
         self.pages = pages
         self._hub = hub
         self._mailbox = Mailbox(maxsize)
         self._aliases: dict[str, str] = {}  # this reader's own random aliases for other users' ids
+        self._gap = None if max_rate is None else 1.0 / max_rate
+        self._next_due = 0.0  # time.monotonic() before which a rate-capped reader takes nothing
 
     @property
     def dropped(self) -> int:
@@ -40,10 +52,15 @@ class EventSubscription:
 
     def get(self, timeout: float | None = None) -> StepEvent:
         """The next event; StopIteration once closed and drained, TimeoutError after `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._gap is not None:
+            due = self._next_due if deadline is None else min(self._next_due, deadline)
+            time.sleep(max(0.0, due - time.monotonic()))
         try:
-            return self._view(self._mailbox.get(timeout))
+            first = self._mailbox.get(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except MailboxClosed:
             raise StopIteration from None
+        return self._view(self._latest(first))
 
     def __iter__(self):
         return self
@@ -55,10 +72,13 @@ class EventSubscription:
         return self
 
     async def __anext__(self) -> StepEvent:
+        if self._gap is not None:
+            await asyncio.sleep(max(0.0, self._next_due - time.monotonic()))
         try:
-            return self._view(await self._mailbox.aget())
+            first = await self._mailbox.aget()
         except MailboxClosed:
             raise StopAsyncIteration from None
+        return self._view(self._latest(first))
 
     def close(self) -> None:
         self._hub._remove(self)
@@ -72,6 +92,17 @@ class EventSubscription:
 
     def _put(self, event: StepEvent) -> None:
         self._mailbox.put(event)
+
+    def _latest(self, first: StepEvent) -> StepEvent:
+        """Rate-capped: the newest queued step with the decisions of every step before it since the
+        last one delivered (none is lost unless the mailbox overflowed, which `dropped` counts)."""
+        if self._gap is None:
+            return first
+        self._next_due = time.monotonic() + self._gap
+        skipped = [first] + self._mailbox.get_all(timeout=0)
+        if len(skipped) == 1:
+            return first
+        return replace(skipped[-1], decisions=[d for event in skipped for d in event.decisions])
 
     def _view(self, event: StepEvent) -> StepEvent:
         return event if self.user is None else event.redacted_for(self.user, self._aliases)
@@ -125,8 +156,9 @@ class EventHub:
     def __bool__(self) -> bool:
         return bool(self._subscriptions)
 
-    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256) -> EventSubscription:
-        subscription = EventSubscription(self, user=user, pages=pages, maxsize=maxsize)
+    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256,
+                  max_rate: float | None = None) -> EventSubscription:
+        subscription = EventSubscription(self, user=user, pages=pages, maxsize=maxsize, max_rate=max_rate)
         with self._lock:
             self._subscriptions += (subscription,)
         return subscription

@@ -1,0 +1,66 @@
+"""A reader that only draws asks for at most `max_rate` events a second: it gets the newest step
+with every decision of the steps it skipped, redacted once, and never more often than that."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lightllm_nb.scheduling.decisions import Decision
+from lightllm_nb.telemetry.events import BatchRow, StepEvent
+from lightllm_nb.telemetry.hub import EventHub
+
+
+def step_event(step: int) -> StepEvent:
+    decision = Decision("admit", f"bob-{step}", "fits", {"step": step}, "bob")
+    return StepEvent(step=step, time=step * 1e-3, duration=1e-3, rows=[BatchRow(f"bob-{step}", "bob", "decode", 1, step)],
+                     decisions=[decision], kv_capacity=64, kv_free=32, kv_cached=0, running=1, waiting=0,
+                     page_size=1)
+
+
+def publish_steps(hub: EventHub, count: int, every: float) -> None:
+    for step in range(1, count + 1):
+        hub.publish(step_event(step), lambda: np.zeros(64, dtype=np.int64))
+        time.sleep(every)
+    hub.close()
+
+
+def test_a_rate_capped_reader_gets_the_newest_step_and_every_decision():
+    hub = EventHub()
+    capped = hub.subscribe(user="alice", max_rate=20, pages=True)
+    every = hub.subscribe(user="alice")
+    publisher = threading.Thread(target=publish_steps, args=(hub, 60, 0.005))
+    started = time.monotonic()
+    publisher.start()
+    seen = list(capped)
+    elapsed = time.monotonic() - started
+    publisher.join()
+    assert [e.step for e in every] == list(range(1, 61))
+    assert seen[-1].step == 60 and len(seen) <= elapsed * 20 + 1 < 60
+    assert [d.numbers["step"] for e in seen for d in e.decisions] == list(range(1, 61))
+    assert all(d.user == "other" and "bob" not in repr(e) for e in seen for d in e.decisions)  # still redacted
+    assert all(len(e.page_owner) == 64 for e in seen) and capped.dropped == 0
+
+
+def test_a_rate_capped_async_reader_and_its_timeout():
+    hub = EventHub()
+    capped = hub.subscribe(max_rate=10)
+    with pytest.raises(TimeoutError):
+        capped.get(timeout=0.05)
+
+    async def read_all() -> list[StepEvent]:
+        return [event async for event in capped]
+
+    publisher = threading.Thread(target=publish_steps, args=(hub, 30, 0.01))
+    publisher.start()
+    seen = asyncio.run(read_all())
+    publisher.join()
+    assert seen[-1].step == 30 and len(seen) < 30
+    assert [d.request_id for e in seen for d in e.decisions] == [f"bob-{i}" for i in range(1, 31)]
+
+
+def test_max_rate_must_be_positive():
+    with pytest.raises(ValueError, match="max_rate"):
+        EventHub().subscribe(max_rate=0)
