@@ -64,7 +64,8 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
             req.token_ids.append(sampled.token_ids[i])
         _, t = timed(engine.step)
         parts["step"].append(t)
-    forward_kernels, _, _ = count_kernels(lambda: runner.graphs.run(batch_t) if runner.graphs and runner.graphs.fits(batch_t)
+    in_graph = runner.graphs and runner.graphs.fits(batch_t)
+    forward_kernels, _, _ = count_kernels(lambda: runner.graphs.run(batch_t) if in_graph
                                           else engine.model.forward(batch_t, engine.pool.buffers))
     step_kernels, _, _ = count_kernels(engine.step)
     engine.overlap = True  # steady-state time of an overlapped step: wall time between steps

@@ -11,6 +11,29 @@ import triton.language as tl
 
 
 @triton.jit
+def norm_row(x_row, residual_row, weight_ptr, out_row, hidden, eps,
+             HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One row: residual += x (when HAS_RESIDUAL), out = rmsnorm(that) * weight. Inlined here and
+    into the GEMV that ends with it (kernels/gemv.py), so both round exactly alike. x is read
+    from L2 (.cg): there, other programs of the same launch wrote it."""
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    x = tl.load(x_row + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    if HAS_RESIDUAL:
+        summed = tl.load(residual_row + offs, mask=mask, other=0.0).to(tl.float32) + x.to(tl.float32)
+        # Round to the residual dtype before normalizing: the torch path normalizes the stored
+        # residual, and the next layer adds onto exactly what is stored.
+        x = summed.to(residual_row.dtype.element_ty)
+        tl.store(residual_row + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
+    # HF casts the normalized value to the activation dtype before the weight multiply.
+    normed = (xf * rstd).to(out_row.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_row + offs, (normed * w).to(out_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     stride_x, stride_residual, stride_out,
@@ -18,22 +41,13 @@ def _rmsnorm_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_H)
-    mask = offs < hidden
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        residual_row = residual_ptr + row * stride_residual + offs
-        summed = tl.load(residual_row, mask=mask, other=0.0).to(tl.float32) + x.to(tl.float32)
-        # Round to the residual dtype before normalizing: the torch path normalizes the stored
-        # residual, and the next layer adds onto exactly what is stored.
-        x = summed.to(residual_ptr.dtype.element_ty)
-        tl.store(residual_row, x, mask=mask)
-    xf = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / hidden + eps)
-    # HF casts the normalized value to the activation dtype before the weight multiply.
-    normed = (xf * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+    norm_row(x_ptr + row * stride_x, residual_ptr + row * stride_residual, weight_ptr, out_ptr + row * stride_out,
+             hidden, eps, HAS_RESIDUAL, BLOCK_H)
+
+
+def norm_warps(hidden: int) -> int:
+    """Warps for a program that normalizes one row of `hidden` (the reduction order follows them)."""
+    return min(16, max(1, triton.next_power_of_2(hidden) // 512))
 
 
 def _launch(x, residual, weight, eps, out):
@@ -45,8 +59,7 @@ def _launch(x, residual, weight, eps, out):
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_H=block,
-        num_warps=min(16, max(1, block // 512)),
+        HAS_RESIDUAL=residual is not None, BLOCK_H=block, num_warps=norm_warps(hidden),
     )
 
 

@@ -4,7 +4,8 @@ inputs: in Triton's interpreter on the CPU (small shapes), and at real model sha
 import pytest
 import torch
 
-from lightllm_nb.kernels import GEMV_MAX_M, gemv, gemv_torch, silu_mul, silu_mul_torch
+from lightllm_nb.kernels import (GEMV_MAX_M, add_rmsnorm, add_rmsnorm_torch, gemv, gemv_torch, silu_mul,
+                                 silu_mul_torch)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -65,6 +66,30 @@ def test_swiglu_gemv_is_silu_mul_then_gemv(m, n, k, block_k, split_k, dtype):
                                rtol=0, atol=0)
     if dtype == torch.float32:
         _check(fused, silu_mul_torch(gate_up), w, None, dtype)
+
+
+@pytest.mark.parametrize("m, n, k, block_k, split_k", [(1, 40, 200, 64, 1), (3, 33, 130, 32, 3), (1, 7, 300, 128, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_then_add_rmsnorm_is_the_pair(m, n, k, block_k, split_k, dtype):
+    """The last column block adds the rows into the residual and normalizes them: the same bits as
+    the GEMV followed by add_rmsnorm, the residual updated in place, the counters left zero."""
+    x, w, _ = _inputs(7 * m + n + split_k, m, n, k, dtype, False, strided=m > 1)
+    gen = torch.Generator(DEVICE).manual_seed(n)
+    residual = torch.randn(m, n, generator=gen, device=DEVICE).to(dtype)
+    norm_weight = (1 + 0.1 * torch.randn(n, generator=gen, device=DEVICE)).to(dtype)
+    tuning = dict(block_n=16, block_k=block_k, split_k=split_k)
+    twin_residual, expected_residual = residual.clone(), residual.clone()
+    expected, _ = add_rmsnorm(gemv(x, w, **tuning), expected_residual, norm_weight, 1e-5)
+    counters = torch.zeros(-(-n // 16) + 1, dtype=torch.int32, device=DEVICE)
+    normed, returned = gemv(x, w, add_rmsnorm=(residual, norm_weight, 1e-5), split_counters=counters, **tuning)
+    assert returned is residual and torch.equal(residual, expected_residual)
+    assert torch.equal(normed, expected)
+    assert not counters.any()
+    twin, _ = gemv_torch(x, w, add_rmsnorm=(twin_residual, norm_weight, 1e-5))
+    if dtype == torch.float32:
+        torch.testing.assert_close((twin, twin_residual), (normed, residual), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="residual must be"):
+        gemv(x, w, add_rmsnorm=(residual.t(), norm_weight, 1e-5), **tuning)
 
 
 def test_split_k_is_deterministic():
@@ -143,6 +168,29 @@ def test_decode_linear_uses_the_gemv_only_where_chosen():
     assert torch.equal(DecodeLinear()(x[:1], w, b), linear(x[:1], w, b))
 
 
+def test_decode_linear_adds_rmsnorm_in_the_gemv_only_where_chosen():
+    from lightllm_nb.models.decode_linear import DecodeLinear
+    from lightllm_nb.models.kernel_set import kernels_for
+
+    kernels = kernels_for(torch.device(DEVICE))
+    x, w, _ = _inputs(13, 2, 48, 64, torch.float32, False, strided=False)
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    residual = torch.randn(2, 48, generator=gen, device=DEVICE)
+    norm_weight = 1 + torch.rand(48, generator=gen, device=DEVICE)
+    tuning = dict(block_n=16, block_k=32, split_k=2, num_warps=1)  # norm_warps(48) == 1
+    chosen = DecodeLinear({(48, 64): tuning})
+    fused_residual, pair_residual = residual[:1].clone(), residual[:1].clone()
+    fused = chosen.then_add_rmsnorm(x[:1], w, fused_residual, norm_weight, 1e-6, kernels)
+    assert torch.equal(fused[0], gemv(x[:1], w, add_rmsnorm=(pair_residual, norm_weight, 1e-6), **tuning)[0])
+    assert torch.equal(fused_residual, pair_residual)
+    # Two rows, or warps that would reduce the norm in another order: the projection, then add_rmsnorm.
+    for linear, rows in ((chosen, x), (DecodeLinear({(48, 64): dict(tuning, num_warps=4)}), x[:1])):
+        got_residual, want_residual = residual[:rows.shape[0]].clone(), residual[:rows.shape[0]].clone()
+        got, _ = linear.then_add_rmsnorm(rows, w, got_residual, norm_weight, 1e-6, kernels)
+        want, _ = kernels.add_rmsnorm(linear(rows, w), want_residual, norm_weight, 1e-6)
+        assert torch.equal(got, want) and torch.equal(got_residual, want_residual)
+
+
 def test_decode_linear_swiglu_fuses_only_where_chosen():
     from lightllm_nb.models.decode_linear import DecodeLinear
 
@@ -152,6 +200,34 @@ def test_decode_linear_swiglu_fuses_only_where_chosen():
     chosen = DecodeLinear({(24, 64): tuning}, swiglu_choices={(24, 64): tuning})
     assert torch.equal(chosen.swiglu(gate_up[:1], w, silu_mul_torch), gemv(gate_up[:1], w, swiglu=True, **tuning))
     # Several rows, or no fused choice: SiLU-mul, then the projection as __call__ runs it.
-    assert torch.equal(chosen.swiglu(gate_up, w, silu_mul_torch), torch.nn.functional.linear(silu_mul_torch(gate_up), w))
+    unfused = torch.nn.functional.linear(silu_mul_torch(gate_up), w)
+    assert torch.equal(chosen.swiglu(gate_up, w, silu_mul_torch), unfused)
     plain = DecodeLinear({(24, 64): tuning})
     assert torch.equal(plain.swiglu(gate_up[:1], w, silu_mul_torch), gemv(silu_mul_torch(gate_up[:1]), w, **tuning))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gemv_then_add_rmsnorm_gpu(swiglu, split_k):
+    """Llama-3.2-1B's o (2048 x 2048) and down (2048 x 8192 of silu(gate) * up), then add_rmsnorm
+    in the same launch: bit for bit the GEMV followed by the add_rmsnorm kernel, call after call."""
+    n, k = (2048, 8192) if swiglu else (2048, 2048)
+    x, w, _ = _inputs(n + k + split_k, 1, n, 2 * k if swiglu else k, torch.bfloat16, False, strided=True)
+    w = w[:, :k].contiguous()
+    gen = torch.Generator(DEVICE).manual_seed(split_k)
+    residual = torch.randn(1, n, generator=gen, device=DEVICE).to(torch.bfloat16)
+    norm_weight = (1 + 0.1 * torch.randn(n, generator=gen, device=DEVICE)).to(torch.bfloat16)
+    tuning = dict(block_n=4, block_k=1024, split_k=split_k, num_warps=4, swiglu=swiglu)
+    expected_residual = residual.clone()
+    expected, _ = add_rmsnorm(gemv(x, w, **tuning), expected_residual, norm_weight, 1e-5)
+    counters = torch.zeros(n // 4 + 1, dtype=torch.int32, device=DEVICE)
+    for _ in range(10):
+        fused_residual = residual.clone()
+        normed, _ = gemv(x, w, add_rmsnorm=(fused_residual, norm_weight, 1e-5), split_counters=counters, **tuning)
+        assert torch.equal(normed, expected) and torch.equal(fused_residual, expected_residual)
+    assert not counters.any()
+    twin_residual = residual.clone()
+    twin, _ = gemv_torch(x, w, swiglu=swiglu, add_rmsnorm=(twin_residual, norm_weight, 1e-5))
+    torch.testing.assert_close(twin, expected, rtol=2 ** -6, atol=2e-2)

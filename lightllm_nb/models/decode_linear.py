@@ -5,7 +5,9 @@ that shape in turn (as a decode step reads them: from memory, not from L2) and t
 captured in a CUDA graph (as the engine replays them: no Python launch cost in the numbers).
 The GEMV is used only where it is measurably faster, so no shape gets slower than cuBLAS. The
 down projection is also timed with the SiLU-mul folded into the GEMV's read of its input (one
-launch where there were two) against SiLU-mul followed by whichever projection won above.
+launch where there were two) against SiLU-mul followed by whichever projection won above. Where a
+one-row projection runs as a GEMV and an add_rmsnorm follows it (o, down), the GEMV's last column
+block does that add_rmsnorm too: one launch fewer, the same bits.
 
 Measured on an H200 (Llama-3.2-1B shape, 16 layers per shape): qkv 105 -> 94 us, o 100 -> 80 us
 with the GEMV; gate_up, down and the vocabulary head tied with or beat it, and at 4 rows cuBLAS won
@@ -17,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import gemv, silu_mul
+from .. import kernels as triton_kernels
+from ..kernels import gemv, norm_warps
 
 # (block_n, block_k, num_warps) tried for each shape; split_k comes from the shape (below).
 GEMV_CONFIGS = ((4, 1024, 4), (8, 512, 4))
@@ -80,15 +83,28 @@ class DecodeLinear:
                 return gemv(gate_up, weight, swiglu=True, split_counters=self.split_counters, **config)
         return self(silu_mul(gate_up), weight)
 
+    def then_add_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                         norm_weight: torch.Tensor, eps: float, kernels, swiglu: bool = False):
+        """kernels.add_rmsnorm(projection of x, residual, norm_weight, eps), the projection as
+        __call__ (or swiglu) runs it; in the projection's own launch where that is a GEMV whose
+        warps match the norm's, so the fused result has the same bits as the pair."""
+        config = (self.swiglu_choices if swiglu else self.choices).get(tuple(weight.shape)) if x.shape[0] == 1 else None
+        if config is not None and config["num_warps"] == norm_warps(weight.shape[0]):
+            return gemv(x, weight, swiglu=swiglu, add_rmsnorm=(residual, norm_weight, eps),
+                        split_counters=self.split_counters, **config)
+        projected = self.swiglu(x, weight, kernels.silu_mul) if swiglu else self(x, weight)
+        return kernels.add_rmsnorm(projected, residual, norm_weight, eps)
+
     @classmethod
     def measured(cls, weights: list[tuple[torch.Tensor, torch.Tensor | None]],
                  swiglu_weights: list[torch.Tensor] = ()) -> "DecodeLinear":
         """Time cuBLAS and each GEMV configuration at one row on these (weight, bias) pairs, grouped
-        by shape; then, for the swiglu_weights (down projections), the projection chosen so far
-        after the SiLU-mul kernel against the fused GEMV."""
+        by shape; then, for the swiglu_weights (down projections, followed by add_rmsnorm), the
+        projection chosen so far after the SiLU-mul kernel against the GEMV that folds it in."""
         device = weights[0][0].device
         widest = max(w.shape[0] for w, _ in weights)
-        counters = torch.zeros(-(-widest // min(c[0] for c in GEMV_CONFIGS)), dtype=torch.int32, device=device)
+        # A counter per column block of the widest projection, and one for a fused add_rmsnorm.
+        counters = torch.zeros(-(-widest // min(c[0] for c in GEMV_CONFIGS)) + 1, dtype=torch.int32, device=device)
         chooser = cls(split_counters=counters)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         for (n, k), group in _by_shape(weights).items():
@@ -96,11 +112,18 @@ class DecodeLinear:
             chooser._choose(chooser.choices, n, k, group, sms, lambda: [F.linear(x, w, b) for w, b in group],
                             lambda config: [gemv(x, w, b, split_counters=counters, **config) for w, b in group])
         for (n, k), group in _by_shape([(w, None) for w in swiglu_weights]).items():
+            # As the model runs them: SiLU-mul, down and the add_rmsnorm after it, each path as
+            # fused as its configuration allows.
             gate_up = torch.randn(1, 2 * k, device=device).to(group[0][0].dtype)
-            chooser._choose(chooser.swiglu_choices, n, k, group, sms,
-                            lambda: [chooser(silu_mul(gate_up), w) for w, _ in group],
-                            lambda config: [gemv(gate_up, w, swiglu=True, split_counters=counters, **config)
-                                            for w, _ in group])
+            residual = torch.zeros(1, n, device=device, dtype=gate_up.dtype)
+            norm_weight = torch.ones(n, device=device, dtype=gate_up.dtype)
+
+            def down(linear):
+                return [linear.then_add_rmsnorm(gate_up, w, residual, norm_weight, 1e-5, triton_kernels, swiglu=True)
+                        for w, _ in group]
+
+            chooser._choose(chooser.swiglu_choices, n, k, group, sms, lambda: down(chooser),
+                            lambda config: down(cls(chooser.choices, {(n, k): config}, counters)))
         return chooser
 
     def _choose(self, choices: dict, n: int, k: int, group: list, sms: int, baseline, fused) -> None:

@@ -99,24 +99,31 @@ class LlamaModel:
         # Decode attention's split counters: zeroed once per step, each layer's launch leaves them zero.
         split_counters = torch.zeros(batch.num_decodes * cfg.num_kv_heads, dtype=torch.int32, device=self.device)
         x = k.rmsnorm(hidden, self.layers[0].attn_norm, cfg.rms_norm_eps)
+        norms_after_mlp = [layer.attn_norm for layer in self.layers[1:]] + [self.final_norm]
         for i, layer in enumerate(self.layers):
-            if i > 0:
-                x, residual = k.add_rmsnorm(hidden, residual, layer.attn_norm, cfg.rms_norm_eps)
             attn = self._attention(i, layer, x, batch, kv, split_counters)
-            attn = self.linear(attn, layer.o)
-            if self.tp is not None:  # o and down see only this rank's heads / columns: sum the parts
-                self.tp.all_reduce(attn)
-            x, residual = k.add_rmsnorm(attn, residual, layer.mlp_norm, cfg.rms_norm_eps)
-            hidden = self.linear.swiglu(self.linear(x, layer.gate_up), layer.down, k.silu_mul)
-            if self.tp is not None:
-                self.tp.all_reduce(hidden)
-        # Only the rows that sample need the final norm and the (large) vocabulary projection.
-        last_hidden, last_residual = hidden[batch.logits_index], residual[batch.logits_index]
-        x, _ = k.add_rmsnorm(last_hidden, last_residual, self.final_norm, cfg.rms_norm_eps)
+            x, residual = self._project_add_rmsnorm(attn, layer.o, residual, layer.mlp_norm)
+            gate_up = self.linear(x, layer.gate_up)
+            x, residual = self._project_add_rmsnorm(gate_up, layer.down, residual, norms_after_mlp[i], swiglu=True)
+        # Only the rows that sample need the (large) vocabulary projection. The index is increasing,
+        # so as many rows as tokens means all of them (a decode step): no gather.
+        if batch.logits_index.shape[0] != x.shape[0]:
+            x = x[batch.logits_index]
         logits = self.linear(x, self.lm_head)
         if self.tp is not None:  # this rank's vocabulary shard: rank 0 gathers the whole row
             logits = self.tp.gather_logits(logits)
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _project_add_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                             norm_weight: torch.Tensor, swiglu: bool = False):
+        """residual += the projection of x (of silu(gate) * up with swiglu); (rmsnorm(residual), residual)."""
+        cfg, k = self.config, self.kernels
+        if self.tp is None:  # one launch for both where the projection is a one-row GEMV
+            return self.linear.then_add_rmsnorm(x, weight, residual, norm_weight, cfg.rms_norm_eps, k, swiglu)
+        # o and down see only this rank's heads / columns: sum the parts before the residual add.
+        projected = self.linear.swiglu(x, weight, k.silu_mul) if swiglu else self.linear(x, weight)
+        self.tp.all_reduce(projected)
+        return k.add_rmsnorm(projected, residual, norm_weight, cfg.rms_norm_eps)
 
     def _attention(self, i: int, layer: LayerWeights, x: torch.Tensor, batch: ForwardBatch,
                    kv: KVBuffers, split_counters: torch.Tensor) -> torch.Tensor:
