@@ -8,7 +8,9 @@ N requests of P random prompt tokens and exactly O output tokens (ignore_eos) ar
 closed-loop clients: each sends its next request when its last one finished. HTTP clients are
 raw asyncio streams split over a few processes, so the load generator never is the bottleneck.
 `--shape` serves random bf16 weights of that shape, saved as a Hugging Face folder (CUDA only).
-Prints output tok/s, TTFT and TPOT p50/p99 per path, and the HTTP/embedded ratio, as a table last.
+`--api-server-count N` runs serve's HTTP front end in N processes of its own (0: in the engine's).
+Prints output tok/s, TTFT and TPOT p50/p99 per path, and the HTTP/embedded ratio, as a table last,
+and the serve process's CPU per streamed token: main thread, other threads, API server processes.
 """
 
 from __future__ import annotations
@@ -163,19 +165,24 @@ def start_serve(model: str, serve_args: list[str], log_path: Path) -> tuple[subp
     raise RuntimeError("lightllm-nb serve did not start:\n" + log_path.read_text()[-3000:])
 
 
-def thread_cpu_seconds(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) per thread name of a process, from /proc (Linux)."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        seconds[name] = seconds.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return seconds
+def _cpu_seconds(stat_path: Path) -> float:
+    try:
+        stat = stat_path.read_text()
+    except OSError:  # it ended meanwhile
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the serve process, from /proc (Linux): its main thread (the
+    IOLoop in one process), its other threads (the step loop, torch's) and its child processes
+    (the API servers of --api-server-count)."""
+    main = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+    threads = sum(_cpu_seconds(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir())
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return {"main thread": main, "other threads": threads - main,
+            "API server processes": sum(_cpu_seconds(Path(f"/proc/{child}/stat")) for child in children)}
 
 
 def run_http(model: str, warm, prompts, output_len: int, clients: int, serve_args: list[str], procs: int,
@@ -183,19 +190,17 @@ def run_http(model: str, warm, prompts, output_len: int, clients: int, serve_arg
     process, host, port = start_serve(model, serve_args, log_path)
     try:
         run_http_load(host, port, warm, output_len, min(clients, len(warm)), 1)
-        before = thread_cpu_seconds(process.pid)
+        before = serve_cpu_seconds(process.pid)
         records, wall = run_http_load(host, port, prompts, output_len, clients, procs)
-        after = thread_cpu_seconds(process.pid)
+        after = serve_cpu_seconds(process.pid)
     finally:
         process.terminate()
         code = process.wait(120)
     if code != 0:
         raise RuntimeError(f"serve exited {code}:\n" + log_path.read_text()[-3000:])
     result = summarize(records, wall)
-    # Where the serve process's CPU went per streamed token, by thread: the IOLoop runs in the
-    # main thread (named like the executable), the steps in "lightllm-driver".
-    result["serve_cpu_us_per_token"] = {name: round((after[name] - before.get(name, 0.0)) / result["output_tokens"]
-                                                    * 1e6, 1) for name in after if after[name] > before.get(name, 0.0)}
+    result["serve_cpu_us_per_token"] = {name: round((after[name] - before[name]) / result["output_tokens"] * 1e6, 1)
+                                        for name in after}
     return result
 
 
@@ -220,7 +225,8 @@ def write_random_model(shape: str, tokenizer_dir: str, folder: Path) -> None:
 
 def print_table(log: dict) -> None:
     print(f"\n{log['device']} | {log['model']} | {log['requests']} requests, {log['prompt_len']} in / "
-          f"{log['output_len']} out, {log['clients']} clients | {log['date']}")
+          f"{log['output_len']} out, {log['clients']} clients, --api-server-count {log['api_server_count']} | "
+          f"{log['date']}")
     print(f"{'path':<10} {'out tok/s':>10} {'TTFT p50':>10} {'TTFT p99':>10} {'TPOT p50':>10} {'TPOT p99':>10}")
     for path in ("embedded", "http"):
         if path in log:
@@ -231,7 +237,7 @@ def print_table(log: dict) -> None:
         print(f"HTTP keeps {log['http']['output_tok_s'] / log['embedded']['output_tok_s']:.1%} of the embedded "
               "throughput")
     if "http" in log:
-        print("serve CPU per streamed token, by thread:",
+        print("serve CPU per streamed token:",
               ", ".join(f"{name} {us:.0f} us" for name, us in log["http"]["serve_cpu_us_per_token"].items()))
 
 
@@ -251,6 +257,8 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=8, help="requests sent before measuring, per path")
     parser.add_argument("--paths", default="http,embedded")
+    parser.add_argument("--api-server-count", type=int, default=0,
+                        help="serve's HTTP front-end processes (0: in the engine's process)")
     parser.add_argument("--out", default=None, help="write the log as JSON here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
@@ -261,6 +269,8 @@ def main() -> None:
         write_random_model(args.shape, args.tokenizer, Path(model))
     engine_kwargs = {"device": args.device, "seed": 0, "progress": False}
     serve_args = ["--device", args.device, "--seed", "0", "--log-level", "warning"]
+    if args.api_server_count:
+        serve_args += ["--api-server-count", str(args.api_server_count)]
     for flag, key, value in (("--max-num-seqs", "max_running", args.max_num_seqs),
                              ("--max-num-batched-tokens", "max_batch_tokens", args.max_num_batched_tokens),
                              ("--kv-tokens", "kv_tokens", args.kv_tokens)):
@@ -272,7 +282,8 @@ def main() -> None:
     vocab = len(load_checkpoint(model).tokenizer)
     prompts = make_prompts(args.requests + args.warmup, args.prompt_len, vocab)
     warm, measured = prompts[args.requests:], prompts[:args.requests]
-    log = {"model": args.shape or args.model, "requests": args.requests, "prompt_len": args.prompt_len,
+    log = {"model": args.shape or args.model, "api_server_count": args.api_server_count,
+           "requests": args.requests, "prompt_len": args.prompt_len,
            "output_len": args.output_len, "clients": args.clients, "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                          time.gmtime())}
     import torch

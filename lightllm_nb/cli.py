@@ -170,6 +170,9 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="most running requests of one user (default: no cap)")
     p.add_argument("--max-waiting", type=_checked(int, 1), default=4096, help="most queued requests in all")
     p.add_argument("--max-waiting-per-user", type=_checked(int, 1), default=1024, help="most queued requests per user")
+    p.add_argument("--api-server-count", type=_checked(int, 0), default=0,
+                   help="HTTP front-end processes joined to the engine's process by zmq (0: the front end runs "
+                        "in the engine's process)")
     p.add_argument("--shutdown-timeout", type=_checked(float, 0), default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],

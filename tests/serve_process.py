@@ -125,11 +125,13 @@ def start_serve(tmp: Path, *extra: str, timeout: float = 120, keys: bool = True,
     return served
 
 
-def module_host(name: str):
-    """A module-scoped fixture: one serve process for a test module, stopped (exit 0) at its end."""
-    @pytest.fixture(scope="module")
-    def host(tmp_path_factory):
-        served = start_serve(tmp_path_factory.mktemp(name))
+def module_host(name: str, api_server_counts: tuple[int, ...] = (0,)):
+    """A module-scoped fixture: one serve process for a test module, stopped (exit 0) at its end;
+    one per `--api-server-count` given (0: the HTTP front end runs in the engine's process)."""
+    @pytest.fixture(scope="module", params=api_server_counts, ids=lambda n: f"api-servers-{n}")
+    def host(request, tmp_path_factory):
+        extra = ("--api-server-count", str(request.param)) if request.param else ()
+        served = start_serve(tmp_path_factory.mktemp(name), *extra)
         yield served
         assert served.stop() == 0, "".join(served.log)
     return host

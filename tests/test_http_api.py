@@ -13,7 +13,7 @@ from serve_process import OPERATOR_KEY, module_host
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/api/generate")
 
 
-host = module_host("serve-api")
+host = module_host("serve-api", api_server_counts=(0, 1))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 LONG = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
 
 
-host = module_host("serve-client")
+host = module_host("serve-client", api_server_counts=(0, 2))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ ALICE, BOB, PROXY = "alice-token-123", "bob-token-4567", "proxy-token-890"
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
 
 
-host = module_host("serve")
+host = module_host("serve", api_server_counts=(0, 1))
 
 
 def open_stream(host, body, token, headers=None):

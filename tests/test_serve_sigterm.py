@@ -5,12 +5,15 @@ import json
 import threading
 import time
 
+import pytest
+
 from serve_process import start_serve
 from test_serve import ALICE, BOB, open_stream, sse_records
 
 
-def test_sigterm_with_requests_in_flight_exits_cleanly(tmp_path):
-    host = start_serve(tmp_path, "--shutdown-timeout", "1.5")
+@pytest.mark.parametrize("api_servers", ["0", "2"])
+def test_sigterm_with_requests_in_flight_exits_cleanly(tmp_path, api_servers):
+    host = start_serve(tmp_path, "--shutdown-timeout", "1.5", "--api-server-count", api_servers)
     ends = {}
 
     def read(name, token, max_tokens):

@@ -8,6 +8,7 @@ docs/serving.md for the contract.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import threading
@@ -20,7 +21,7 @@ from ..engine.prompt_checks import check_fits, check_user_and_priority, prompt_i
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.request import Completion, RequestOutput
 from ..telemetry.hub import EventSubscription
-from .request_handle import RequestHandle, wake_readers
+from .request_handle import RequestHandle
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,21 @@ class DriverLoop:
     def running(self) -> bool:
         return not self._stopped.is_set()
 
+    # ---- what the HTTP front end awaits (RemoteDriver has the same, across a process boundary) ----
+    async def asubmit(self, prompt_ids_: list[int], sampling: SamplingParams, *, user: str, priority: int = 0,
+                      stream_text: bool = True, keep_outputs: bool = True) -> RequestHandle:
+        return self.submit(prompt_ids_, sampling, user=user, priority=priority, stream_text=stream_text,
+                           keep_outputs=keep_outputs)
+
+    async def aabort(self, request_id: str, *, user: str) -> bool:
+        return self.abort(request_id, user=user)
+
+    async def astats(self, *, user: str | None = None) -> dict:
+        return await asyncio.wrap_future(self.call(lambda: self._stats(user)))
+
+    async def ashutdown(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+
     # ---- the loop thread ---------------------------------------------------------------------
     def _begin(self) -> None:
         self.engine._own(threading.get_ident())
@@ -229,16 +245,16 @@ class DriverLoop:
                         del self._waiting_per_user[handle.user]
                 if out.finished:
                     del self._handles[out.request_id]
-        readers: dict[object, list[RequestHandle]] = {}
+        readers: dict[tuple, list[RequestHandle]] = {}
         for handle, out in delivered:
             handle._deliver(out)
-            if handle.reader_loop is not None:
-                readers.setdefault(handle.reader_loop, []).append(handle)
+            if handle.reader is not None:
+                readers.setdefault(handle.reader, []).append(handle)
         # One wake-up per event loop per step (not one per output): a tornado IOLoop serving 256
         # streams resumes them all from a single callback.
-        for event_loop, handles in readers.items():
+        for (event_loop, waker), handles in readers.items():
             try:
-                event_loop.call_soon_threadsafe(wake_readers, handles)
+                event_loop.call_soon_threadsafe(waker, handles)
             except RuntimeError:  # that event loop is closed: nobody reads there any more
                 pass
 

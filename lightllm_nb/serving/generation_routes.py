@@ -35,9 +35,9 @@ class _GenerationHandler(ApiHandler):
             self.ctx.metrics.request_rejected()
             raise
         try:
-            self.handle = self.ctx.driver.submit(request.prompt_ids, request.sampling, user=self.caller.user,
-                                                 priority=request.priority, stream_text=request.stream,
-                                                 keep_outputs=request.stream)
+            self.handle = await self.ctx.driver.asubmit(request.prompt_ids, request.sampling, user=self.caller.user,
+                                                        priority=request.priority, stream_text=request.stream,
+                                                        keep_outputs=request.stream)
         except InvalidRequestError as err:
             self.ctx.metrics.request_rejected()
             raise ApiError(429 if "waiting" in str(err) else 400, str(err)) from None

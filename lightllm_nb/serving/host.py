@@ -2,6 +2,7 @@
 
 The step loop runs in the DriverLoop's thread, tornado's IOLoop in the main thread; HTTP parsing,
 tokenization and templating happen on the IOLoop, so the engine thread only schedules and runs.
+With `--api-server-count N` the IOLoop runs in N processes of its own instead (api_servers.py).
 SIGTERM (or Ctrl-C) stops gracefully: no new requests, in-flight ones get `--shutdown-timeout`
 seconds to finish, the rest are aborted, and the process exits 0.
 """
@@ -79,21 +80,28 @@ def run_host(args, engine_factory) -> int:
     sockets = listening_sockets(args.host, args.port, args.uds)  # a busy port fails before the slow load
     engine = engine_factory()
     model = ServedModel.of(engine, args.served_model_name or args.model)
-    driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
-    ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=hub_route_prefix(args))
+    route_prefix = hub_route_prefix(args)
     where = f"unix:{args.uds}" if args.uds else f"http://{args.host}:{sockets[0].getsockname()[1]}"
-    if ctx.route_prefix:
-        where += f" (and under {ctx.route_prefix}/ for the Hub's proxy)"
+    if route_prefix:
+        where += f" (and under {route_prefix}/ for the Hub's proxy)"
     if keys.generated_key_file:
         print(f"lightllm-nb serve: API key written to {keys.generated_key_file} (mode 0600)", flush=True)
     try:
-        asyncio.run(_serve(ctx, sockets, where, args.shutdown_timeout))
+        if args.api_server_count:
+            from .api_servers import run_split
+
+            return run_split(args, engine, model, keys.tokens, route_prefix, sockets, where)
+        driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
+        ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=route_prefix)
+        print(f"lightllm-nb serve: model {model.name!r} listening on {where}", flush=True)
+        asyncio.run(serve_http(ctx, sockets, args.shutdown_timeout))
     finally:
         engine.close()
     return 0
 
 
-async def _serve(ctx, sockets, where: str, shutdown_timeout: float) -> None:
+async def serve_http(ctx, sockets, shutdown_timeout: float) -> None:
+    """The tornado app on `sockets` until SIGTERM/SIGINT, then a graceful stop of its requests."""
     from tornado.httpserver import HTTPServer
 
     from .http_app import make_app
@@ -104,7 +112,6 @@ async def _serve(ctx, sockets, where: str, shutdown_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"lightllm-nb serve: model {ctx.model.name!r} listening on {where}", flush=True)
     await stop.wait()
     log.info("stopping: no new requests; %d in flight get %.0f s to finish", len(ctx.active), shutdown_timeout)
     ctx.stopping = True
@@ -115,7 +122,7 @@ async def _serve(ctx, sockets, where: str, shutdown_timeout: float) -> None:
     for ws in list(ctx.sockets):
         ws.close()
     # Finishes whatever is left with reason "abort"; their handlers then answer and return.
-    await ctx.call(ctx.driver.shutdown)
+    await ctx.driver.ashutdown()
     deadline = time.monotonic() + 5
     while ctx.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)

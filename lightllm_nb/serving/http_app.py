@@ -6,7 +6,6 @@ handler runs on the IOLoop thread and talks to the engine only through the `Driv
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -28,7 +27,7 @@ log = logging.getLogger("lightllm_nb.serve")
 class ServingContext:
     """What every handler shares: the loop, the model's front end, tokens and metrics."""
 
-    driver: object            # a DriverLoop
+    driver: object            # a DriverLoop, or a RemoteDriver in a front-end process (--api-server-count)
     model: ServedModel
     tokens: TokenTable
     metrics: ServingMetrics
@@ -37,10 +36,6 @@ class ServingContext:
     stopping: bool = False
     active: set = field(default_factory=set)   # handlers with a request in flight
     sockets: set = field(default_factory=set)  # open event websockets
-
-    async def call(self, fn, *args, **kwargs):
-        """A blocking DriverLoop call (it waits for the loop thread) off the IOLoop thread."""
-        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
 
 
 def identify(handler: tornado.web.RequestHandler, ctx: ServingContext) -> Caller:
@@ -119,19 +114,19 @@ class ModelsHandler(ApiHandler):
 
 class StatsHandler(ApiHandler):
     async def get(self) -> None:
-        self.send_json(await self.ctx.call(self.ctx.driver.stats, user=self.caller.view))
+        self.send_json(await self.ctx.driver.astats(user=self.caller.view))
 
 
 class AbortHandler(ApiHandler):
     async def post(self, request_id: str) -> None:
-        if not self.ctx.driver.abort(request_id, user=self.caller.user):
+        if not await self.ctx.driver.aabort(request_id, user=self.caller.user):
             raise ApiError(404, f"no running request {request_id!r} of yours: it finished already, or the id is wrong")
         self.send_json({"aborted": True})
 
 
 class MetricsHandler(ApiHandler):
     async def get(self) -> None:
-        stats = await self.ctx.call(self.ctx.driver.stats)
+        stats = await self.ctx.driver.astats()
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.finish(self.ctx.metrics.render(stats))
 

@@ -2,8 +2,9 @@
 completion at the end, and `abort()`.
 
 An asyncio reader is not woken once per output: the handle remembers the event loop that reads it
-(`reader_loop`), and the driver loop wakes each event loop once per step for all the handles it
-read (`wake_readers`). A reader that fell behind can take everything queued at once (`coalesced`).
+and what wakes it there (`reader`), and the driver loop calls each such waker once per step with all
+of its handles that got outputs. A reader that fell behind takes everything queued at once
+(`coalesced`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class RequestHandle:
         self._text = text              # decodes text deltas as outputs are read (off the step thread)
         self._outputs = Mailbox()      # unbounded: a request's outputs are never dropped
         self._done = threading.Event()
-        self.reader_loop: asyncio.AbstractEventLoop | None = None  # set by the first async read
+        # (event loop, waker): once per step the driver loop has `waker(handles)` called there
+        self.reader: tuple[asyncio.AbstractEventLoop, Callable[[list], None]] | None = None
         self._reader_waiting: asyncio.Future | None = None         # that reader, asleep until a step wakes it
 
     @property
@@ -82,8 +84,7 @@ class RequestHandle:
                 outs = [await self._next_queued()]
             except MailboxClosed:
                 return
-            while len(self._outputs):  # one reader: what is counted here is there to take
-                outs.append(self._outputs.get())
+            outs += self.take_queued()
             yield self._with_text(outs[0] if len(outs) == 1 else _merged(outs))
 
     def _with_text(self, out: RequestOutput) -> RequestOutput:
@@ -98,11 +99,24 @@ class RequestHandle:
             # Say where the reader sleeps before looking: an output put after the look is then
             # followed by a wake-up on this loop (see DriverLoop._deliver).
             waiting = self._reader_waiting = loop.create_future()
-            self.reader_loop = loop
+            if self.reader is None or self.reader[0] is not loop:
+                self.reader = (loop, wake_readers)
             if len(self._outputs) or self._outputs.closed:
                 self._reader_waiting = None
                 return self._outputs.get()  # MailboxClosed once closed and empty
             await waiting
+
+    def read_on(self, loop: asyncio.AbstractEventLoop, waker: Callable[[list["RequestHandle"]], None]) -> None:
+        """Have `waker(handles)` called on `loop` once per step for the handles that got outputs
+        (for a reader of many handles; it takes them with `take_queued`)."""
+        self.reader = (loop, waker)
+
+    def take_queued(self) -> list[RequestOutput]:
+        """Every output queued now, without waiting (as they came: text is not decoded)."""
+        outs = []
+        while len(self._outputs):  # one reader: what is counted here is there to take
+            outs.append(self._outputs.get())
+        return outs
 
     def wake_reader(self) -> None:
         """On the reader's event loop: outputs (or the end) arrived."""

@@ -1,0 +1,133 @@
+"""The engine process's end of `serve --api-server-count N`: the DriverLoop served to N front-end
+processes over one zmq ROUTER socket (their end is `remote_driver.py`).
+
+Messages are pickled tuples (both ends are this package, on one host). A front end sends
+`("submit", key, ids, sampling, user, priority)`, `("abort", key, request_id, user)`,
+`("stats", key, user)`, `("subscribe", sub_id, user, pages)`, `("unsubscribe", sub_id)`; it gets
+`("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)`,
+`("event", sub_id, event, dropped)`, and once per step `("outputs", [RequestOutput, ...])` with
+every output of that step for that front end's requests. Users are checked by the front ends (their
+tokens) and again here for aborts (the driver's own check). A front end that is gone (its process
+died) has its requests aborted and its subscriptions closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+
+import zmq
+import zmq.asyncio
+
+from ..sampling_params import InvalidRequestError
+from .request_handle import RequestHandle
+
+log = logging.getLogger("lightllm_nb.serve")
+
+
+class EngineCore:
+    def __init__(self, driver, address: str, front_ends: list[int]):
+        self.driver = driver
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(address)
+        self._front_end_of: dict[str, bytes] = {}         # request id -> the front end that submitted it
+        # front end (its pid, as its zmq identity) -> its running requests
+        self._requests: dict[bytes, dict[str, RequestHandle]] = {str(pid).encode(): {} for pid in front_ends}
+        self._subscriptions: dict[bytes, dict[int, asyncio.Task]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self) -> None:
+        """Answer front ends until cancelled."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            while True:
+                front_end, payload = await self._socket.recv_multipart()
+                kind, *fields = pickle.loads(payload)
+                try:
+                    getattr(self, "_on_" + kind)(front_end, *fields)
+                except Exception:  # one bad message must not end the engine for everyone
+                    log.exception("engine core: a %r message from front end %s failed", kind, front_end.decode())
+        finally:
+            self._socket.close()
+            self._context.term()
+
+    def front_end_gone(self, front_end: bytes) -> int:
+        """Abort every request of a front end that is gone and end its subscriptions; how many."""
+        handles = self._requests.pop(front_end, {})
+        for request_id, handle in handles.items():
+            self._front_end_of.pop(request_id, None)
+            handle.abort()
+        for task in self._subscriptions.pop(front_end, {}).values():
+            task.cancel()
+        return len(handles)
+
+    def running_per_front_end(self) -> dict[str, int]:
+        return {front_end.decode(): len(handles) for front_end, handles in self._requests.items()}
+
+    # ---- messages ------------------------------------------------------------------------------
+    def _on_submit(self, front_end: bytes, key: int, ids: list[int], sampling, user: str, priority: int) -> None:
+        try:
+            # Text is decoded by the front end, off this process (the engine still does it for stop strings).
+            handle = self.driver.submit(ids, sampling, user=user, priority=priority, stream_text=False)
+        except InvalidRequestError as err:
+            self._send(front_end, ("rejected", key, str(err)))
+            return
+        self._requests.setdefault(front_end, {})[handle.request_id] = handle
+        self._front_end_of[handle.request_id] = front_end
+        self._send(front_end, ("accepted", key, handle.request_id))
+        handle.read_on(self._loop, self._forward)
+        self._forward([handle])  # what came before the line above had no reader to wake
+
+    def _on_abort(self, front_end: bytes, key: int | None, request_id: str, user: str) -> None:
+        aborted = self.driver.abort(request_id, user=user)
+        if key is not None:
+            self._send(front_end, ("answer", key, aborted))
+
+    def _on_stats(self, front_end: bytes, key: int, user: str | None) -> None:
+        async def answer():
+            try:
+                stats = await self.driver.astats(user=user)
+                if user is None:  # the operator's view: which front-end process holds how many requests
+                    stats["api_servers"] = self.running_per_front_end()
+            except Exception as err:
+                stats = err
+            self._send(front_end, ("answer", key, stats))
+        self._loop.create_task(answer())
+
+    def _on_subscribe(self, front_end: bytes, sub_id: int, user: str | None, pages: bool) -> None:
+        subscription = self.driver.subscribe(user=user, pages=pages)
+
+        async def forward():
+            try:
+                async for event in subscription:
+                    self._send(front_end, ("event", sub_id, event, subscription.dropped))
+            finally:
+                subscription.close()
+        self._subscriptions.setdefault(front_end, {})[sub_id] = self._loop.create_task(forward())
+
+    def _on_unsubscribe(self, front_end: bytes, sub_id: int) -> None:
+        task = self._subscriptions.get(front_end, {}).pop(sub_id, None)
+        if task is not None:
+            task.cancel()
+
+    # ---- outputs: once per step, one message per front end --------------------------------------
+    def _forward(self, handles: list[RequestHandle]) -> None:
+        batches: dict[bytes, list] = {}
+        for handle in handles:
+            front_end = self._front_end_of.get(handle.request_id)
+            outs = handle.take_queued()
+            if front_end is None or not outs:
+                continue
+            batches.setdefault(front_end, []).extend(outs)
+            if outs[-1].finished:
+                del self._front_end_of[handle.request_id]
+                self._requests.get(front_end, {}).pop(handle.request_id, None)
+        for front_end, outs in batches.items():
+            self._send(front_end, ("outputs", outs))
+
+    def _send(self, front_end: bytes, message: tuple) -> None:
+        # A ROUTER never blocks a send: to a front end that is gone the message is dropped.
+        self._socket.send_multipart([front_end, pickle.dumps(message, pickle.HIGHEST_PROTOCOL)], zmq.NOBLOCK)

@@ -1,0 +1,168 @@
+"""A front-end process's view of the engine process's DriverLoop (`serve --api-server-count N`):
+the calls the HTTP app awaits (`asubmit`, `aabort`, `astats`, `subscribe`, `ashutdown`) sent over a
+zmq DEALER socket to `engine_core.py`, and the outputs of each step coming back as one message.
+
+The handles are the same `RequestHandle`s as in one process: each step's message is put into them
+and their readers on this event loop are woken once, together. Text is decoded here, by the
+reader, as in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import pickle
+
+import zmq
+import zmq.asyncio
+
+from ..sampling_params import InvalidRequestError, SamplingParams
+from ..telemetry.mailbox import Mailbox, MailboxClosed
+from .request_handle import RequestHandle, wake_readers
+
+log = logging.getLogger("lightllm_nb.serve")
+
+
+class RemoteDriver:
+    def __init__(self, address: str, prompts):
+        self._prompts = prompts  # the front end's PromptEncoder: decodes streamed text
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, str(os.getpid()).encode())
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(address)
+        self._keys = itertools.count()
+        self._pending: dict[int, tuple[asyncio.Future, object]] = {}  # key -> (answer, handle maker)
+        self._handles: dict[str, RequestHandle] = {}
+        self._subscriptions: dict[int, RemoteSubscription] = {}
+        self._receiving: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """On the event loop that serves HTTP: begin reading the engine's messages."""
+        self._receiving = asyncio.get_running_loop().create_task(self._receive())
+
+    async def asubmit(self, prompt_ids: list[int], sampling: SamplingParams, *, user: str, priority: int = 0,
+                      stream_text: bool = True, keep_outputs: bool = True) -> RequestHandle:
+        """As DriverLoop.submit; InvalidRequestError when the engine refuses it (a waiting limit)."""
+        text = self._prompts.text_for(prompt_ids) if stream_text and not sampling.stop else None
+
+        def handle(request_id: str) -> RequestHandle:
+            made = self._handles[request_id] = RequestHandle(self, request_id, user, len(prompt_ids),
+                                                             keep_outputs=keep_outputs, text=text)
+            return made
+        return await self._ask("submit", prompt_ids, sampling, user, priority, maker=handle)
+
+    def abort(self, request_id: str, *, user: str) -> bool:
+        """A handle's abort: sent, not answered (the engine checks the user)."""
+        self._send(("abort", None, request_id, user))
+        return request_id in self._handles
+
+    async def aabort(self, request_id: str, *, user: str) -> bool:
+        return await self._ask("abort", request_id, user)
+
+    async def astats(self, *, user: str | None = None) -> dict:
+        return await self._ask("stats", user)
+
+    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256) -> "RemoteSubscription":
+        sub_id = next(self._keys)
+        subscription = self._subscriptions[sub_id] = RemoteSubscription(self, sub_id, maxsize)
+        self._send(("subscribe", sub_id, user, pages))
+        return subscription
+
+    async def ashutdown(self) -> None:
+        """This front end is stopping: abort what it still runs, stop reading, close the socket."""
+        for handle in list(self._handles.values()):
+            handle.abort()
+        deadline = asyncio.get_running_loop().time() + 5
+        while self._handles and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self._receiving is not None:
+            self._receiving.cancel()
+        self._socket.close()
+        self._context.term()
+
+    # ---- internals -----------------------------------------------------------------------------
+    async def _ask(self, kind: str, *fields, maker=None):
+        key = next(self._keys)
+        answer = asyncio.get_running_loop().create_future()
+        self._pending[key] = (answer, maker)
+        self._send((kind, key, *fields))
+        return await answer
+
+    def _send(self, message: tuple) -> None:
+        if self._socket.closed:  # shut down: a late abort or unsubscribe has nothing left to stop
+            return
+        self._socket.send(pickle.dumps(message, pickle.HIGHEST_PROTOCOL), zmq.NOBLOCK)
+
+    async def _receive(self) -> None:
+        while True:
+            kind, *fields = pickle.loads(await self._socket.recv())
+            if kind == "outputs":
+                self._deliver(fields[0])
+            elif kind == "event":
+                subscription = self._subscriptions.get(fields[0])
+                if subscription is not None:
+                    subscription.receive(*fields[1:])
+            else:
+                self._answer(kind, *fields)
+
+    def _answer(self, kind: str, key: int, value) -> None:
+        answer, maker = self._pending.pop(key)
+        if answer.done():  # its asker was cancelled
+            return
+        if kind == "rejected":
+            answer.set_exception(InvalidRequestError(value))
+        elif isinstance(value, Exception):
+            answer.set_exception(value)
+        else:
+            # The handle exists before any later message (its outputs) is read.
+            answer.set_result(maker(value) if kind == "accepted" else value)
+
+    def _deliver(self, outputs: list) -> None:
+        woken = []
+        for out in outputs:
+            handle = self._handles.get(out.request_id)
+            if handle is None:
+                continue
+            handle._deliver(out)
+            woken.append(handle)
+            if out.finished:
+                del self._handles[out.request_id]
+        wake_readers(woken)  # one wake-up for the step, as DriverLoop does in one process
+
+    def _unsubscribe(self, sub_id: int) -> None:
+        if self._subscriptions.pop(sub_id, None) is not None:
+            self._send(("unsubscribe", sub_id))
+
+
+class RemoteSubscription:
+    """An EventSubscription of the engine process, as the event websocket reads it."""
+
+    def __init__(self, driver: RemoteDriver, sub_id: int, maxsize: int):
+        self._driver = driver
+        self._id = sub_id
+        self._mailbox = Mailbox(maxsize)
+        self._engine_dropped = 0
+
+    @property
+    def dropped(self) -> int:
+        return self._engine_dropped + self._mailbox.dropped
+
+    def receive(self, event, engine_dropped: int) -> None:
+        self._engine_dropped = engine_dropped
+        self._mailbox.put(event)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self._mailbox.aget()
+        except MailboxClosed:
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._driver._unsubscribe(self._id)
+        self._mailbox.close()
