@@ -3,7 +3,7 @@ subscribers (issue 8's target: 8 subscribers cost at most 3%).
 
     python bench/telemetry_overhead.py --batch 16 --context 64 --kv-tokens 16384    # CPU, tiny random Llama
     python bench/telemetry_overhead.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 \\
-        --context 512 --rounds 6
+        --context 512 --rounds 6 [--switch-intervals 5 0.5]
 
 Each subscriber is what the event stream (`GET /api/events`) serves a notebook: a subscription
 through the driver loop (`DriverLoop.subscribe(user=...)`), redacted for its own user and drained on
@@ -13,7 +13,9 @@ the pool, so leave --kv-tokens out on the GPU to time the pool a server has). Th
 driver-loop thread, as served: events leave it through bounded queues, so the readers compete with
 it only for the GIL. Rounds are interleaved (every other round in reverse order) and each setting's
 best round is reported, with every round's ratio to 0 subscribers (the same round) and their
-median: noise on a shared machine is larger than the effect.
+median: noise on a shared machine is larger than the effect. `--switch-intervals` times each
+setting under several GIL switch intervals (how long the loop thread may wait for the GIL behind a
+busy reader), interleaved the same way.
 """
 
 from __future__ import annotations
@@ -65,32 +67,38 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=None,
                         help="KV pool size (default: as served, from free GPU memory or the CPU budget)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--switch-intervals", type=float, nargs="+", default=[sys.getswitchinterval() * 1e3],
+                        metavar="MS", help="the interpreter's GIL switch intervals to time, in ms (default: "
+                                           "this interpreter's); each is compared with 0 subscribers at the same")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp, kv_tokens=args.kv_tokens, max_running=args.batch,
                               max_batch_tokens=max(2048, args.batch))
     loop = engine.driver()
-    steps = {count: [] for count in SUBSCRIBERS}
-    dropped = dict.fromkeys(SUBSCRIBERS, 0)
+    settings = [(interval, count) for interval in args.switch_intervals for count in SUBSCRIBERS]
+    steps = {setting: [] for setting in settings}
+    dropped = dict.fromkeys(settings, 0)
     for round_ in range(args.rounds):
-        for count in SUBSCRIBERS if round_ % 2 == 0 else SUBSCRIBERS[::-1]:
+        for interval, count in settings if round_ % 2 == 0 else settings[::-1]:
             subscriptions = subscribe(loop, count)
-            steps[count].append(loop.call(
+            sys.setswitchinterval(interval / 1e3)
+            steps[interval, count].append(loop.call(
                 lambda: decode_latency(engine, args.batch, args.context, steps=args.steps)).result())
             time.sleep(0.05)  # let the readers catch up before counting what they lost
             for subscription in subscriptions:
-                dropped[count] += subscription.dropped
+                dropped[interval, count] += subscription.dropped
                 subscription.close()
     kv_tokens = engine.stats()["kv_capacity_tokens"]
     engine.close()
     print(f"\n{model_label(args)} on {args.device}, batch {args.batch}, context {args.context}, {kv_tokens:,} KV tokens: "
           f"median decode step on the driver-loop thread, best of {args.rounds} interleaved rounds")
-    print(f"{'subscribers':>11} | {'step ms':>9} | {'vs 0':>6} | {'vs 0, median round':>18} | {'events dropped':>14} | "
-          "vs 0, each round")
-    for count, times in steps.items():
-        each = [t / base for t, base in zip(times, steps[0])]
-        print(f"{count:>11} | {min(times) * 1e3:9.3f} | {min(times) / min(steps[0]):6.3f} | "
-              f"{statistics.median(each):18.3f} | {dropped[count]:>14} | {' '.join(f'{r:.3f}' for r in each)}")
+    print(f"{'switch ms':>9} | {'subscribers':>11} | {'step ms':>9} | {'vs 0':>6} | {'vs 0, median round':>18} | "
+          f"{'events dropped':>14} | vs 0, each round")
+    for (interval, count), times in steps.items():
+        base = steps[interval, 0]
+        each = [t / b for t, b in zip(times, base)]
+        print(f"{interval:9.2f} | {count:>11} | {min(times) * 1e3:9.3f} | {min(times) / min(base):6.3f} | "
+              f"{statistics.median(each):18.3f} | {dropped[interval, count]:>14} | {' '.join(f'{r:.3f}' for r in each)}")
     print(f"target (issue 8): 8 subscribers at most {TARGET:.2f} x the step with none")
 
 
