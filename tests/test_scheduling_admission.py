@@ -55,3 +55,16 @@ def test_a_request_whose_grammar_is_still_compiling_waits_without_holding_up_oth
     compiling.grammar.ready = True
     run(scheduler)
     assert compiling.finish_reason == "length" and compiling.num_output == compiling.sampling.max_tokens
+
+
+def test_admission_stops_when_the_pool_has_no_row_left():
+    """The engine gives the pool one req_to_token row per max_running, but a Scheduler may be handed
+    a pool with fewer: the request that finds no row waits, and nothing is scheduled for it."""
+    scheduler = make_scheduler(max_running=2, rows=1, prefix_cache=True)
+    first, second = request("first", "alice"), request("second", "bob")
+    scheduler.add(first)
+    scheduler.add(second)
+    batch = scheduler.schedule()
+    assert [req.request_id for req, _ in batch.items] == ["first"] and second.row is None
+    run(scheduler)
+    assert first.finish_reason == second.finish_reason == "length"
