@@ -186,6 +186,19 @@ def test_a_preempted_request_with_its_token_in_flight_does_not_hold_up_others():
         "a waits a step for its token; b behind it is admitted now"
 
 
+
+def test_a_request_whose_last_token_is_in_flight_does_not_hold_up_the_step():
+    scheduler = make_scheduler()
+    done, going = request("done", max_tokens=1), request("going", max_tokens=5)
+    scheduler.add(done)
+    scheduler.add(going)
+    for req, n in scheduler.schedule().items:
+        req.num_computed += n
+        req.add_pending_token()  # overlapped steps: the sampled tokens are still on the GPU
+    assert done.awaiting_final and not going.awaiting_final
+    assert [req.request_id for req, _ in scheduler.schedule().items] == ["going"], \
+        "nothing is left to compute for 'done'; 'going' after it decodes as usual"
+
 # ---- what the pool tells the KV panel ----------------------------------------------------------------
 def test_the_kv_grid_reads_the_pools_page_owners():
     """`page_owner` is what the KV panel draws: cached, shared and free pages must carry the codes
