@@ -25,7 +25,7 @@ _BLOCK_N = 64
 # A split shorter than this spends more on launch and merge than it saves.
 _MIN_SPLIT_LEN = 256
 _MAX_SPLITS = 64
-# Stage 1 programs wanted per SM: two keep the SMs busy while some programs wait on memory.
+# Programs wanted per SM: two keep the SMs busy while some programs wait on memory.
 _PROGRAMS_PER_SM = 2
 # SM count assumed off-GPU (the interpreter); H100 SXM has 132.
 _NOMINAL_SMS = 132
