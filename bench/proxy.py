@@ -127,6 +127,20 @@ def spread(rounds: list[dict], key: str) -> str:
     return f"{statistics.median(values):8.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (Linux), not counting its children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_batch(path: tuple[str, dict], args, jupyter_pid: int) -> dict:
+    """One batch of streams, plus the Jupyter server's CPU time per stream: a cost of the proxy that
+    a loaded machine does not blur (its wall-clock share of the cores is what it cannot control)."""
+    before = cpu_seconds(jupyter_pid)
+    result = asyncio.run(run_batch(*path, args.streams, args.max_tokens))
+    return {**result, "jupyter_cpu_ms_per_stream": 1000 * (cpu_seconds(jupyter_pid) - before) / args.streams}
+
+
 def overhead(direct: dict, proxied: dict) -> str:
     return (f"{proxied['ttft_p50_ms'] - direct['ttft_p50_ms']:+.1f} ms TTFT p50, "
             f"{proxied['ttft_p99_ms'] - direct['ttft_p99_ms']:+.1f} ms p99, "
@@ -167,7 +181,7 @@ def main() -> None:
             for i in range(args.rounds):
                 # ABBA order: a load that drifts during a round (other processes, caches) hits both paths alike.
                 for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
-                    runs[name].append(asyncio.run(run_batch(*paths[name], args.streams, args.max_tokens)))
+                    runs[name].append(timed_batch(paths[name], args, process.pid))
                 print(f"round {i + 1}: proxy adds {overhead(runs['direct'][-1], runs['extension'][-1])}", flush=True)
         finally:
             process.terminate()
@@ -177,7 +191,7 @@ def main() -> None:
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     for name, rs in runs.items():
         print(f"  {name:9s}  TTFT p50 {spread(rs, 'ttft_p50_ms')} ms  p99 {spread(rs, 'ttft_p99_ms')} ms  "
-              f"{spread(rs, 'tok_s')} tok/s")
+              f"{spread(rs, 'tok_s')} tok/s  Jupyter server CPU {spread(rs, 'jupyter_cpu_ms_per_stream')} ms/stream")
     print(f"  proxy adds {overhead(summary['direct'], summary['extension'])} (medians)")
 
 
