@@ -343,9 +343,8 @@ class Engine(EmbeddedAPI):
         """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
         token = req.token_ids[index]
         req.sampler.observe(token)
-        if req.grammar is not None and not req.grammar.accept(token):
-            raise RuntimeError(f"{req.request_id}: token {token} passed the grammar's mask but the grammar "
-                               "refused it: this is a bug")
+        if req.grammar is not None:
+            req.grammar.accept(token)  # noted; the next mask's threads advance the matcher
         if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})

@@ -1,9 +1,11 @@
 """Structured output: grammars compiled off the step thread, one matcher per request, and the
 batch's token mask (xgrammar's bitmask) applied to the logits before sampling.
 
-With overlapped steps the mask needs the previous step's tokens accepted by the matchers, so a
-batch with a constrained row reads them back right after launching its forward, fills the mask
-while the GPU computes, and queues the sampling behind the mask's upload.
+A sampled token is only noted when the engine hands it over (`RequestGrammar.accept`); building the
+next mask advances every row's matcher past its noted tokens and fills its row, the rows split over
+threads (mask_fill.py). With overlapped steps that happens after this step's forward is launched
+and the previous tokens are read back, while the GPU computes; the sampling is queued behind the
+mask's upload.
 
 A constrained request waits in the scheduler's queue until its grammar is compiled (`ready`), so a
 slow compile never holds a batch row. Equal constraints share one compile: the cache is keyed by
@@ -21,7 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..sampling_params import xgrammar_grammar, allowed_token_count
+from ..sampling_params import allowed_token_count, xgrammar_grammar
+from .mask_fill import BitmaskBuffer, MaskFiller
 
 MAX_CACHED_GRAMMARS = 256
 
@@ -33,7 +36,8 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
         self.device = torch.device(device)
-        self._filler = None  # xgrammar's batch matcher: fills many rows' masks on its own threads
+        self._filler: MaskFiller | None = None  # built with the first mask (it imports xgrammar)
+        self._bitmask: BitmaskBuffer | None = None
         self._tokenizer = tokenizer
         self._stop_token_ids = sorted(stop_token_ids)
         self._xgr_compiler = None  # built on the worker: TokenizerInfo reads the whole vocabulary
@@ -66,18 +70,25 @@ class GrammarCompiler:
 
     def mask(self, requests: Sequence, rows: Sequence = ()) -> TokenMask | None:
         """The mask of a step's sampling rows (Requests), None when none is constrained: unconstrained
-        batches pay nothing. Finished requests (stopped on a token read back late) are not masked:
-        their token is dropped anyway. `rows` (the step's BatchRows, for listeners) are told how
-        many tokens each constrained row's mask allowed."""
-        grammars = [None if r.grammar is None or r.finished else r.grammar for r in requests]
-        if all(g is None for g in grammars):
+        batches pay nothing. Each constrained row's matcher first consumes the tokens noted since
+        the last mask. Finished requests (stopped on a token read back late) are not masked: their
+        token is dropped anyway. `rows` (the step's BatchRows, for listeners) are told how many
+        tokens each constrained row's mask allowed."""
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None and not r.finished]
+        if not constrained:
             return None
         if self._filler is None:
-            import xgrammar as xgr
-
             # Its "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
-            self._filler = xgr.BatchGrammarMatcher(max(1, min(8, torch.get_num_threads())))
-        mask = TokenMask(grammars, self.vocab_size, self.device, self._filler)
+            self._filler = MaskFiller(max(1, min(8, torch.get_num_threads())))
+            self._bitmask = BitmaskBuffer(words_per_row(self.vocab_size), pinned=self.device.type == "cuda")
+        mask = TokenMask(self._bitmask, self._bitmask.rows(len(requests), constrained), constrained, self.vocab_size)
+        grammars = [requests[i].grammar for i in constrained]
+        tokens = [g.take_unaccepted() for g in grammars]
+        refused = self._filler.run([g.matcher for g in grammars], tokens, mask.bitmask, constrained)
+        if refused:
+            i = refused[0]
+            raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {tokens[i]} passed the "
+                               "grammar's mask but the grammar refused it: this is a bug")
         if rows:
             allowed = mask.allowed_counts()
             by_id = {requests[i].request_id: n for i, n in allowed.items()}
@@ -96,14 +107,24 @@ class GrammarCompiler:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._filler is not None:
+            self._filler.close()
+
+
+def words_per_row(vocab_size: int) -> int:
+    """int32 words in a bitmask row of this vocabulary (xgrammar's layout: one bit per token)."""
+    return -(-vocab_size // 32)
 
 
 class RequestGrammar:
-    """One request's place in its grammar: the matcher advances with every accepted token."""
+    """One request's place in its grammar: its matcher, and the sampled tokens it has yet to consume."""
 
     def __init__(self, compiled: concurrent.futures.Future):
         self._compiled = compiled
         self._matcher = None
+        self._stop_token_ids: frozenset[int] = frozenset()
+        self._unaccepted: list[int] = []
+        self.terminated = False  # the grammar accepted a stop token: nothing may follow
 
     @property
     def ready(self) -> bool:
@@ -115,32 +136,38 @@ class RequestGrammar:
             import xgrammar as xgr
 
             self._matcher = xgr.GrammarMatcher(self._compiled.result())
+            self._stop_token_ids = frozenset(self._matcher.stop_token_ids)
         return self._matcher
 
-    def accept(self, token_id: int) -> bool:
-        """Advance past a sampled token; False if the grammar refuses it (the mask should prevent that)."""
-        return self.matcher.accept_token(token_id)
+    def accept(self, token_id: int) -> None:
+        """Note a sampled token; the next mask's fill consumes it, together with the batch's other
+        rows, on the mask threads. A stop token ends the request, so it is consumed now: a grammar
+        that refuses to end there (the mask should prevent that) is a bug reported here."""
+        self._unaccepted.append(token_id)
+        matcher = self.matcher  # built on the first token, with the stop tokens it knows
+        if token_id in self._stop_token_ids:
+            tokens = self.take_unaccepted()
+            if not all(matcher.accept_token(t) for t in tokens):
+                raise RuntimeError(f"one of tokens {tokens} passed the grammar's mask but the grammar refused "
+                                   "it: this is a bug")
+            self.terminated = matcher.is_terminated()
 
-    @property
-    def terminated(self) -> bool:
-        """The grammar accepted a stop token: nothing may follow."""
-        return self._matcher is not None and self._matcher.is_terminated()
+    def take_unaccepted(self) -> list[int]:
+        """The tokens noted since the last call, for the caller to feed to the matcher."""
+        tokens, self._unaccepted = self._unaccepted, []
+        return tokens
 
 
 class TokenMask:
     """The batch's allowed tokens: one bitmask row per sampling row, filled on the host for the
-    constrained rows only, applied on the device in one kernel (xgrammar's)."""
+    constrained rows only (by GrammarCompiler.mask), applied on the device in one kernel (xgrammar's).
+    Valid until the next mask is built: they share one host buffer."""
 
-    def __init__(self, grammars: Sequence[RequestGrammar | None], vocab_size: int, device: torch.device,
-                 filler):
-        import xgrammar as xgr
-
+    def __init__(self, buffer: BitmaskBuffer, bitmask: torch.Tensor, rows: list[int], vocab_size: int):
         self.vocab_size = vocab_size
-        self.rows = [i for i, g in enumerate(grammars) if g is not None]
-        # Pinned on CUDA, so the upload is asynchronous; -1 (every bit set) allows every token.
-        self.bitmask = torch.full(xgr.get_bitmask_shape(len(grammars), vocab_size), -1, dtype=torch.int32,
-                                  pin_memory=device.type == "cuda")
-        filler.batch_fill_next_token_bitmask([grammars[i].matcher for i in self.rows], self.bitmask, self.rows)
+        self.rows = rows
+        self.bitmask = bitmask
+        self._buffer = buffer
 
     def allowed_counts(self) -> dict[int, int]:
         """Row -> tokens its mask allows this step (for StepEvents: the grammar narrowing the choice)."""
@@ -153,7 +180,7 @@ class TokenMask:
         if logits.device.type == "cuda":
             # Every row, in one kernel: unconstrained rows' bits are all set, and a list of row
             # indices would travel from pageable memory, which makes the host wait for the forward.
-            bitmask = self.bitmask.to(logits.device, non_blocking=True)
+            bitmask = self._buffer.upload(self.bitmask, logits.device)
             xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
             return logits
         if logits.dtype != torch.float32:
