@@ -10,6 +10,10 @@ from lightllm_nb.scheduling.scheduler import Scheduler
 from lightllm_nb.sampling_params import SamplingParams
 
 SAMPLED = 7  # the token every model-free step "samples"
+# These tests take milliseconds: one still running after a minute is stuck in an infinite loop of
+# the code under test (which nothing but time can show), so it fails then, named, rather than at the
+# suite's 300 s limit. Test modules apply it: pytestmark = pytest.mark.timeout(HANG_SECONDS).
+HANG_SECONDS = 60
 
 
 def make_scheduler(*, capacity=256, max_running=4, policy=None, page_size=1, max_batch_tokens=64, rows=None,

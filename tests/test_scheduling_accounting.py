@@ -8,7 +8,9 @@ from lightllm_nb.notebook.panels.kv_grid import CACHED_CELL, FREE_CELL, SHARED_C
 from lightllm_nb.scheduling.admission import AggressivePolicy, ConservativePolicy, PoolView
 from lightllm_nb.sampling_params import SamplingParams
 from lightllm_nb.scheduling.request import PENDING_TOKEN, Request
-from model_free import SAMPLED, make_scheduler, request, run, step
+from model_free import HANG_SECONDS, SAMPLED, make_scheduler, request, run, step
+
+pytestmark = pytest.mark.timeout(HANG_SECONDS)
 
 
 def pages_by_hand(tokens, page_size):

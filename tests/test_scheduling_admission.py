@@ -3,8 +3,12 @@ cannot start yet; model-free. The reason a decision carries is what panels and `
 
 from types import SimpleNamespace
 
+import pytest
+
 from lightllm_nb.scheduling.admission import ConservativePolicy, Verdict
-from model_free import make_scheduler, request, run, step
+from model_free import HANG_SECONDS, make_scheduler, request, run, step
+
+pytestmark = pytest.mark.timeout(HANG_SECONDS)
 
 
 class AdmitEverything:

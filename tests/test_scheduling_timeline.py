@@ -4,7 +4,9 @@ resumed request's recomputed tokens are what it had computed less what the cache
 import pytest
 
 from lightllm_nb.scheduling.timeline import TimelineRecorder
-from model_free import make_scheduler, request, run, step
+from model_free import HANG_SECONDS, make_scheduler, request, run, step
+
+pytestmark = pytest.mark.timeout(HANG_SECONDS)
 
 
 @pytest.mark.parametrize("prefix_cache", [False, True])
