@@ -12,6 +12,7 @@ the same tornado app as one process, on a `RemoteDriver`; this process runs the 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -31,8 +32,13 @@ def run_split(args, engine, model, tokens, route_prefix: str, sockets, where: st
     folder = tempfile.mkdtemp(prefix="lightllm-nb-core-")
     address = f"ipc://{folder}/engine.sock"
     engine_pid = os.getpid()
+    # The children inherit the engine's objects (CUDA tensors on a GPU): their garbage collector must
+    # never finalize one, so everything alive now is frozen out of its reach.
+    gc.collect()
+    gc.freeze()
     front_ends = [_fork_front_end(address, sockets, model, tokens, route_prefix, args.shutdown_timeout, engine_pid)
                   for _ in range(args.api_server_count)]
+    gc.unfreeze()
     for sock in sockets:  # the front ends accept on them; this process only steps
         sock.close()
     print(f"lightllm-nb serve: model {model.name!r} listening on {where} "
