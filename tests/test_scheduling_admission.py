@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from lightllm_nb.scheduling.admission import ConservativePolicy, Verdict
+from lightllm_nb.scheduling.past_future import PastFuturePolicy
 from model_free import HANG_SECONDS, make_scheduler, request, run, step
 
 pytestmark = pytest.mark.timeout(HANG_SECONDS)
@@ -72,3 +73,12 @@ def test_admission_stops_when_the_pool_has_no_row_left():
     assert [req.request_id for req, _ in batch.items] == ["first"] and second.row is None
     run(scheduler)
     assert first.finish_reason == second.finish_reason == "length"
+
+
+def test_every_finished_request_teaches_past_future_its_output_length():
+    policy = PastFuturePolicy(min_history=1)
+    scheduler = make_scheduler(policy=policy)
+    for rid, max_tokens in (("a", 2), ("b", 5), ("c", 3)):
+        scheduler.add(request(rid, max_tokens=max_tokens))
+    run(scheduler)
+    assert sorted(policy.history) == [2, 3, 5]

@@ -50,9 +50,11 @@ def test_a_request_preempted_in_the_middle_of_a_page_keeps_its_whole_computed_pa
     scheduler.add(old)
     step(scheduler)
     scheduler.add(new)
-    run(scheduler)
+    history = run(scheduler)
     [preempted] = [e for e in new.timeline if e["event"] == "preempted"]
     [resumed] = [e for e in new.timeline if e["event"] == "resumed"]
     assert (preempted["code"], preempted["computed"]) == ("preempted_for", 13), "the scenario: mid-page"
     assert preempted["kept"] == 12, "whole computed pages only: 13 // 4 * 4"
     assert (resumed["cached_tokens"], resumed["recomputed"]) == (12, 1), "the resume finds what was kept"
+    [decision] = [d for decisions in history for d in decisions if d.kind == "preempt"]
+    assert decision.numbers["freed"] == 16, "the decision counts the 4 pages it released, in slots"
