@@ -57,3 +57,27 @@ def test_unconstrained_rows_keep_their_tokens_and_overlap(engine):
     assert [c.token_ids for c in mixed[:4]] == [c.token_ids for c in alone]
     for completion, schema in zip(mixed[4:], SCHEMAS.values()):
         jsonschema.validate(json.loads(completion.text), schema)
+
+
+def test_the_reused_bitmask_reaches_the_mask_kernel_intact():
+    """Each step's bitmask is refilled in the same pinned buffer and copied on a stream of its own
+    while the compute stream is still busy with earlier steps: every step's mask kernel must see
+    its own step's bits, never a later step's (in the host buffer or in a reused device block)."""
+    import xgrammar as xgr
+
+    from lightllm_nb.engine.mask_fill import BitmaskBuffer
+
+    steps, batch, vocab = 4, 128, 128256
+    buffer = BitmaskBuffer(words=-(-vocab // 32), pinned=True)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(steps, batch, vocab, generator=gen)
+    on_gpu = logits.cuda()
+    expected = logits.clone()
+    torch.cuda.synchronize()
+    for step in range(steps):
+        host = buffer.rows(batch, range(batch))
+        host.copy_(torch.randint(-2**31, 2**31, host.shape, generator=gen, dtype=torch.int64).to(torch.int32))
+        xgr.apply_token_bitmask_inplace(expected[step], host.clone(), vocab_size=vocab)
+        torch.cuda._sleep(20_000_000)  # a long "forward" on the compute stream
+        xgr.apply_token_bitmask_inplace(on_gpu[step], buffer.upload(host, on_gpu.device), vocab_size=vocab)
+    assert torch.equal(on_gpu.cpu(), expected)

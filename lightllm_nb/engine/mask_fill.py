@@ -87,6 +87,7 @@ class BitmaskBuffer:
         self.pinned = pinned
         self._host = torch.empty((0, words), dtype=torch.int32)
         self._read: torch.cuda.Event | None = None  # recorded behind the latest upload
+        self._stream: torch.cuda.Stream | None = None  # the uploads' own (CUDA only)
 
     def rows(self, batch: int, filled: Sequence[int]) -> torch.Tensor:
         """A [batch, words] view whose rows other than `filled` allow every token (every bit set);
@@ -103,9 +104,16 @@ class BitmaskBuffer:
         return view
 
     def upload(self, view: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`view` on the CUDA device, copied behind the work queued so far, without waiting for it."""
-        on_device = view.to(device, non_blocking=True)
+        """`view` on the CUDA device, for work queued from now on the current stream. The copy runs
+        on a stream of its own, beside the forward already queued (up to 2 MB at batch 128 and a
+        128k vocabulary: tens of microseconds on the copy engine instead of in the step)."""
         if self._read is None:
             self._read = torch.cuda.Event()
-        self._read.record()
+            self._stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(self._stream):
+            on_device = view.to(device, non_blocking=True)
+            self._read.record(self._stream)
+        computing = torch.cuda.current_stream(device)
+        computing.wait_event(self._read)
+        on_device.record_stream(computing)  # its memory is not reused before the mask kernel has run
         return on_device
