@@ -5,8 +5,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from lightllm_nb.kv.cache_scope import CacheScopes
+from lightllm_nb.sampling_params import SamplingParams
 from lightllm_nb.scheduling.admission import ConservativePolicy, Verdict
 from lightllm_nb.scheduling.past_future import PastFuturePolicy
+from lightllm_nb.scheduling.request import Request
 from model_free import HANG_SECONDS, make_scheduler, request, run, step
 
 pytestmark = pytest.mark.timeout(HANG_SECONDS)
@@ -82,3 +85,19 @@ def test_every_finished_request_teaches_past_future_its_output_length():
         scheduler.add(request(rid, max_tokens=max_tokens))
     run(scheduler)
     assert sorted(policy.history) == [2, 3, 5]
+
+
+def test_another_users_prefill_of_the_same_tokens_past_a_declared_prefix_holds_nobody_up():
+    """Past the end of a declared (public) prefix each user's tokens are cached under their own
+    scope, so bob does not wait for alice's identical prefill: that wait would tell bob what alice
+    is computing, and he could never reuse her pages anyway."""
+    system = list(range(50, 58))
+    scheduler = make_scheduler(cache_scopes=CacheScopes(mode="user", shared_prefixes=(system,)), prefix_cache=True)
+    scheduler.add(Request("warm", system + [99], SamplingParams(max_tokens=1), user="carol"))
+    run(scheduler)  # the declared prefix is cached now
+    for rid, user in (("a", "alice"), ("b", "bob")):
+        scheduler.add(Request(rid, system + list(range(60, 68)), SamplingParams(max_tokens=2), user=user))
+    decisions = step(scheduler)
+    assert [d.request_id for d in decisions if d.kind == "admit"] == ["a", "b"], \
+        [d.reason for d in decisions if d.kind == "defer"]
+    assert [d.request_id for d in decisions if d.kind == "prefix_hit"] == ["a", "b"]
