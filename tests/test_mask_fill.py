@@ -126,3 +126,18 @@ def test_the_reused_buffer_allows_every_token_outside_the_filled_rows():
     assert (third[[0, 1, 2, 3, 5]] == -1).all() and third.data_ptr() == second.data_ptr()
     third.zero_()
     assert (buffer.rows(2, [1])[0] == -1).all() and (buffer.rows(2, [1])[1] == 0).all()
+
+
+@pytest.mark.parametrize("vocab", [100, 128])
+def test_allowed_counts_are_each_rows_allowed_tokens(vocab):
+    from lightllm_nb.engine.grammar import TokenMask
+    from lightllm_nb.sampling_params import allowed_token_count
+
+    buffer = BitmaskBuffer(words=-(-vocab // 32), pinned=False)
+    bits = buffer.rows(5, [0, 2, 3])
+    bits.copy_(torch.randint(-2**31, 2**31, bits.shape, generator=torch.Generator().manual_seed(vocab),
+                             dtype=torch.int64).to(torch.int32))
+    bits[3] = -1  # every token, and the bits past the vocabulary, set
+    mask = TokenMask(buffer, bits, [0, 2, 3], vocab)
+    assert mask.allowed_counts() == {i: allowed_token_count(bits[i], vocab) for i in (0, 2, 3)}
+    assert mask.allowed_counts()[3] == vocab

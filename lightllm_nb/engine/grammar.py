@@ -21,9 +21,10 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-from ..sampling_params import allowed_token_count, xgrammar_grammar
+from ..sampling_params import xgrammar_grammar
 from .mask_fill import BitmaskBuffer, MaskFiller
 
 MAX_CACHED_GRAMMARS = 256
@@ -170,8 +171,14 @@ class TokenMask:
         self._buffer = buffer
 
     def allowed_counts(self) -> dict[int, int]:
-        """Row -> tokens its mask allows this step (for StepEvents: the grammar narrowing the choice)."""
-        return {i: allowed_token_count(self.bitmask[i], self.vocab_size) for i in self.rows}
+        """Row -> tokens its mask allows this step (for StepEvents: the grammar narrowing the choice).
+        One popcount over the constrained rows: unpacking bits row by row took 23 ms at batch 128
+        and a 128k vocabulary, on the step thread of any engine with a listener."""
+        words = self.bitmask.numpy()[self.rows].view(np.uint32)
+        tail_bits = self.vocab_size - 32 * (words.shape[1] - 1)  # the last word's bits past the vocabulary don't count
+        counts = (np.bitwise_count(words[:, :-1]).sum(axis=1, dtype=np.int64)
+                  + np.bitwise_count(words[:, -1] & np.uint32((1 << tail_bits) - 1)))
+        return dict(zip(self.rows, counts.tolist()))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set disallowed logits to -inf, in place on the constrained rows."""
