@@ -201,6 +201,21 @@ def test_a_request_whose_last_token_is_in_flight_does_not_hold_up_the_step():
     assert [req.request_id for req, _ in scheduler.schedule().items] == ["going"], \
         "nothing is left to compute for 'done'; 'going' after it decodes as usual"
 
+
+def test_a_decode_gets_its_token_every_step_while_a_long_prompt_is_prefilled_in_chunks():
+    scheduler = make_scheduler(max_batch_tokens=8)
+    decoding, prompt = request("decoding", max_tokens=6), request("prompt", prompt_len=30, max_tokens=1)
+    scheduler.add(decoding)
+    step(scheduler)
+    scheduler.add(prompt)
+    while prompt.num_computed < prompt.num_prompt:
+        batch = scheduler.schedule()
+        assert ("decoding", 1) in [(req.request_id, n) for req, n in batch.items], \
+            "the prefill chunk took the whole budget: the decode starved"
+        for req, n in batch.items:
+            req.num_computed += n
+        decoding.token_ids.append(SAMPLED)
+
 # ---- what the pool tells the KV panel ----------------------------------------------------------------
 def test_the_kv_grid_reads_the_pools_page_owners():
     """`page_owner` is what the KV panel draws: cached, shared and free pages must carry the codes
