@@ -51,7 +51,7 @@ class KVPool:
         self.req_to_token[self.dummy_row].fill_(self.dummy_slot)
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out page 0 first
         self._free_rows = list(range(max_requests - 1, -1, -1))
-        self.page_owner = np.full(self.num_pages, FREE, dtype=np.int64)
+        self.page_owner = np.full(self.num_pages, FREE, dtype=np.int32)  # as subscribers get it: copied, not converted
 
     # ---- pages -----------------------------------------------------------------------------
     @property
