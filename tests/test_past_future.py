@@ -57,6 +57,9 @@ def test_future_peak_handles_each_scenario_on_its_own(held, scenarios, seed):
     assert list(peaks) == [brute_force_peak(held, list(row)) for row in remaining]
 
 
+def test_no_requests_peak_at_zero_in_every_scenario():
+    assert future_peak(np.zeros(0, dtype=np.int64), np.zeros((3, 0))).tolist() == [0, 0, 0]
+
 def test_admits_when_the_future_peak_fits():
     # Every past request produced exactly 10 tokens: each of the three will hold 50 + 10 at most.
     policy = policy_with_history([10] * 30, reserve=0.0)

@@ -1,6 +1,7 @@
 """What the real scheduler says when it admits or defers a request, and who may pass a request that
 cannot start yet; model-free. The reason a decision carries is what panels and `explain()` show."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ from lightllm_nb.sampling_params import SamplingParams
 from lightllm_nb.scheduling.admission import ConservativePolicy, Verdict
 from lightllm_nb.scheduling.past_future import PastFuturePolicy
 from lightllm_nb.scheduling.request import Request
+from lightllm_nb.scheduling.timeline import TimelineRecorder
 from model_free import HANG_SECONDS, make_scheduler, request, run, step
 
 pytestmark = pytest.mark.timeout(HANG_SECONDS)
@@ -101,3 +103,45 @@ def test_another_users_prefill_of_the_same_tokens_past_a_declared_prefix_holds_n
     assert [d.request_id for d in decisions if d.kind == "admit"] == ["a", "b"], \
         [d.reason for d in decisions if d.kind == "defer"]
     assert [d.request_id for d in decisions if d.kind == "prefix_hit"] == ["a", "b"]
+
+
+def test_a_request_aborted_while_waiting_leaves_the_queue():
+    scheduler = make_scheduler(max_running=1)
+    running, queued = request("running"), request("queued")
+    scheduler.add(running)
+    scheduler.add(queued)
+    step(scheduler)
+    assert scheduler.finish(queued, "abort").kind == "finish"
+    assert len(scheduler.waiting) == 0 and queued.finish_reason == "abort"
+    run(scheduler)
+    assert queued.num_output == 0 and running.finish_reason == "length"
+
+
+def test_a_prefill_shared_with_a_running_one_defers_with_the_probe_length_at_page_size_4():
+    """The second of two identical prompts waits a step for the first's pages; the probe (how many
+    next tokens must agree) is 32 tokens at every page size, and the timeline records this defer."""
+    scheduler = make_scheduler(page_size=4, prefix_cache=True, timelines=TimelineRecorder())
+    first, second = request("first", prompt_len=40), request("second", prompt_len=40)
+    scheduler.add(first)
+    scheduler.add(second)
+    [defer] = [d for d in step(scheduler) if d.kind == "defer"]
+    assert (defer.request_id, defer.code, defer.numbers["shared"]) == ("second", "shared_prefill", 32)
+    [deferred] = [e for e in second.timeline if e["event"] == "deferred"]
+    assert (deferred["code"], deferred["shared"]) == ("shared_prefill", 32)
+
+
+def test_the_batch_lists_decodes_before_prefill_chunks():
+    scheduler = make_scheduler()
+    scheduler.add(request("decoding"))
+    step(scheduler)
+    scheduler.add(request("two", prompt_len=2))
+    assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("decoding", 1), ("two", 2)]
+
+
+def test_queue_time_is_the_wait_before_admission():
+    scheduler = make_scheduler()
+    before = time.perf_counter()
+    req = request("r")
+    scheduler.add(req)
+    step(scheduler)
+    assert 0 <= req.queue_time <= time.perf_counter() - before
