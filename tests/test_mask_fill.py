@@ -2,7 +2,9 @@
 and bitmask rows filled in chunks on several threads give the masks of one matcher at a time; the
 reused bitmask buffer allows every token in the rows no grammar fills; a refused token is an error."""
 
+import concurrent.futures
 import random
+import threading
 
 import numpy as np
 import pytest
@@ -141,3 +143,23 @@ def test_allowed_counts_are_each_rows_allowed_tokens(vocab):
     mask = TokenMask(buffer, bits, [0, 2, 3], vocab)
     assert mask.allowed_counts() == {i: allowed_token_count(bits[i], vocab) for i in (0, 2, 3)}
     assert mask.allowed_counts()[3] == vocab
+
+
+def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
+    """A helper that gets no core for a while must not hold up the step: its chunk goes to whoever
+    is free, the caller included. Here the only helper is busy for the whole call."""
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result()
+    rows = 2 * ROWS_PER_THREAD
+    filler = MaskFiller(max_threads=2)
+    release = threading.Event()
+    filler._helpers = concurrent.futures.ThreadPoolExecutor(1)
+    filler._helpers.submit(release.wait)  # the helper is stuck until the call is over
+    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
+    result = []
+    caller = threading.Thread(target=lambda: result.append(filler.run(
+        [xgr.GrammarMatcher(compiled) for _ in range(rows)], [[]] * rows, bitmask, list(range(rows)))))
+    caller.start()
+    caller.join(timeout=10)
+    release.set()
+    filler.close()
+    assert result == [[]] and bitmask.any(dim=1).all()

@@ -9,11 +9,17 @@ more than a fill (here ~25 us a token inside a JSON string against ~12-18 us a r
 releases the GIL inside each call, so chunks of rows on Python threads run in parallel; a chunk is
 one accept call and one fill call, whatever its size. Handing a chunk over costs tens of
 microseconds, so a thread gets at least ROWS_PER_THREAD rows and small batches stay on the caller.
+
+The caller never waits for a helper that has not started: chunks are taken from a shared queue,
+and the caller takes them too, so a helper that finds no free core (the scheduler can keep a woken
+thread off the CPU for a whole slice, ~4 ms on a 16-core host) leaves its chunk to the others.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import queue
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,13 +49,39 @@ class MaskFiller:
         threads = self.threads_for(len(matchers))
         bounds = [len(matchers) * t // threads for t in range(threads + 1)]
         chunks = [range(bounds[t], bounds[t + 1]) for t in range(threads)]
-        if threads > 1 and self._helpers is None:
+        if threads == 1:
+            return self._chunk(matchers, tokens, bitmask, rows, chunks[0])
+        if self._helpers is None:
             self._helpers = concurrent.futures.ThreadPoolExecutor(self.max_threads - 1,
                                                                   thread_name_prefix="grammar-mask")
-        helped = [self._helpers.submit(self._chunk, matchers, tokens, bitmask, rows, chunk) for chunk in chunks[1:]]
-        refused = self._chunk(matchers, tokens, bitmask, rows, chunks[0])
-        for future in helped:
-            refused += future.result()
+        free = queue.SimpleQueue()
+        for c in range(threads):
+            free.put(c)
+        results: list = [None] * threads
+        done = [threading.Event() for _ in range(threads)]
+
+        def work() -> None:
+            while True:
+                try:
+                    c = free.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results[c] = self._chunk(matchers, tokens, bitmask, rows, chunks[c])
+                except BaseException as err:  # raised on the caller's thread below
+                    results[c] = err
+                finally:
+                    done[c].set()
+
+        for _ in range(threads - 1):
+            self._helpers.submit(work)
+        work()
+        refused = []
+        for c in range(threads):
+            done[c].wait()  # only chunks a helper is running are not done by now
+            if isinstance(results[c], BaseException):
+                raise results[c]
+            refused += results[c]
         return refused
 
     def _chunk(self, matchers, tokens, bitmask, rows, chunk: range) -> list[int]:
