@@ -130,7 +130,7 @@ def test_the_reused_buffer_allows_every_token_outside_the_filled_rows():
     assert (buffer.rows(2, [1])[0] == -1).all() and (buffer.rows(2, [1])[1] == 0).all()
 
 
-@pytest.mark.parametrize("vocab", [100, 128])
+@pytest.mark.parametrize("vocab", [100, 128, 130])
 def test_allowed_counts_are_each_rows_allowed_tokens(vocab):
     from lightllm_nb.engine.grammar import TokenMask
     from lightllm_nb.sampling_params import allowed_token_count

@@ -174,10 +174,11 @@ class TokenMask:
         """Row -> tokens its mask allows this step (for StepEvents: the grammar narrowing the choice).
         One popcount over the constrained rows: unpacking bits row by row took 23 ms at batch 128
         and a 128k vocabulary, on the step thread of any engine with a listener."""
-        words = self.bitmask.numpy()[self.rows].view(np.uint32)
-        tail_bits = self.vocab_size - 32 * (words.shape[1] - 1)  # the last word's bits past the vocabulary don't count
-        counts = (np.bitwise_count(words[:, :-1]).sum(axis=1, dtype=np.int64)
-                  + np.bitwise_count(words[:, -1] & np.uint32((1 << tail_bits) - 1)))
+        words = self.bitmask.numpy()[self.rows].view(np.uint32)  # a copy: its padding can be cleared
+        tail_bits = self.vocab_size - 32 * (words.shape[1] - 1)
+        words[:, -1] &= np.uint32((1 << tail_bits) - 1)  # the last word's bits past the vocabulary
+        # 64-bit words, where a row has an even number of 32-bit ones, halve the work.
+        counts = np.bitwise_count(words.view(np.uint64) if words.shape[1] % 2 == 0 else words).sum(axis=1)
         return dict(zip(self.rows, counts.tolist()))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
