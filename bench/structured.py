@@ -2,6 +2,7 @@
 
     python bench/structured.py --device cuda --shape llama-1b --tokenizer DIR [--context 512] [--out FILE]
     python bench/structured.py --batches 1 4 --context 32          # CPU smoke run, tiny random Llama
+    python bench/structured.py --host-only [--vocab 128256]         # the host side only, any machine
 
 Decode-step time at batch 1, 32 and 128 with every request JSON-constrained against none, on one
 engine (random bf16 weights of a real shape; the tokenizer is the real one, which is what a
@@ -13,7 +14,12 @@ grammar's masks depend on). Three configurations per batch:
     timed. A constrained batch reads the previous tokens back after launching its forward and
     fills the mask while the GPU computes; its sampling waits for the mask.
 Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
-time to build a batch's bitmask. Prints JSON lines, and a table last.
+side of a constrained step per batch: every row takes one token inside its JSON string and the
+batch's mask is built (matchers advanced, rows filled), the engine's way against a same-process
+baseline, the way the engine did it before (accept_token row by row on the step thread, a fresh
+torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) threads).
+--host-only times just that (and the compiles) with a tokenizer, no model: --vocab pads the
+logits' width as a model does (128256 for the Llama-3.2-1B shape). Prints JSON lines, and a table last.
 """
 
 from __future__ import annotations
@@ -35,16 +41,17 @@ from structured_schemas import SCHEMAS  # noqa: E402  (the schemas the CPU tests
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar  # noqa: E402
+from lightllm_nb.loading import load_checkpoint  # noqa: E402
 from lightllm_nb.scheduling.request import Request  # noqa: E402
 
 LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 3000}},
              "required": ["text"]}
 
 
-def compile_times(engine: Engine) -> dict:
+def compile_times(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device) -> dict:
     """Seconds per schema: the first compile of a fresh compiler (its tokenizer table included),
     then each schema cold on that compiler, then cached (the same constraint again)."""
-    compiler = GrammarCompiler(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device)
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device)
     result = {}
     t = time.perf_counter()
     compiler.compile(SamplingParams(regex="x").constraint).result()
@@ -61,23 +68,73 @@ def compile_times(engine: Engine) -> dict:
     return result
 
 
-def mask_fill_ms(engine: Engine, batch: int, repeats: int = 20) -> float:
-    """Host time to build a batch's bitmask, every row inside LONG_TEXT's string."""
+def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device,
+                    batch: int, rounds: int = 30) -> dict:
+    """Median host time of a constrained step's grammar work, every row inside LONG_TEXT's string
+    taking one more token: the engine's (note the tokens, build the mask) and the baseline's."""
+    import xgrammar as xgr
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device)
     sampling = SamplingParams(json_schema=LONG_TEXT)
-    compiled = engine.grammars.compile(sampling.constraint)
-    prefix = engine.tokenizer.encode('{"text": "Once upon', add_special_tokens=False)
+    compiled = compiler.compile(sampling.constraint)
+    prefix = tokenizer.encode('{"text": "Once upon', add_special_tokens=False)
+    word = tokenizer.encode(" time", add_special_tokens=False)[0]
     requests = []
     for i in range(batch):
         req = Request(f"mask-{i}", prefix, sampling)
         req.grammar = RequestGrammar(compiled)
-        assert all(req.grammar.accept(t) for t in prefix)
+        for t in prefix:
+            req.grammar.accept(t)
         requests.append(req)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        engine.grammars.mask(requests)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    compiler.mask(requests)
+    matchers = [xgr.GrammarMatcher(compiled.result()) for _ in range(batch)]
+    for matcher in matchers:
+        assert all(matcher.accept_token(t) for t in prefix)
+    xgrammar_batch = xgr.BatchGrammarMatcher(max(1, min(8, torch.get_num_threads())))
+
+    def engine_way():
+        for req in requests:
+            req.grammar.accept(word)
+        compiler.mask(requests)
+
+    def baseline():
+        assert all(matcher.accept_token(word) for matcher in matchers)
+        bitmask = torch.full(xgr.get_bitmask_shape(batch, vocab_size), -1, dtype=torch.int32,
+                             pin_memory=device.type == "cuda")
+        xgrammar_batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(batch)))
+
+    times = {"engine": [], "baseline": []}
+    for _ in range(rounds):  # interleaved, so a busy moment of the machine hits both
+        for name, way in (("engine", engine_way), ("baseline", baseline)):
+            t = time.perf_counter()
+            way()
+            times[name].append(time.perf_counter() - t)
+    compiler.close()
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def host_only(args: argparse.Namespace) -> None:
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        tokenizer = load_checkpoint("demo").tokenizer
+    vocab = args.vocab or len(tokenizer)
+    stop, cpu = [tokenizer.eos_token_id], torch.device("cpu")
+    log = {"host": "cpu", "torch_threads": torch.get_num_threads(), "vocab": vocab, "date": time.strftime("%Y-%m-%d"),
+           "compile": compile_times(tokenizer, vocab, stop, cpu)}
+    print(json.dumps(log), flush=True)
+    rows = [dict(batch=batch, **grammar_host_ms(tokenizer, vocab, stop, cpu, batch)) for batch in args.batches]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(f"\nhost side of a constrained step, vocabulary {vocab}, {log['torch_threads']} torch threads")
+    print("batch | engine | baseline (before) | engine / baseline")
+    for r in rows:
+        print(f"{r['batch']:5d} | {r['engine']:7.3f} ms | {r['baseline']:7.3f} ms | {r['engine'] / r['baseline']:5.2f}")
+    log["host_side"] = rows
+    if args.out:
+        Path(args.out).write_text(json.dumps(log, indent=1))
 
 
 def main() -> None:
@@ -86,12 +143,18 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--host-only", action="store_true", help="time the host side only, with a tokenizer")
+    parser.add_argument("--vocab", type=int, default=None, help="--host-only: the logits' width (default: the tokenizer's)")
     args = parser.parse_args()
+    if args.host_only:
+        host_only(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp)
     card = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
     log = {"card": card, "model": engine.model_name, "date": time.strftime("%Y-%m-%d"),
-           "context": args.context, "compile": compile_times(engine)}
+           "context": args.context,
+           "compile": compile_times(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device)}
     print(json.dumps(log), flush=True)
     plain = SamplingParams(max_tokens=400, temperature=0.8, ignore_eos=True)
     constrained = SamplingParams(max_tokens=400, temperature=0.8, json_schema=LONG_TEXT)
@@ -102,15 +165,17 @@ def main() -> None:
                                         ("json", constrained, True)):
             engine.overlap = overlap
             row[name + "_ms"] = decode_latency(engine, batch, args.context, sampling=sampling) * 1e3
-        row["mask_fill_ms"] = mask_fill_ms(engine, batch)
+        host = grammar_host_ms(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device, batch)
+        row["grammar_host_ms"], row["grammar_host_before_ms"] = host["engine"], host["baseline"]
         row["json_vs_none"] = row["json_ms"] / row["none_overlap_ms"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
     log["decode"] = rows
-    print("\nbatch | none, overlapped | none, plain steps | JSON | JSON vs none | bitmask fill (host)")
+    print("\nbatch | none, overlapped | none, plain steps | JSON | JSON vs none | grammar host side (before)")
     for r in rows:
         print(f"{r['batch']:5d} | {r['none_overlap_ms']:8.2f} ms | {r['none_plain_ms']:8.2f} ms | "
-              f"{r['json_ms']:8.2f} ms | {r['json_vs_none'] * 100:+6.1f}% | {r['mask_fill_ms']:6.2f} ms")
+              f"{r['json_ms']:8.2f} ms | {r['json_vs_none'] * 100:+6.1f}% | {r['grammar_host_ms']:6.2f} ms "
+              f"({r['grammar_host_before_ms']:.2f} ms)")
     print("compile:", json.dumps(log["compile"]))
     engine.close()
     if args.out:
