@@ -198,3 +198,18 @@ def test_by_default_the_last_1000_finished_lengths_are_sampled_from():
     assert len(policy.history) == 1000 and 500 not in policy.history
     finals = policy.sample_final_lengths(np.array([0] * 50), np.array([1000] * 50))
     assert (finals == 10).all(), "the outlier 500 left the window"
+
+
+def test_by_default_five_finished_lengths_end_the_cold_start_and_draws_are_seeded_with_0():
+    policy = PastFuturePolicy()
+    candidate, running = make_request(10, max_tokens=100), [make_request(10, max_tokens=100, rid="a")]
+    for n in range(1, 6):
+        assert policy.check(candidate, running, pool(200)).numbers["samples"] == 1, "cold below 5"
+        policy.record_finished(make_request(1, produced=n, max_tokens=n))
+    assert policy.check(candidate, running, pool(200)).numbers["samples"] == 4, "warm at 5, 4 futures"
+    default, seeded = PastFuturePolicy(), PastFuturePolicy(seed=0)
+    for n in range(1, 6):
+        default.record_finished(make_request(1, produced=n, max_tokens=n))
+        seeded.record_finished(make_request(1, produced=n, max_tokens=n))
+    produced, cap = np.array([0] * 20), np.array([9] * 20)
+    assert (default.sample_final_lengths(produced, cap) == seeded.sample_final_lengths(produced, cap)).all()

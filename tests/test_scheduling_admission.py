@@ -31,15 +31,16 @@ class AdmitEverything:
 
 def test_an_admission_and_a_policy_refusal_carry_the_policys_own_reason():
     # Conservative, 64 slots: "a" reserves 40, "b" would need 40 more.
-    scheduler = make_scheduler(capacity=64, policy=ConservativePolicy())
+    scheduler = make_scheduler(capacity=64, policy=ConservativePolicy(), timelines=TimelineRecorder())
     scheduler.add(request("a", prompt_len=20, max_tokens=20))
-    scheduler.add(request("b", prompt_len=20, max_tokens=20))
+    scheduler.add(b := request("b", prompt_len=20, max_tokens=20))
     admit, defer = [d for d in step(scheduler) if d.kind in ("admit", "defer")]
     assert (admit.kind, admit.request_id, admit.code) == ("admit", "a", "policy")
     assert admit.reason == "reserved 0 + worst case 40 <= capacity 64"
     assert admit.numbers == {"reserved": 0, "need": 40, "capacity": 64}
     assert (defer.kind, defer.request_id, defer.code) == ("defer", "b", "policy")
     assert defer.reason == "reserved 40 + worst case 40 > capacity 64"
+    assert [(e["event"], e.get("code")) for e in b.timeline] == [("queued", None), ("deferred", "policy")]
 
 
 def test_a_request_the_policy_admits_but_the_pool_cannot_hold_is_deferred_for_room():
@@ -124,6 +125,7 @@ def test_a_prefill_shared_with_a_running_one_defers_with_the_probe_length_at_pag
     first, second = request("first", prompt_len=40), request("second", prompt_len=40)
     scheduler.add(first)
     scheduler.add(second)
+    scheduler.add(request("other", "bob", priority=-1))  # admitted after second's defer: one defer still
     [defer] = [d for d in step(scheduler) if d.kind == "defer"]
     assert (defer.request_id, defer.code, defer.numbers["shared"]) == ("second", "shared_prefill", 32)
     [deferred] = [e for e in second.timeline if e["event"] == "deferred"]
@@ -145,3 +147,22 @@ def test_queue_time_is_the_wait_before_admission():
     scheduler.add(req)
     step(scheduler)
     assert 0 <= req.queue_time <= time.perf_counter() - before
+
+
+def test_a_step_never_schedules_more_tokens_than_its_budget():
+    scheduler = make_scheduler(max_batch_tokens=8)
+    for rid in "abc":
+        scheduler.add(request(rid, prompt_len=4))
+    assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("a", 4), ("b", 4)]
+
+
+def test_a_user_at_the_cap_gets_one_defer_per_step_while_others_are_admitted():
+    scheduler = make_scheduler(max_running_per_user=1)
+    scheduler.add(request("a1", "alice"))
+    step(scheduler)
+    scheduler.add(request("a2", "alice", priority=1))  # looked at first by every admission this step
+    for rid, user in (("b1", "bob"), ("b2", "bob2")):
+        scheduler.add(request(rid, user))
+    decisions = step(scheduler)
+    assert [(d.request_id, d.code) for d in decisions if d.kind == "defer"] == [("a2", "user_cap")]
+    assert [d.request_id for d in decisions if d.kind == "admit"] == ["b1", "b2"]
