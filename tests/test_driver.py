@@ -9,6 +9,7 @@ import time
 import pytest
 
 from lightllm_nb import DriverLoop, Engine, InvalidRequestError, SamplingParams
+from lightllm_nb.engine import detokenizer
 
 GREEDY = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
 
@@ -202,9 +203,17 @@ def test_an_engine_nobody_references_is_collected_and_its_loop_ends(tiny_model):
 
 
 def test_streamed_text_is_decoded_by_the_reader_not_the_step_thread(engine, monkeypatch):
-    decode = engine.tokenizer.decode  # the engine's copy: only the step thread uses it
     on_step_thread = []
-    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: on_step_thread.append(1) or decode(*a, **k))
+
+    def note() -> None:
+        if threading.current_thread().name == "lightllm-driver":
+            on_step_thread.append(1)
+    decode = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda *a, **k: note() or decode(*a, **k))
+    # Incremental decoders may call the tokenizer's Rust backend directly (detokenizer.text_decoder).
+    make_decoder = detokenizer.text_decoder
+    monkeypatch.setattr(detokenizer, "text_decoder",
+                        lambda tokenizer: (lambda inner: lambda ids: note() or inner(ids))(make_decoder(tokenizer)))
     sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     stream = engine.stream(prompt_token_ids=[5, 6, 7], sampling=sampling)
     deltas = list(stream)

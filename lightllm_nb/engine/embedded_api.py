@@ -61,11 +61,12 @@ class EmbeddedAPI:
         return self.prompts.chat_ids(messages)
 
     def subscribe(self, callback: Callable[[StepEvent], None], *, pages: bool = False,
-                  maxsize: int = 4096) -> Callable[[], None]:
+                  maxsize: int = 4096, max_rate: float | None = None) -> Callable[[], None]:
         """Call `callback` with every StepEvent, on a delivery thread of its own (never the step's);
         returns a function that unsubscribes. A callback more than `maxsize` events behind loses
-        the oldest. `pages=True` adds the owner of every KV page (int32 array)."""
-        return self._events.subscribe_callback(callback, pages=pages, maxsize=maxsize).close
+        the oldest. `pages=True` adds the owner of every KV page (int32 array). `max_rate` (events
+        a second, for a callback that only draws): the newest step with every skipped step's decisions."""
+        return self._events.subscribe_callback(callback, pages=pages, maxsize=maxsize, max_rate=max_rate).close
 
     # ---- who drives the engine -------------------------------------------------------------
     def _on_foreign_thread(self) -> bool:

@@ -34,7 +34,8 @@ class Client(Protocol):
     def chat(self, messages, sampling=None) -> Completion: ...
     def abort(self, request_id: str) -> bool: ...
     def stats(self) -> dict: ...
-    def subscribe(self, *, pages: bool = False, maxsize: int = 256) -> EventSubscription: ...
+    def subscribe(self, *, pages: bool = False, maxsize: int = 256,
+                  max_rate: float | None = None) -> EventSubscription: ...
     async def agenerate(self, prompts=None, sampling=None, *, prompt_token_ids=None,
                         priority: int = 0) -> list[Completion]: ...
     async def astream(self, prompt=None, sampling=None, *, prompt_token_ids=None, messages=None,
@@ -42,7 +43,8 @@ class Client(Protocol):
     async def achat(self, messages, sampling=None) -> Completion: ...
     async def aabort(self, request_id: str) -> bool: ...
     async def astats(self) -> dict: ...
-    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256) -> EventSubscription: ...
+    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256,
+                         max_rate: float | None = None) -> EventSubscription: ...
     def close(self) -> None: ...
 
 
@@ -112,9 +114,10 @@ class LocalClient:
     def stats(self) -> dict:
         return self.loop.stats(user=self.user)
 
-    def subscribe(self, *, pages: bool = False, maxsize: int = 256) -> EventSubscription:
-        """StepEvents as this client's user may see them (other users' requests anonymized)."""
-        subscription = self.loop.subscribe(user=self.user, pages=pages, maxsize=maxsize)
+    def subscribe(self, *, pages: bool = False, maxsize: int = 256, max_rate: float | None = None) -> EventSubscription:
+        """StepEvents as this client's user may see them (other users' requests anonymized); at most
+        `max_rate` a second (the newest step, every skipped step's decisions kept) if given."""
+        subscription = self.loop.subscribe(user=self.user, pages=pages, maxsize=maxsize, max_rate=max_rate)
         self._subscriptions.append(subscription)
         return subscription
 
@@ -161,8 +164,9 @@ class LocalClient:
     async def astats(self) -> dict:
         return await asyncio.wrap_future(self.loop.call(lambda: self.loop._stats(self.user)))
 
-    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256) -> EventSubscription:
-        return self.subscribe(pages=pages, maxsize=maxsize)
+    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256,
+                         max_rate: float | None = None) -> EventSubscription:
+        return self.subscribe(pages=pages, maxsize=maxsize, max_rate=max_rate)
 
     # ---- internals -----------------------------------------------------------------------------
     def _batch(self, prompts, sampling, prompt_token_ids) -> list[tuple[list[int], object]]:

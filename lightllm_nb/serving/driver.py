@@ -114,10 +114,12 @@ class DriverLoop:
             self._post(lambda: self.engine.abort(request_id), None)
         return True
 
-    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256) -> EventSubscription:
+    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256,
+                  max_rate: float | None = None) -> EventSubscription:
         """StepEvents through a bounded queue filled off the step thread; `user=None` sees everything,
-        otherwise each event is redacted for `user`."""
-        return self.engine._events.subscribe(user=user, pages=pages, maxsize=maxsize)
+        otherwise each event is redacted for `user`. `max_rate` (events a second) is for a reader
+        that only draws: the newest step, with every skipped step's decisions."""
+        return self.engine._events.subscribe(user=user, pages=pages, maxsize=maxsize, max_rate=max_rate)
 
     def stats(self, *, user: str | None = None, timeout: float = 30.0) -> dict:
         """The engine's stats, plus the user's own running and waiting requests when `user` is given."""
@@ -260,7 +262,8 @@ class DriverLoop:
 
     def _stats(self, user: str | None) -> dict:
         stats = {**self.engine.stats(), "max_waiting": self.max_waiting,
-                 "max_waiting_per_user": self.max_waiting_per_user}
+                 "max_waiting_per_user": self.max_waiting_per_user,
+                 "event_subscriptions": len(self.engine._events)}  # each costs the step; see issue 8
         if user is not None:
             with self._lock:
                 mine = [h for h in self._handles.values() if h.user == user]

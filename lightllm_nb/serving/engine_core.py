@@ -3,12 +3,18 @@ processes over one zmq ROUTER socket (their end is `remote_driver.py`).
 
 Messages are pickled tuples (both ends are this package, on one host). A front end sends
 `("submit", key, ids, sampling, user, priority)`, `("abort", key, request_id, user)`,
-`("stats", key, user)`, `("subscribe", sub_id, user, pages)`, `("unsubscribe", sub_id)`; it gets
+`("stats", key, user)`, `("subscribe", pages, max_rate)`, `("unsubscribe",)`; it gets
 `("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)`,
-`("event", sub_id, event, dropped)`, and once per step `("outputs", [RequestOutput, ...])` with
-every output of that step for that front end's requests. Users are checked by the front ends (their
-tokens) and again here for aborts (the driver's own check). A front end that is gone (its process
-died) has its requests aborted and its subscriptions closed.
+`("event", event, lost)`, and once per step `("outputs", [RequestOutput, ...])` with every output
+of that step for that front end's requests. Users are checked by the front ends (their tokens) and
+again here for aborts (the driver's own check). A front end that is gone (its process died) has its
+requests aborted and its event subscription closed.
+
+Events: one raw (unredacted) subscription per front end with at least one event reader, whatever
+their number; a `subscribe` message sets what it carries (the front end sends its readers' demand
+again whenever it changes) and each event is pickled once for that front end. Redaction, each
+reader's rate cap and the JSON records happen in the front end: the engine's process pays per
+front end, never per reader (issue 8).
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ import zmq
 import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError
+from ..telemetry.hub import EventSubscription
 from .request_handle import RequestHandle
 
 log = logging.getLogger("lightllm_nb.serve")
+
+# Events queued for one front end's link: it reads them as they come (each reader behind it has its
+# own bounded queue there), so this only fills while that process is stalled.
+FRONT_END_BACKLOG = 1024
 
 
 class EngineCore:
@@ -36,7 +47,7 @@ class EngineCore:
         self._front_end_of: dict[str, bytes] = {}         # request id -> the front end that submitted it
         # front end (its pid, as its zmq identity) -> its running requests
         self._requests: dict[bytes, dict[str, RequestHandle]] = {str(pid).encode(): {} for pid in front_ends}
-        self._subscriptions: dict[bytes, dict[int, asyncio.Task]] = {}
+        self._subscriptions: dict[bytes, tuple[EventSubscription, asyncio.Task]] = {}  # front end -> its events
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
@@ -60,8 +71,7 @@ class EngineCore:
         for request_id, handle in handles.items():
             self._front_end_of.pop(request_id, None)
             handle.abort()
-        for task in self._subscriptions.pop(front_end, {}).values():
-            task.cancel()
+        self._on_unsubscribe(front_end)
         return len(handles)
 
     def running_per_front_end(self) -> dict[str, int]:
@@ -97,21 +107,29 @@ class EngineCore:
             self._send(front_end, ("answer", key, stats))
         self._loop.create_task(answer())
 
-    def _on_subscribe(self, front_end: bytes, sub_id: int, user: str | None, pages: bool) -> None:
-        subscription = self.driver.subscribe(user=user, pages=pages)
+    def _on_subscribe(self, front_end: bytes, pages: bool, max_rate: float | None) -> None:
+        current = self._subscriptions.get(front_end)
+        if current is not None:  # retuned in place: no step is lost or sent twice
+            current[0].retune(pages=pages, max_rate=max_rate)
+            return
+        subscription = self.driver.subscribe(pages=pages, maxsize=FRONT_END_BACKLOG, max_rate=max_rate)
+        self._subscriptions[front_end] = (subscription, self._loop.create_task(self._forward_events(front_end,
+                                                                                                   subscription)))
 
-        async def forward():
-            try:
-                async for event in subscription:
-                    self._send(front_end, ("event", sub_id, event, subscription.dropped))
-            finally:
-                subscription.close()
-        self._subscriptions.setdefault(front_end, {})[sub_id] = self._loop.create_task(forward())
-
-    def _on_unsubscribe(self, front_end: bytes, sub_id: int) -> None:
-        task = self._subscriptions.get(front_end, {}).pop(sub_id, None)
-        if task is not None:
+    def _on_unsubscribe(self, front_end: bytes) -> None:
+        subscription, task = self._subscriptions.pop(front_end, (None, None))
+        if subscription is not None:
+            subscription.close()  # off the hub now, not when the task next runs
             task.cancel()
+
+    async def _forward_events(self, front_end: bytes, subscription: EventSubscription) -> None:
+        reported = 0
+        try:
+            async for event in subscription:
+                lost, reported = subscription.dropped - reported, subscription.dropped
+                self._send(front_end, ("event", event, lost))
+        finally:
+            subscription.close()
 
     # ---- outputs: once per step, one message per front end --------------------------------------
     def _forward(self, handles: list[RequestHandle]) -> None:

@@ -1,12 +1,15 @@
 """`GET /api/events`: StepEvents over a websocket, as JSON, redacted for the caller's user.
 
 With `?pages=1` each event's page map (owner per KV page) travels as a binary frame right after
-its JSON text frame: int32 little-endian, one entry per page."""
+its JSON text frame: int32 little-endian, one entry per page. With `?rate=N` (events a second, for
+a reader that only draws) the socket carries the newest step at most N times a second, with the
+decisions of every step it skipped."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import tornado.ioloop
@@ -24,6 +27,7 @@ class EventStreamHandler(tornado.websocket.WebSocketHandler):
     def prepare(self) -> None:
         try:
             self.caller = identify(self, self.ctx)
+            self.max_rate = self._max_rate()
         except ApiError as err:
             self.set_status(err.status)
             self.set_header("Content-Type", "application/json")
@@ -32,9 +36,22 @@ class EventStreamHandler(tornado.websocket.WebSocketHandler):
     def check_origin(self, origin: str) -> bool:
         return True  # a bearer token, never a cookie, authorizes this socket
 
+    def _max_rate(self) -> float | None:
+        given = self.get_query_argument("rate", None)
+        if given is None:
+            return None
+        try:
+            rate = float(given)
+        except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):
+            raise ApiError(400, f"rate={given[:40]!r} is invalid: give events a second as a positive number "
+                                "(e.g. rate=10 for a panel), or leave it out for every step", param="rate")
+        return rate
+
     def open(self) -> None:
         pages = self.get_query_argument("pages", "0") in ("1", "true")
-        self.subscription = self.ctx.driver.subscribe(user=self.caller.view, pages=pages)
+        self.subscription = self.ctx.driver.subscribe(user=self.caller.view, pages=pages, max_rate=self.max_rate)
         self.ctx.sockets.add(self)
         tornado.ioloop.IOLoop.current().spawn_callback(self._forward)
 

@@ -131,14 +131,18 @@ class AsyncHTTPTextStream(_SSEText):
 
 
 class HTTPEventSubscription:
-    """StepEvents from `/api/events`, read by a thread of its own into a bounded mailbox."""
+    """StepEvents from `/api/events`, read by a thread of its own into a bounded mailbox; with
+    `max_rate` the engine host caps them (`?rate=`), so the skipped steps never cross the network."""
 
-    def __init__(self, url: str, headers: dict, *, pages: bool, maxsize: int):
+    def __init__(self, url: str, headers: dict, *, pages: bool, maxsize: int, max_rate: float | None = None):
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError(f"max_rate={max_rate!r} must be positive (events a second), or None for every step")
         self._mailbox = Mailbox(maxsize)
         self._remote_dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket = None
-        ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + f"/api/events?pages={int(pages)}"
+        query = f"pages={int(pages)}" + (f"&rate={max_rate!r}" if max_rate is not None else "")
+        ws_url = url.replace("http://", "ws://").replace("https://", "wss://") + "/api/events?" + query
         connected, self._error = threading.Event(), None
         self._thread = threading.Thread(target=lambda: asyncio.run(self._read(ws_url, headers, connected)),
                                         name="lightllm-events", daemon=True)
@@ -338,12 +342,14 @@ class HTTPClient:
     async def astats(self) -> dict:
         return await self._arequest("GET", "/api/stats")
 
-    def subscribe(self, *, pages: bool = False, maxsize: int = 256) -> HTTPEventSubscription:
-        return HTTPEventSubscription(self.url, self._headers, pages=pages, maxsize=maxsize)
+    def subscribe(self, *, pages: bool = False, maxsize: int = 256,
+                  max_rate: float | None = None) -> HTTPEventSubscription:
+        return HTTPEventSubscription(self.url, self._headers, pages=pages, maxsize=maxsize, max_rate=max_rate)
 
-    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256) -> HTTPEventSubscription:
+    async def asubscribe(self, *, pages: bool = False, maxsize: int = 256,
+                         max_rate: float | None = None) -> HTTPEventSubscription:
         return await asyncio.get_running_loop().run_in_executor(
-            None, lambda: HTTPEventSubscription(self.url, self._headers, pages=pages, maxsize=maxsize))
+            None, lambda: self.subscribe(pages=pages, maxsize=maxsize, max_rate=max_rate))
 
     def close(self) -> None:
         self._http.close()

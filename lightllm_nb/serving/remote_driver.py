@@ -5,6 +5,10 @@ zmq DEALER socket to `engine_core.py`, and the outputs of each step coming back 
 The handles are the same `RequestHandle`s as in one process: each step's message is put into them
 and their readers on this event loop are woken once, together. Text is decoded here, by the
 reader, as in one process.
+
+Event readers subscribe to this process's own EventHub, fed by one raw subscription in the engine
+process that carries what they ask for together (`EventHub.demand`: pages if any reader wants them,
+the fastest rate); each reader's redaction (its own random aliases) and rate cap happen here.
 """
 
 from __future__ import annotations
@@ -14,12 +18,13 @@ import itertools
 import logging
 import os
 import pickle
+from dataclasses import replace
 
 import zmq
 import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError, SamplingParams
-from ..telemetry.mailbox import Mailbox, MailboxClosed
+from ..telemetry.hub import Demand, EventHub, EventSubscription
 from .request_handle import RequestHandle, wake_readers
 
 log = logging.getLogger("lightllm_nb.serve")
@@ -36,12 +41,15 @@ class RemoteDriver:
         self._keys = itertools.count()
         self._pending: dict[int, tuple[asyncio.Future, object]] = {}  # key -> (answer, handle maker)
         self._handles: dict[str, RequestHandle] = {}
-        self._subscriptions: dict[int, RemoteSubscription] = {}
+        self._events = EventHub(on_change=self._readers_changed)
+        self._upstream: Demand | None = None  # what the engine process sends this front end now
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._receiving: asyncio.Task | None = None
 
     def start(self) -> None:
         """On the event loop that serves HTTP: begin reading the engine's messages."""
-        self._receiving = asyncio.get_running_loop().create_task(self._receive())
+        self._loop = asyncio.get_running_loop()
+        self._receiving = self._loop.create_task(self._receive())
 
     async def asubmit(self, prompt_ids: list[int], sampling: SamplingParams, *, user: str, priority: int = 0,
                       stream_text: bool = True, keep_outputs: bool = True) -> RequestHandle:
@@ -65,11 +73,10 @@ class RemoteDriver:
     async def astats(self, *, user: str | None = None) -> dict:
         return await self._ask("stats", user)
 
-    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256) -> "RemoteSubscription":
-        sub_id = next(self._keys)
-        subscription = self._subscriptions[sub_id] = RemoteSubscription(self, sub_id, maxsize)
-        self._send(("subscribe", sub_id, user, pages))
-        return subscription
+    def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256,
+                  max_rate: float | None = None) -> EventSubscription:
+        """As DriverLoop.subscribe: redacted for `user` and rate-capped here, in this process."""
+        return self._events.subscribe(user=user, pages=pages, maxsize=maxsize, max_rate=max_rate)
 
     async def ashutdown(self) -> None:
         """This front end is stopping: abort what it still runs, stop reading, close the socket."""
@@ -80,6 +87,7 @@ class RemoteDriver:
             await asyncio.sleep(0.02)
         if self._receiving is not None:
             self._receiving.cancel()
+        self._events.close()
         self._socket.close()
         self._context.term()
 
@@ -102,9 +110,7 @@ class RemoteDriver:
             if kind == "outputs":
                 self._deliver(fields[0])
             elif kind == "event":
-                subscription = self._subscriptions.get(fields[0])
-                if subscription is not None:
-                    subscription.receive(*fields[1:])
+                self._publish(*fields)
             else:
                 self._answer(kind, *fields)
 
@@ -132,37 +138,25 @@ class RemoteDriver:
                 del self._handles[out.request_id]
         wake_readers(woken)  # one wake-up for the step, as DriverLoop does in one process
 
-    def _unsubscribe(self, sub_id: int) -> None:
-        if self._subscriptions.pop(sub_id, None) is not None:
-            self._send(("unsubscribe", sub_id))
+    def _publish(self, event, lost: int) -> None:
+        if lost:
+            self._events.report_lost(lost)
+        # Only readers that asked for pages get the map (the engine sends it if any reader asked).
+        self._events.publish(replace(event, page_owner=None), lambda: event.page_owner)
 
-
-class RemoteSubscription:
-    """An EventSubscription of the engine process, as the event websocket reads it."""
-
-    def __init__(self, driver: RemoteDriver, sub_id: int, maxsize: int):
-        self._driver = driver
-        self._id = sub_id
-        self._mailbox = Mailbox(maxsize)
-        self._engine_dropped = 0
-
-    @property
-    def dropped(self) -> int:
-        return self._engine_dropped + self._mailbox.dropped
-
-    def receive(self, event, engine_dropped: int) -> None:
-        self._engine_dropped = engine_dropped
-        self._mailbox.put(event)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self):
+    def _readers_changed(self) -> None:
+        """A reader came or went (on any thread): the engine hears the new demand from this loop's
+        thread, the only one that may use the zmq socket."""
+        if self._loop is None:
+            return
         try:
-            return await self._mailbox.aget()
-        except MailboxClosed:
-            raise StopAsyncIteration from None
+            self._loop.call_soon_threadsafe(self._send_demand)
+        except RuntimeError:  # this front end's loop has ended: nothing is sent any more
+            pass
 
-    def close(self) -> None:
-        self._driver._unsubscribe(self._id)
-        self._mailbox.close()
+    def _send_demand(self) -> None:
+        demand = self._events.demand()
+        if demand == self._upstream:
+            return
+        self._upstream = demand
+        self._send(("unsubscribe",) if demand is None else ("subscribe", demand.pages, demand.max_rate))

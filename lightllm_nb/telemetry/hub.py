@@ -3,6 +3,10 @@ bounded mailboxes; redaction, callbacks and trace writing happen on the readers'
 
 A slow reader loses its oldest events (counted in `dropped`), it never slows a step. The page map
 is copied (int32, one entry per page) once per step, and only when a subscriber asked for it.
+
+A front-end process (`serve --api-server-count N`) keeps a hub of its own, fed by one raw
+subscription in the engine's process that carries what its subscribers together ask for (`demand`):
+redaction and rate caps then cost the front end's GIL, not the engine's.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import threading
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -31,20 +35,28 @@ class EventSubscription:
 
     def __init__(self, hub: "EventHub", *, user: str | None, pages: bool, maxsize: int,
                  max_rate: float | None = None):
-        if max_rate is not None and not max_rate > 0:
-            raise ValueError(f"max_rate={max_rate!r} must be positive (events a second), or None for every step")
         self.user = user
-        self.pages = pages
         self._hub = hub
         self._mailbox = Mailbox(maxsize)
         self._aliases: dict[str, str] = {}  # this reader's own random aliases for other users' ids
-        self._gap = None if max_rate is None else 1.0 / max_rate
         self._next_due = 0.0  # time.monotonic() before which a rate-capped reader takes nothing
+        self._lost_upstream = 0  # events lost before they reached this hub (a front end's link to the engine)
+        self.retune(pages=pages, max_rate=max_rate)
+
+    def retune(self, *, pages: bool, max_rate: float | None) -> None:
+        """Change what this reader asks for without a gap or a repeat in its events (a front end's raw
+        subscription follows its own subscribers'); it applies from the next step published."""
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError(f"max_rate={max_rate!r} must be positive (events a second), or None for every step")
+        self.pages = pages
+        self.max_rate = max_rate
+        self._gap = None if max_rate is None else 1.0 / max_rate
 
     @property
     def dropped(self) -> int:
-        """Events this reader lost because it fell behind by more than `maxsize`."""
-        return self._mailbox.dropped
+        """Events this reader lost because it (or the front end it reads through) fell behind by more
+        than `maxsize`; a rate cap's skipped steps are not lost (their decisions come with the next)."""
+        return self._mailbox.dropped + self._lost_upstream
 
     @property
     def closed(self) -> bool:
@@ -52,6 +64,10 @@ class EventSubscription:
 
     def get(self, timeout: float | None = None) -> StepEvent:
         """The next event; StopIteration once closed and drained, TimeoutError after `timeout`."""
+        return self._take(timeout)[0]
+
+    def _take(self, timeout: float | None) -> tuple[StepEvent, int]:
+        """`get`, and how many published events the one returned stands for (1 unless rate-capped)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._gap is not None:
             due = self._next_due if deadline is None else min(self._next_due, deadline)
@@ -60,7 +76,8 @@ class EventSubscription:
             first = self._mailbox.get(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except MailboxClosed:
             raise StopIteration from None
-        return self._view(self._latest(first))
+        event, taken = self._latest(first)
+        return self._view(event), taken
 
     def __iter__(self):
         return self
@@ -78,7 +95,7 @@ class EventSubscription:
             first = await self._mailbox.aget()
         except MailboxClosed:
             raise StopAsyncIteration from None
-        return self._view(self._latest(first))
+        return self._view(self._latest(first)[0])
 
     def close(self) -> None:
         self._hub._remove(self)
@@ -93,24 +110,29 @@ class EventSubscription:
     def _put(self, event: StepEvent) -> None:
         self._mailbox.put(event)
 
-    def _latest(self, first: StepEvent) -> StepEvent:
+    def _latest(self, first: StepEvent) -> tuple[StepEvent, int]:
         """Rate-capped: the newest queued step with the decisions of every step before it since the
-        last one delivered (none is lost unless the mailbox overflowed, which `dropped` counts)."""
+        last one delivered (none is lost unless the mailbox overflowed, which `dropped` counts), and
+        how many steps that is."""
         if self._gap is None:
-            return first
+            return first, 1
         self._next_due = time.monotonic() + self._gap
-        skipped = [first] + self._mailbox.get_all(timeout=0)
+        try:
+            skipped = [first] + self._mailbox.get_all(timeout=0)
+        except MailboxClosed:  # closed right after `first`: it is the last one
+            skipped = [first]
         if len(skipped) == 1:
-            return first
-        return replace(skipped[-1], decisions=[d for event in skipped for d in event.decisions])
+            return first, 1
+        return replace(skipped[-1], decisions=[d for event in skipped for d in event.decisions]), len(skipped)
 
     def _view(self, event: StepEvent) -> StepEvent:
         return event if self.user is None else event.redacted_for(self.user, self._aliases)
 
 
 class CallbackSubscriber:
-    """Calls `callback(event)` for every event on its own daemon thread; a callback that raises
-    is unsubscribed with a warning, so a broken panel never costs anyone their results."""
+    """Calls `callback(event)` for every event on its own daemon thread (at most `max_rate` times a
+    second if its subscription is rate-capped); a callback that raises is unsubscribed with a
+    warning, so a broken panel never costs anyone their results."""
 
     def __init__(self, subscription: EventSubscription, callback: Callable[[StepEvent], None]):
         self.subscription = subscription
@@ -122,8 +144,8 @@ class CallbackSubscriber:
         mailbox = self.subscription._mailbox
         while True:
             try:
-                event = mailbox.get()
-            except MailboxClosed:
+                event, taken = self.subscription._take(None)
+            except StopIteration:
                 return
             try:
                 self.callback(event)
@@ -132,60 +154,101 @@ class CallbackSubscriber:
                 warnings.warn(f"StepEvent subscriber {self.callback!r} raised {err!r} and was unsubscribed")
                 return
             finally:
-                mailbox.task_done()
+                for _ in range(taken):
+                    mailbox.task_done()
+
+    @property
+    def waited_for(self) -> bool:
+        """Whether `flush` waits for it: a rate-capped callback only draws, and waiting for it would
+        hold every single-threaded step up to its gap."""
+        return self.subscription.max_rate is None
 
     def flush(self, timeout: float) -> bool:
         return self.subscription._mailbox.join(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Unsubscribe once the callback has seen every event published so far, so that e.g. a
-        TraceRecorder can be closed right after."""
-        if threading.current_thread() is not self._thread:
+        """Unsubscribe once the callback has seen every event published so far (unless it is
+        rate-capped), so that e.g. a TraceRecorder can be closed right after."""
+        if threading.current_thread() is not self._thread and self.waited_for:
             self.flush(timeout)
         self.subscription.close()
 
 
-class EventHub:
-    """The engine's subscribers. Subscribing and closing are thread-safe; `publish` runs on the step thread."""
+@dataclass(frozen=True)
+class Demand:
+    """What one upstream subscription must carry to serve every subscriber of a hub: the page map
+    if any asks for it; every step if any wants every step, else the fastest rate asked for (a
+    slower reader's own cap merges further)."""
 
-    def __init__(self) -> None:
+    pages: bool
+    max_rate: float | None
+
+
+class EventHub:
+    """The engine's subscribers. Subscribing and closing are thread-safe; `publish` runs on the step
+    thread. `on_change()` is called (on the subscribing or closing thread) whenever the set of
+    subscribers changes, for a hub that is fed by an upstream subscription (see `demand`)."""
+
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
         self._subscriptions: tuple[EventSubscription, ...] = ()  # replaced, never mutated: publish reads it lock-free
         self._callbacks: tuple[CallbackSubscriber, ...] = ()
+        self._on_change = on_change
 
     def __bool__(self) -> bool:
         return bool(self._subscriptions)
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)
 
     def subscribe(self, *, user: str | None = None, pages: bool = False, maxsize: int = 256,
                   max_rate: float | None = None) -> EventSubscription:
         subscription = EventSubscription(self, user=user, pages=pages, maxsize=maxsize, max_rate=max_rate)
         with self._lock:
             self._subscriptions += (subscription,)
+        self._changed()
         return subscription
 
     def subscribe_callback(self, callback: Callable[[StepEvent], None], *, pages: bool = False,
-                           maxsize: int = 4096) -> CallbackSubscriber:
-        subscriber = CallbackSubscriber(self.subscribe(pages=pages, maxsize=maxsize), callback)
+                           maxsize: int = 4096, max_rate: float | None = None) -> CallbackSubscriber:
+        subscriber = CallbackSubscriber(self.subscribe(pages=pages, maxsize=maxsize, max_rate=max_rate), callback)
         with self._lock:
             self._callbacks += (subscriber,)
         return subscriber
 
-    def publish(self, event: StepEvent, page_owner: Callable[[], np.ndarray]) -> None:
-        """`page_owner` is called at most once, and only if a subscriber asked for pages."""
+    def demand(self) -> Demand | None:
+        """What an upstream subscription feeding this hub must carry now; None without subscribers."""
+        subscriptions = self._subscriptions
+        if not subscriptions:
+            return None
+        rates = [s.max_rate for s in subscriptions]
+        return Demand(pages=any(s.pages for s in subscriptions),
+                      max_rate=None if None in rates else max(rates))
+
+    def publish(self, event: StepEvent, page_owner: Callable[[], np.ndarray | None]) -> None:
+        """`page_owner` is called at most once, and only if a subscriber asked for pages (None: this
+        step has no map, e.g. a front end's upstream that does not carry pages yet)."""
         with_pages = None
         for subscription in self._subscriptions:
             if subscription.pages:
                 if with_pages is None:
-                    with_pages = replace(event, page_owner=page_owner().astype(np.int32))
+                    owners = page_owner()
+                    with_pages = replace(event, page_owner=None if owners is None else owners.astype(np.int32))
                 subscription._put(with_pages)
             else:
                 subscription._put(event)
 
+    def report_lost(self, count: int) -> None:
+        """`count` events never reached this hub (its upstream fell behind): every reader is told."""
+        for subscription in self._subscriptions:
+            subscription._lost_upstream += count
+
     def flush(self, timeout: float = 10.0) -> None:
-        """Wait until every callback has seen every event published so far (for single-threaded
-        use, where the caller reads what its callback collected right after a step)."""
+        """Wait until every callback that is not rate-capped has seen every event published so far
+        (for single-threaded use, where the caller reads what its callback collected right after a step)."""
         for subscriber in self._callbacks:
-            subscriber.flush(timeout)
+            if subscriber.waited_for:
+                subscriber.flush(timeout)
 
     def close(self) -> None:
         for subscription in self._subscriptions:
@@ -195,5 +258,13 @@ class EventHub:
 
     def _remove(self, subscription: EventSubscription) -> None:
         with self._lock:
+            before = len(self._subscriptions)
             self._subscriptions = tuple(s for s in self._subscriptions if s is not subscription)
             self._callbacks = tuple(c for c in self._callbacks if c.subscription is not subscription)
+            removed = len(self._subscriptions) < before
+        if removed:
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()

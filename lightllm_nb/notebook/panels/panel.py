@@ -37,7 +37,7 @@ class Panel:
             self.show(len(self.events))
         else:
             self._pump = Pump(self._consume, self._render, rate=rate, name=f"lightllm-{type(self).__name__}")
-            self._unfollow = follow(source, self._pump.push, pages=any(p.needs_pages for p in parts))
+            self._unfollow = follow(source, self._pump.push, pages=any(p.needs_pages for p in parts), max_rate=rate)
         self.widget = widgets.VBox(children)
 
     def _consume(self, event) -> None:

@@ -27,18 +27,21 @@ def trace_events(source) -> list[StepEvent] | None:
     return None
 
 
-def follow(source, deliver: Callable[[StepEvent], None], *, pages: bool) -> Callable[[], None]:
-    """Call `deliver` with each new StepEvent of a live source; returns a function that stops."""
+def follow(source, deliver: Callable[[StepEvent], None], *, pages: bool, max_rate: float) -> Callable[[], None]:
+    """Call `deliver` with new StepEvents of a live source, at most `max_rate` a second (a panel
+    draws no faster): the newest step each time, carrying the decisions of the steps it skipped, so
+    a decision log misses nothing and a KV grid shows the latest map while the engine's step pays
+    for ~10 events a second, not one per step per panel. Returns a function that stops."""
     if isinstance(source, Engine):
-        return source.subscribe(deliver, pages=pages)
+        return source.subscribe(deliver, pages=pages, max_rate=max_rate)
     if callable(getattr(source, "subscribe", None)):
-        return _follow_client(source, deliver, pages)
+        return _follow_client(source, deliver, pages, max_rate)
     raise TypeError(f"cannot watch {type(source).__name__}: pass an Engine, a Client (lightllm_nb.connect() "
                     "or engine.client()), a trace file path or a list of StepEvents")
 
 
-def _follow_client(client, deliver: Callable[[StepEvent], None], pages: bool) -> Callable[[], None]:
-    subscription = client.subscribe(pages=pages)
+def _follow_client(client, deliver: Callable[[StepEvent], None], pages: bool, max_rate: float) -> Callable[[], None]:
+    subscription = client.subscribe(pages=pages, max_rate=max_rate)
 
     def read() -> None:
         for event in subscription:  # ends when the subscription is closed
