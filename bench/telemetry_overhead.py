@@ -4,6 +4,13 @@ subscribers (issue 8's target: 8 subscribers cost at most 3%).
     python bench/telemetry_overhead.py --batch 16 --context 64 --kv-tokens 16384    # CPU, tiny random Llama
     python bench/telemetry_overhead.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 \\
         --context 512 --rounds 6 [--switch-intervals 5 0.5]
+    python bench/telemetry_overhead.py --served --api-server-count 1 --model demo --batch 4 --context 32
+    python bench/telemetry_overhead.py --served --api-server-count 1 --device cuda --shape llama-1b \\
+        --tokenizer DIR --batch 128 --context 512
+
+`--served` times it as served (`telemetry_served.py`): `lightllm-nb serve` under a steady decode load
+and a probe on the event websocket reading each StepEvent's own `duration`, alone and with 8 more
+websocket subscribers (other users, one with pages).
 
 Each subscriber is what the event stream (`GET /api/events`) serves a notebook: a subscription
 through the driver loop (`DriverLoop.subscribe(user=...)`), redacted for its own user and drained on
@@ -61,6 +68,10 @@ def subscribe(loop: DriverLoop, count: int) -> list[EventSubscription]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser)
+    parser.add_argument("--served", action="store_true", help="time `lightllm-nb serve` (telemetry_served.py)")
+    parser.add_argument("--api-server-count", type=int, default=1, help="with --served: serve's front-end processes")
+    parser.add_argument("--seconds", type=float, default=4.0, help="with --served: probe time per setting per round")
+    parser.add_argument("--output-len", type=int, default=256, help="with --served: tokens per load request")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per round")
@@ -71,6 +82,10 @@ def main() -> None:
                         metavar="MS", help="the interpreter's GIL switch intervals to time, in ms (default: "
                                            "this interpreter's); each is compared with 0 subscribers at the same")
     args = parser.parse_args()
+    if args.served:
+        from telemetry_served import run_served
+
+        return run_served(args, SUBSCRIBERS[-1], TARGET)
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp, kv_tokens=args.kv_tokens, max_running=args.batch,
                               max_batch_tokens=max(2048, args.batch))
