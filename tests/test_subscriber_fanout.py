@@ -2,6 +2,7 @@
 and rate-capped callbacks (the panels): what the upstream must carry, retuning it without a gap,
 losses told to every reader, and a drawing callback that never holds a single-threaded step."""
 
+import asyncio
 import random
 import threading
 import time
@@ -86,3 +87,36 @@ def test_a_rate_capped_callback_gets_every_decision_and_is_never_waited_for():
     drawing.close()
     assert time.monotonic() - started < 1
     hub.close()
+
+
+def test_every_layer_passes_max_rate_down_and_keeps_every_decision(tiny_model):
+    """DriverLoop, LocalClient (sync and async) and the panels' Engine source, on a real engine."""
+    from lightllm_nb import Engine, SamplingParams
+    from lightllm_nb.notebook.panels.sources import follow
+
+    folder, _ = tiny_model("llama")
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=512, seed=0) as engine:
+        client = engine.client(user="alice")
+        every = engine.driver().subscribe(maxsize=10_000)
+        capped = {"driver": engine.driver().subscribe(maxsize=10_000, max_rate=1000),
+                  "client": client.subscribe(maxsize=10_000, max_rate=1000),
+                  "aclient": asyncio.run(client.asubscribe(maxsize=10_000, max_rate=1000))}
+        drawn = []
+        unfollow = follow(engine, drawn.append, pages=True, max_rate=1000)
+        assert all(s.max_rate == 1000 for s in capped.values())
+        assert [s.max_rate for s in engine._events._subscriptions][-1] == 1000  # the panel's callback
+        client.generate(["one two three"] * 3, SamplingParams(max_tokens=12, ignore_eos=True, temperature=0))
+        steps = engine.stats()["steps"]
+        deadline = time.monotonic() + 30
+        while (not drawn or drawn[-1].step != steps) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        unfollow()
+        for subscription in [every, *capped.values()]:
+            subscription.close()
+        full = list(every)
+        kinds = [(d.kind, d.code) for e in full for d in e.decisions]
+        for name, subscription in capped.items():
+            seen = list(subscription)
+            assert seen[-1].step == steps and [(d.kind, d.code) for e in seen for d in e.decisions] == kinds, name
+        assert len(full) == steps and [(d.kind, d.code) for e in drawn for d in e.decisions] == kinds
+        assert drawn[-1].page_owner is not None
