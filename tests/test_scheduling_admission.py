@@ -166,3 +166,12 @@ def test_a_user_at_the_cap_gets_one_defer_per_step_while_others_are_admitted():
     decisions = step(scheduler)
     assert [(d.request_id, d.code) for d in decisions if d.kind == "defer"] == [("a2", "user_cap")]
     assert [d.request_id for d in decisions if d.kind == "admit"] == ["b1", "b2"]
+
+
+def test_the_per_user_cap_still_holds_after_one_of_the_users_requests_finishes():
+    scheduler = make_scheduler(max_running_per_user=2)
+    for rid, max_tokens in (("a1", 1), ("a2", 6), ("a3", 6), ("a4", 6)):
+        scheduler.add(request(rid, "alice", max_tokens=max_tokens))
+    while scheduler.has_work():
+        step(scheduler)
+        assert len(scheduler.running) <= 2, [r.request_id for r in scheduler.running]
