@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--api-server-count", type=int, default=1, help="with --served: serve's front-end processes")
     parser.add_argument("--seconds", type=float, default=4.0, help="with --served: probe time per setting per round")
     parser.add_argument("--output-len", type=int, default=256, help="with --served: tokens per load request")
+    parser.add_argument("--viewer-rate", type=float, default=None,
+                        help="with --served: the 8 extra readers ask for at most this many events a second")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="timed decode steps per round")

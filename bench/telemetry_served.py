@@ -8,6 +8,7 @@ Each round times the probe alone and with 8 more websocket subscribers at every 
 first also taking the page map), in alternating order; only steps whose batch is `--batch` decodes
 count (no prefill chunk). With `--api-server-count N >= 1` the engine keeps one subscription per
 front end whatever the readers; with 0 it holds one per reader (the in-process baseline).
+`--viewer-rate N` makes the 8 readers rate-capped (`?rate=N`), as the panels subscribe.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def _closed_loop_client(url: str, args, seed: int, stop: threading.Event) -> Non
 
 
 def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST",
-                                     headers={"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"})
+    headers = {"Authorization": f"Bearer {BENCH_KEY}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, json.dumps(body).encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=3600) as response:
         return json.loads(response.read())
 
@@ -102,7 +103,8 @@ def _probe_rounds(url: str, args, tokens: list[str], extra: int):
     engine_subscriptions = {0: set(), extra: set()}
     for round_ in range(args.rounds):
         for count in (0, extra) if round_ % 2 == 0 else (extra, 0):
-            readers = [HTTPClient(url, tokens[i]).subscribe(pages=i == 0, maxsize=4096) for i in range(count)]
+            readers = [HTTPClient(url, tokens[i]).subscribe(pages=i == 0, maxsize=4096, max_rate=args.viewer_rate)
+                       for i in range(count)]
             for reader in readers:
                 threading.Thread(target=_drain, args=(reader, None), daemon=True).start()
             time.sleep(1.0)  # joined and settled
@@ -125,9 +127,10 @@ def _full_decode(event, batch: int) -> bool:
 
 
 def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, extra: int, target: float) -> None:
+    rate = "every step" if args.viewer_rate is None else f"{args.viewer_rate:g}/s"
     print(f"\nlightllm-nb serve --api-server-count {args.api_server_count}, {args.shape or args.model or 'demo'} on "
-          f"{args.device}, batch {args.batch}, context {args.context}: the probe's median full-batch decode step "
-          f"(StepEvent.duration), {args.rounds} interleaved rounds of {args.seconds:.0f} s")
+          f"{args.device}, batch {args.batch}, context {args.context}, extra readers at {rate}: the probe's median "
+          f"full-batch decode step (StepEvent.duration), {args.rounds} interleaved rounds of {args.seconds:.0f} s")
     print(f"{'extra subscribers':>17} | {'engine subscriptions':>20} | {'steps':>6} | {'step ms':>8} | "
           f"{'vs 0':>6} | {'dropped':>7} | step ms, each round")
     medians = {count: statistics.median([d for r in rounds for d in r]) for count, rounds in steps.items()}
