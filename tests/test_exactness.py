@@ -21,19 +21,25 @@ def tiny_engine(folder, **kwargs):
     return Engine(str(folder), device="cpu", dtype="float64", progress=False, **kwargs)
 
 
+def prefill_logits(engine, prompt):
+    """The logits after every prompt token, from one forward pass outside the scheduler."""
+    req = Request("probe", prompt, SamplingParams())
+    req.row = engine.pool.alloc_row()
+    req.pages = engine.pool.alloc_pages(engine.pool.pages_for(len(prompt)), owner=req.row)
+    batch, _, _ = engine.runner.prepare([(req, len(prompt))])
+    batch.logits_index = torch.arange(len(prompt))
+    logits = engine.model.forward(batch, engine.pool.buffers)
+    engine.pool.free_pages(req.pages)
+    engine.pool.free_row(req.row)
+    return logits
+
+
 @pytest.mark.parametrize("kind", MODELS + ["mistral"])
 def test_prefill_logits_match_hf(tiny_model, kind):
     folder, hf = tiny_model(kind)
     prompt = random_prompts(seed=1, count=1, low=30, high=30)[0]
     with tiny_engine(folder) as engine:
-        req = Request("probe", prompt, SamplingParams())
-        req.row = engine.pool.alloc_row()
-        req.pages = engine.pool.alloc_pages(engine.pool.pages_for(len(prompt)), owner=req.row)
-        batch, _, _ = engine.runner.prepare([(req, len(prompt))])
-        batch.logits_index = torch.arange(len(prompt))
-        ours = engine.model.forward(batch, engine.pool.buffers)
-        engine.pool.free_pages(req.pages)
-        engine.pool.free_row(req.row)
+        ours = prefill_logits(engine, prompt)
         assert engine.pool.is_whole()
     with torch.no_grad():
         theirs = hf(torch.tensor([prompt])).logits[0]
@@ -69,3 +75,16 @@ def test_batched_greedy_equals_hf_one_by_one(tiny_model, kind, setting):
             assert max(e.prefill_tokens + e.decode_tokens for e in events) <= 16
             # a prompt continued from an earlier chunk: its context already held computed tokens
             assert any(r.phase == "prefill" and r.context > r.tokens for e in events for r in e.rows)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_float32_engine_with_packed_projections_matches_hf(tiny_model, kind):
+    """The CPU's float32 path (projections packed for oneDNN) against HF in float64: float32's error only."""
+    folder, hf = tiny_model(kind)
+    prompt = random_prompts(seed=2, count=1, low=30, high=30)[0]
+    with Engine(str(folder), device="cpu", dtype="float32", progress=False) as engine:
+        assert engine.model.layers[0].qkv.is_mkldnn and engine.model.lm_head.is_mkldnn
+        ours = prefill_logits(engine, prompt)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-4, atol=1e-4)

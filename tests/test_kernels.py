@@ -242,6 +242,31 @@ def test_decode_attention(dtype, case):
     assert not out.isnan().any()
 
 
+CPU_ATTENTION_TOL = {**TOL, torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(DECODE_CASES)))
+def test_decode_attention_cpu_matches_the_twin(dtype, case):
+    """The CPU path's fused attention against the twin, into the decode rows of a step's output."""
+    from lightllm_nb.kernels import decode_attention_cpu
+
+    num_q_heads, num_kv_heads, head_dim, kv_lens, _ = DECODE_CASES[case]
+    gen = _gen(170 + 10 * case)
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, dtype)
+    batch = len(kv_lens)
+    _, q, _, _ = _fused_qkv(gen, batch, num_q_heads, num_kv_heads, head_dim, dtype)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    scale = 1 / math.sqrt(head_dim)
+    expected = decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, lens, scale)
+    step_out = torch.full((batch + 2, num_q_heads, head_dim), float("nan"), dtype=dtype)
+    out = decode_attention_cpu(q, k_cache, v_cache, req_to_token, req_rows, lens, scale,
+                               max_kv_len=max(kv_lens), out=step_out[:batch])
+    assert out.data_ptr() == step_out.data_ptr()
+    torch.testing.assert_close(out.double(), expected.double(), **CPU_ATTENTION_TOL[dtype])
+    assert step_out[batch:].isnan().all()
+
+
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
 def test_decode_attention_writes_into_out(case):
     """Into the decode rows of a step's output, as the model passes them; with several splits the
@@ -321,3 +346,28 @@ def test_prefill_attention(dtype, case):
                       out=step_out[2:])
     _close(step_out[2:], expected, dtype)
     assert step_out[:2].isnan().all()
+
+
+# ---------------------------------------------------------------- packed CPU projections
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [0, 1, 16, 67])
+def test_packed_linear_matches_f_linear(dtype, rows):
+    from lightllm_nb.models.packed_linear import can_pack, pack, packed_linear
+
+    gen = _gen(rows)
+    weight, bias = _randn(gen, 96, 80, dtype=dtype), _randn(gen, 96, dtype=dtype)
+    assert can_pack(weight)
+    packed = pack(weight)
+    # A strided view, as a slice of a wider activation would be.
+    x = _randn(gen, rows, 160, dtype=dtype)[:, ::2]
+    expected = torch.nn.functional.linear(x, weight, bias)
+    _close(packed_linear(x, packed, bias), expected, dtype)
+    _close(packed_linear(x, packed), torch.nn.functional.linear(x, weight), dtype)
+
+
+def test_float64_weights_are_not_packed():
+    from lightllm_nb.models.packed_linear import can_pack
+
+    assert not can_pack(torch.zeros(4, 4, dtype=torch.float64))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .. import kernels as triton_kernels
 from ..kernels import gemv, norm_warps
+from .packed_linear import packed_linear
 
 # (block_n, block_k, num_warps) tried for each shape; split_k comes from the shape (below).
 GEMV_CONFIGS = ((4, 1024, 4), (8, 512, 4))
@@ -55,7 +56,7 @@ def _graph_time(fn, repeats: int = 5) -> float:
 
 
 class DecodeLinear:
-    """F.linear, except for one-row inputs of the weight shapes where a GEMV configuration measured
+    """F.linear (on weights packed for the CPU, oneDNN's), except for one-row inputs of the weight shapes where a GEMV configuration measured
     faster; and the MLP's down projection of silu(gate) * up, in one fused GEMV where that measured
     faster than SiLU-mul followed by the projection."""
 
@@ -69,6 +70,8 @@ class DecodeLinear:
         self.timings: list[dict] = []  # what was measured, for benchmarks
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if weight.is_mkldnn:  # packed for the CPU at load (packed_linear.py)
+            return packed_linear(x, weight, bias)
         if x.shape[0] == 1:
             config = self.choices.get(tuple(weight.shape))
             if config is not None:

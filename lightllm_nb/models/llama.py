@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .kernel_set import KernelSet
 from .config import ModelConfig
 from .decode_linear import DecodeLinear
+from .packed_linear import can_pack, pack
 from .kv_buffers import KVBuffers
 from .rope import rotary_tables
 
@@ -66,12 +67,23 @@ class LlamaModel:
         self.tp = None
 
     def choose_decode_kernels(self) -> None:
-        """On CUDA, time cuBLAS against the Triton GEMV for every projection at batch 1."""
+        """On CUDA, time cuBLAS against the Triton GEMV for every projection at batch 1; on the
+        CPU, pack the projections' weights for oneDNN (float32 and bfloat16: packed_linear.py)."""
         if self.device.type != "cuda":
+            self._pack_projections()
             return
         weights = [(w, b) for layer in self.layers
                    for w, b in ((layer.qkv, layer.qkv_bias), (layer.o, None), (layer.gate_up, None), (layer.down, None))]
         self.linear = DecodeLinear.measured(weights + [(self.lm_head, None)], [layer.down for layer in self.layers])
+
+    def _pack_projections(self) -> None:
+        if not can_pack(self.lm_head):
+            return
+        for layer in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                setattr(layer, name, pack(getattr(layer, name)))
+        # A tied head is also the embedding table, which stays a plain tensor: the head gets a copy.
+        self.lm_head = pack(self.lm_head)
 
     @property
     def device(self) -> torch.device:

@@ -44,8 +44,7 @@ def build_model(config: ModelConfig, checkpoint, *, device: torch.device, dtype:
         _require(top, "lm_head.weight", checkpoint.source)
     lm_head = embed if config.tie_word_embeddings else top["lm_head.weight"]
     model = LlamaModel(config, layers, embed, top["model.norm.weight"], lm_head, kernels, max_positions)
-    if kernels.name == "triton":
-        model.choose_decode_kernels()
+    model.choose_decode_kernels()
     return model
 
 
