@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from lightllm_nb.telemetry.events import BatchRow
 from lightllm_nb.telemetry.hub import Demand, EventHub
 from test_subscriber_rate import step_event
 
@@ -120,3 +121,16 @@ def test_every_layer_passes_max_rate_down_and_keeps_every_decision(tiny_model):
             assert seen[-1].step == steps and [(d.kind, d.code) for e in seen for d in e.decisions] == kinds, name
         assert len(full) == steps and [(d.kind, d.code) for e in drawn for d in e.decisions] == kinds
         assert drawn[-1].page_owner is not None
+
+
+def test_an_event_crosses_to_a_front_end_unchanged():
+    import pickle
+
+    from lightllm_nb.serving.event_wire import pack, unpack
+    from test_subscriber_views import random_event
+
+    rng = random.Random()
+    for _ in range(20):
+        event = random_event(rng, rng.randrange(1, 40))  # with or without KV holders, with a page map
+        received = unpack(pickle.loads(pickle.dumps(pack(event))))
+        assert received.to_dict() == event.to_dict() and isinstance(received.rows[0], BatchRow)

@@ -5,7 +5,7 @@ Messages are pickled tuples (both ends are this package, on one host). A front e
 `("submit", key, ids, sampling, user, priority)`, `("abort", key, request_id, user)`,
 `("stats", key, user)`, `("subscribe", pages, max_rate)`, `("unsubscribe",)`; it gets
 `("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)`,
-`("event", event, lost)`, and once per step `("outputs", [RequestOutput, ...])` with every output
+`("event", packed event (event_wire.py), lost)`, and once per step `("outputs", [RequestOutput, ...])` with every output
 of that step for that front end's requests. Users are checked by the front ends (their tokens) and
 again here for aborts (the driver's own check). A front end that is gone (its process died) has its
 requests aborted and its event subscription closed.
@@ -28,6 +28,7 @@ import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError
 from ..telemetry.hub import EventSubscription
+from .event_wire import pack
 from .request_handle import RequestHandle
 
 log = logging.getLogger("lightllm_nb.serve")
@@ -127,7 +128,7 @@ class EngineCore:
         try:
             async for event in subscription:
                 lost, reported = subscription.dropped - reported, subscription.dropped
-                self._send(front_end, ("event", event, lost))
+                self._send(front_end, ("event", pack(event), lost))
         finally:
             subscription.close()
 

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..telemetry.hub import Demand, EventHub, EventSubscription
+from .event_wire import unpack
 from .request_handle import RequestHandle, wake_readers
 
 log = logging.getLogger("lightllm_nb.serve")
@@ -138,7 +139,8 @@ class RemoteDriver:
                 del self._handles[out.request_id]
         wake_readers(woken)  # one wake-up for the step, as DriverLoop does in one process
 
-    def _publish(self, event, lost: int) -> None:
+    def _publish(self, packed: list, lost: int) -> None:
+        event = unpack(packed)
         if lost:
             self._events.report_lost(lost)
         # Only readers that asked for pages get the map (the engine sends it if any reader asked).
