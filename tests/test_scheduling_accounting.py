@@ -120,17 +120,19 @@ def test_a_finished_request_leaves_exactly_its_computed_whole_pages_cached(page_
     assert scheduler.pool.is_whole()
 
 
-def test_a_prompt_that_needs_exactly_every_reclaimable_page_evicts_them_all():
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_prompt_that_needs_exactly_every_reclaimable_page_evicts_them_all(page_size):
     """Free pages plus unused cached pages are exactly what the prompt needs: evict the whole cache
-    and admit it now (evicting is refused only when it cannot free enough)."""
-    scheduler = make_scheduler(capacity=16, prefix_cache=True)
-    scheduler.add(request("first", prompt_len=8, max_tokens=1))
+    and admit it now (evicting is refused only when it cannot free enough). The evict decision
+    counts what it freed in tokens, not pages."""
+    scheduler = make_scheduler(capacity=16 * page_size, page_size=page_size, prefix_cache=True)
+    scheduler.add(request("first", prompt_len=8 * page_size, max_tokens=1))
     run(scheduler)
     assert scheduler.cache.reclaimable_pages == 8 and scheduler.pool.num_free_pages == 8
-    other = Request("other", list(range(100, 116)), SamplingParams(max_tokens=2))  # no prefix in common
+    other = Request("other", list(range(1000, 1000 + 16 * page_size)), SamplingParams(max_tokens=2))  # no common prefix
     scheduler.add(other)
     decisions = step(scheduler)
-    assert [(d.kind, d.numbers["evicted"]) for d in decisions if d.kind == "evict"] == [("evict", 8)]
+    assert [(d.kind, d.numbers["evicted"]) for d in decisions if d.kind == "evict"] == [("evict", 8 * page_size)]
     assert scheduler.running == [other] and len(other.pages) == 16 and scheduler.pool.num_free_pages == 0
 
 

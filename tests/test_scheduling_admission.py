@@ -120,13 +120,18 @@ def test_a_request_aborted_while_waiting_leaves_the_queue():
 
 def test_a_prefill_shared_with_a_running_one_defers_with_the_probe_length_at_page_size_4():
     """The second of two identical prompts waits a step for the first's pages; the probe (how many
-    next tokens must agree) is 32 tokens at every page size, and the timeline records this defer."""
+    next tokens must agree) is 32 tokens at every page size, and the timeline records this defer,
+    the step's third decision (not merely its last but one)."""
     scheduler = make_scheduler(page_size=4, prefix_cache=True, timelines=TimelineRecorder())
     first, second = request("first", prompt_len=40), request("second", prompt_len=40)
+    scheduler.add(Request("earlier", list(range(500, 504)), SamplingParams(max_tokens=3), priority=1))
     scheduler.add(first)
     scheduler.add(second)
     scheduler.add(request("other", "bob", priority=-1))  # admitted after second's defer: one defer still
-    [defer] = [d for d in step(scheduler) if d.kind == "defer"]
+    decisions = step(scheduler)
+    assert [(d.kind, d.request_id) for d in decisions[:3]] == [("admit", "earlier"), ("admit", "first"),
+                                                                ("defer", "second")]
+    [defer] = [d for d in decisions if d.kind == "defer"]
     assert (defer.request_id, defer.code, defer.numbers["shared"]) == ("second", "shared_prefill", 32)
     [deferred] = [e for e in second.timeline if e["event"] == "deferred"]
     assert (deferred["code"], deferred["shared"]) == ("shared_prefill", 32)
