@@ -144,6 +144,17 @@ def test_presence_and_frequency_count_only_generated_tokens():
     torch.testing.assert_close(observed, expected.log_softmax(-1))
 
 
+def test_a_penalty_history_grows_only_when_full():
+    """Its memory follows the output (doubling when full), so a long output never holds more than
+    twice its ids, and every id observed is kept in order."""
+    request = RequestSampler(SamplingParams(frequency_penalty=1.0), [], CPU)
+    for token in range(40):
+        request.observe(token)
+        slots, kept = len(request.history._generated), request.history.num_generated
+        assert slots <= max(16, 2 * kept), f"{slots} slots for {kept} ids"
+    assert request.history.generated_ids.tolist() == list(range(40))
+
+
 def test_repetition_comes_before_presence_and_frequency():
     logits = torch.tensor([2.0, -1.0, 3.0, 1.0])
     expected = torch.tensor([2.0 / 2, -1.0 * 2, 3.0 / 2 - 1.0 - 0.5 * 2, 1.0])
