@@ -6,7 +6,10 @@
 operator's websocket, every step) reads each StepEvent's `duration`: the engine's own step time.
 Each round times the probe alone and with 8 more websocket subscribers at every step (8 users, the
 first also taking the page map), in alternating order; only steps whose batch is `--batch` decodes
-count (no prefill chunk). With `--api-server-count N >= 1` the engine keeps one subscription per
+count (no prefill chunk). Beside it, the CPU time per step (from /proc, all steps of the window) of
+the engine process's threads and of the API server processes: on a machine with fewer cores than
+processes, the readers' work elsewhere slows the step by taking cores, which the engine process's
+own CPU per step does not blur. With `--api-server-count N >= 1` the engine keeps one subscription per
 front end whatever the readers; with 0 it holds one per reader (the in-process baseline).
 `--viewer-rate N` makes the 8 readers rate-capped (`?rate=N`), as the panels subscribe.
 """
@@ -22,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving import BENCH_KEY, start_serve, write_random_model
+from serving import BENCH_KEY, serve_cpu_seconds, start_serve, write_random_model
 
 from lightllm_nb.serving.http_client import HTTPClient
 
@@ -49,12 +52,12 @@ def run_served(args, extra: int, target: float) -> None:
                 for seed in range(args.batch)]
         for client in load:
             client.start()
-        steps, dropped, engine_subscriptions = _probe_rounds(url, args, list(viewers), extra)
+        steps, dropped, engine_subscriptions, cpu = _probe_rounds(url, process.pid, args, list(viewers), extra)
     finally:
         stop.set()
         process.terminate()
         process.wait(120)
-    _report(args, steps, dropped, engine_subscriptions, extra, target)
+    _report(args, steps, dropped, engine_subscriptions, cpu, extra, target)
 
 
 def _closed_loop_client(url: str, args, seed: int, stop: threading.Event) -> None:
@@ -87,9 +90,10 @@ def _drain(subscription, into: list | None) -> None:
             into.append((time.monotonic(), event))
 
 
-def _probe_rounds(url: str, args, tokens: list[str], extra: int):
+def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
     """Per setting (0 or `extra` more subscribers): full-batch decode step durations, events the
-    extra readers lost, and the engine's event subscriptions while they read."""
+    extra readers lost, the engine's event subscriptions while they read, and CPU seconds per step
+    of the serve process's parts."""
     probe = HTTPClient(url, BENCH_KEY).subscribe(maxsize=1_000_000)
     seen: list = []
     threading.Thread(target=_drain, args=(probe, seen), daemon=True).start()
@@ -101,6 +105,7 @@ def _probe_rounds(url: str, args, tokens: list[str], extra: int):
     steps = {0: [], extra: []}
     dropped = {0: 0, extra: 0}
     engine_subscriptions = {0: set(), extra: set()}
+    cpu = {0: [], extra: []}
     for round_ in range(args.rounds):
         for count in (0, extra) if round_ % 2 == 0 else (extra, 0):
             readers = [HTTPClient(url, tokens[i]).subscribe(pages=i == 0, maxsize=4096, max_rate=args.viewer_rate)
@@ -108,25 +113,27 @@ def _probe_rounds(url: str, args, tokens: list[str], extra: int):
             for reader in readers:
                 threading.Thread(target=_drain, args=(reader, None), daemon=True).start()
             time.sleep(1.0)  # joined and settled
-            started = time.monotonic()
+            started, cpu_before = time.monotonic(), serve_cpu_seconds(pid)
             time.sleep(args.seconds / 2)
             engine_subscriptions[count].add(_stats(url)["event_subscriptions"])
             time.sleep(args.seconds / 2)
-            ended = time.monotonic()
-            steps[count].append([e.duration for t, e in list(seen) if started <= t <= ended
-                                 and _full_decode(e, args.batch)])
+            ended, cpu_after = time.monotonic(), serve_cpu_seconds(pid)
+            window = [e for t, e in list(seen) if started <= t <= ended]
+            steps[count].append([e.duration for e in window if _full_decode(e, args.batch)])
+            cpu[count].append({part: (cpu_after[part] - cpu_before[part]) / max(1, len(window)) for part in cpu_after})
             for reader in readers:
                 dropped[count] += reader.dropped
                 reader.close()
     probe.close()
-    return steps, dropped, engine_subscriptions
+    return steps, dropped, engine_subscriptions, cpu
 
 
 def _full_decode(event, batch: int) -> bool:
     return len(event.rows) == batch and all(r.phase == "decode" for r in event.rows)
 
 
-def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, extra: int, target: float) -> None:
+def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, cpu: dict, extra: int,
+            target: float) -> None:
     rate = "every step" if args.viewer_rate is None else f"{args.viewer_rate:g}/s"
     print(f"\nlightllm-nb serve --api-server-count {args.api_server_count}, {args.shape or args.model or 'demo'} on "
           f"{args.device}, batch {args.batch}, context {args.context}, extra readers at {rate}: the probe's median "
@@ -140,3 +147,7 @@ def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, extra:
               f"{sum(map(len, rounds)):>6} | {medians[count] * 1e3:8.3f} | {medians[count] / medians[0]:6.3f} | "
               f"{dropped[count]:>7} | {each}")
     print(f"target (issue 8): {extra} subscribers at most {target:.2f} x the step with none")
+    print("serve CPU ms per step (median of rounds):")
+    for count, rounds in cpu.items():
+        print(f"  {count} extra subscribers: " + ", ".join(
+            f"{part} {statistics.median(r[part] for r in rounds) * 1e3:.2f}" for part in rounds[0]))
