@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 from jupyter_server._tz import utcnow
 from tornado.ioloop import PeriodicCallback
 
@@ -25,8 +24,6 @@ class EngineLink:
         self.url = supervisor.url if supervisor is not None else url.rstrip("/")
         self.token = supervisor.proxy_token if supervisor is not None else token
         self.ready_timeout_s = ready_timeout_s
-        # No read timeout: a stream lasts as long as the generation does.
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=None), trust_env=False)
         self.active_streams = 0
         self.served = 0
         self._activity = PeriodicCallback(self._refresh_activity, ACTIVITY_REFRESH_MS)
@@ -41,7 +38,6 @@ class EngineLink:
         self._activity.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
-        await self.http.aclose()
 
     async def ready(self) -> bool:
         """True once the engine host can take requests; lazily starts a supervised one."""

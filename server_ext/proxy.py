@@ -1,9 +1,11 @@
 """`/lightllm/...` handlers: authenticated, authorized proxies to the engine host, as the Jupyter user.
 
-HTTP requests (native API, OpenAI API, stats, abort) are forwarded chunk by chunk, so a stream
-reaches the browser or kernel as the engine produces it; a caller that goes away (kernel interrupt,
-restart, closed tab) cancels the upstream request, and the engine host aborts it at once. The event
-stream is a websocket relayed message by message. Both act for the Jupyter user through the engine
+HTTP requests (native API, OpenAI API, stats, abort) go to the engine host each on a connection of
+its own (`upstream.py`), and a streamed body is passed on read by read, each read (one or more
+events, never parsed) in one write and one flush, so a stream reaches the browser or kernel as the
+engine produces it; a caller that goes away (kernel interrupt, restart, closed tab) drops the
+upstream connection, and the engine host aborts the request at once. The event stream is a
+websocket relayed message by message. Both act for the Jupyter user through the engine
 host's `proxy` role and the `X-LightLLM-User` header.
 """
 
@@ -12,23 +14,23 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+from urllib.parse import quote
 
-import httpx
 from jupyter_server.auth.decorator import authorized, ws_authenticated
 from jupyter_server.auth.identity import PasswordIdentityProvider
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
-from jupyter_server.utils import url_path_join
 from tornado import web, websocket
 from tornado.httpclient import HTTPRequest
-from tornado.iostream import StreamClosedError
+
+from .upstream import UpstreamError, UpstreamRequest, open_request, request_bytes
 
 AUTH_RESOURCE = "lightllm"
 # Headers that describe one hop of the connection, not the message: never forwarded.
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "trailer",
                "upgrade", "proxy-authorization", "authorization", "cookie", "x-lightllm-user", "x-xsrftoken",
-               "origin", "referer", "content-encoding", "accept-encoding"}
+               "origin", "referer", "content-encoding", "accept-encoding", "expect"}
 # Response headers that tornado writes itself for the hop to our caller.
 RESPONSE_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date",
                         "content-encoding", "etag"}
@@ -60,6 +62,10 @@ class _EngineMixin(ExtensionHandlerMixin):
 class EngineProxyHandler(_EngineMixin, APIHandler):
     """Every HTTP route of the engine host, under `/lightllm/`."""
 
+    _upstream: UpstreamRequest | None = None
+    _caller_left = False
+    _streamed = True
+
     @web.authenticated
     @authorized
     async def get(self, path: str) -> None:
@@ -74,56 +80,74 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
         if not await self.engine.ready():
             self._error(503, self.engine.unavailable_reason())
             return
-        url = url_path_join(self.engine.url, path)
-        if self.request.query:
-            url += "?" + self.request.query
+        target = "/" + quote(path) + ("?" + self.request.query if self.request.query else "")
         headers = {k: v for k, v in self.request.headers.get_all() if k.lower() not in HOP_HEADERS}
         headers.update(self.upstream_headers())
-        # The relay runs as its own task so that a caller who leaves (kernel interrupted or
-        # restarted, tab closed) cancels it at once, closing the upstream request: the engine host
-        # aborts the request and frees its KV without waiting for the next token.
-        self._relay = asyncio.ensure_future(self._relay_response(url, headers))
         self.engine.stream_started()
         try:
-            await self._relay
-        except asyncio.CancelledError:
-            return
+            await self._relay(target, headers)
         finally:
             self.engine.stream_finished()
+
+    async def _relay(self, target: str, headers: dict[str, str]) -> None:
+        try:
+            request = request_bytes(self.request.method, self.engine.url, target, headers, self.request.body or b"")
+            self._upstream = await open_request(self.engine.url, request)
+            if self._caller_left:
+                self._upstream.close()
+                return
+            start_line, headers = await self._upstream.head
+        except UpstreamError as err:
+            if not self._caller_left:
+                self._error(502, f"{err}; if it was restarting, send the request again in a few seconds")
+            return
+        self.set_status(start_line.code, start_line.reason)
+        for name, value in headers.get_all():
+            if name.lower() not in RESPONSE_HOP_HEADERS:
+                self.set_header(name, value)
+        # A body of known length goes out in one piece with its length; any other (a stream) is
+        # passed on as each piece arrives.
+        self._streamed = "Content-Length" not in headers
+        self._upstream.relay(self._send)
+        try:
+            await self._upstream.body_done
+        except UpstreamError as err:
+            if self._caller_left:
+                return  # closing the upstream connection was the abort
+            reason = (f"the engine host stopped while answering ({err}); it is being restarted: send the "
+                      "request again in a few seconds")
+            self.log.warning("lightllm: %s", reason)
+            if not self._headers_written:  # a body of known length, held back: nothing has gone yet
+                self.clear()
+                self._error(502, reason)
+                return
+            # The status line has gone already: the stream's last event carries the error.
+            event = {"error": {"message": reason, "type": "engine_unavailable", "param": None, "code": 502}}
+            self.write(f"data: {json.dumps(event)}\n\n")
         if not self._finished:
             self.finish(set_content_type=self._headers.get("Content-Type", "application/json"))
 
-    async def _relay_response(self, url: str, headers: dict[str, str]) -> None:
-        started = False
-        try:
-            async with self.engine.http.stream(self.request.method, url, headers=headers,
-                                               content=self.request.body or None) as response:
-                self.set_status(response.status_code)
-                for name, value in response.headers.items():
-                    if name.lower() not in RESPONSE_HOP_HEADERS:
-                        self.set_header(name, value)
-                started = True
-                async for chunk in response.aiter_raw():
-                    self.write(chunk)
-                    await self.flush()
-                    self.engine.touch()
-        except (httpx.HTTPError, OSError) as exc:
-            reason = (f"the engine host stopped while answering ({type(exc).__name__}); it is being "
-                      "restarted: send the request again in a few seconds")
-            self.log.warning("lightllm: %s", reason)
-            if not started:
-                self._error(502, reason)
-            else:
-                # The status line has gone already: the stream's last event carries the error.
-                event = {"error": {"message": reason, "type": "engine_unavailable", "param": None, "code": 502}}
-                self.write(f"data: {json.dumps(event)}\n\n")
-        except StreamClosedError:
-            pass  # the caller left; leaving `async with` closed the upstream request, which aborts it
+    def _send(self, payload: bytes) -> None:
+        """One piece of the upstream body, out to our caller at once (one write, one flush)."""
+        self.write(payload)
+        if not self._streamed:
+            return
+        flushed = self.flush()
+        if not flushed.done():  # our caller reads slower than the engine host writes: wait for it
+            self._upstream.pause()
+            flushed.add_done_callback(self._flushed)
+
+    def _flushed(self, future) -> None:
+        if not future.cancelled():
+            future.exception()  # a caller that left: on_connection_close has closed the upstream already
+        self._upstream.resume()
 
     def on_connection_close(self) -> None:
-        relay = getattr(self, "_relay", None)
-        if relay is not None:
-            relay.cancel()
+        # The caller left (kernel interrupted or restarted, tab closed): dropping the upstream
+        # connection makes the engine host abort the request and free its KV at once.
+        self._caller_left = True
+        if self._upstream is not None:
+            self._upstream.close()
         super().on_connection_close()
 
     def _error(self, status: int, message: str) -> None:

@@ -118,6 +118,31 @@ def test_openai_client_through_the_extension(server):
     assert len(arrivals) >= 5 and arrivals[-1] - arrivals[0] > 0.02
 
 
+def test_streamed_and_whole_answers_pass_through_as_the_engine_host_sent_them(server):
+    """The same greedy answer through the extension as from the engine host directly, also for a
+    client (curl) that sends `Expect: 100-continue`, which must not reach the engine host."""
+    engine_url, proxy_token = host_proxy_token(server)
+    user = server.http.get("/lightllm/api/stats").json()["user"]["name"]
+    direct = {"Authorization": f"Bearer {proxy_token}", "X-LightLLM-User": user}
+    body = {"prompt": "The sea is", "sampling": {"max_tokens": 12, "ignore_eos": True, "temperature": 0},
+            "stream": True}
+
+    def tokens_and_text(events):  # how the tokens are grouped into events depends on timing
+        events = list(events)
+        return [t for e in events for t in e["token_ids"]], "".join(e["text"] for e in events), events[-1]["finished"]
+
+    with httpx.stream("POST", f"{engine_url}/api/generate", json=body, headers=direct, timeout=60) as response:
+        expected = tokens_and_text(sse_events(response))
+    assert len(expected[0]) == 12 and expected[2]
+    for extra in ({}, {"Expect": "100-continue"}):
+        with server.http.stream("POST", "/lightllm/api/generate", json=body, headers=extra) as response:
+            assert response.status_code == 200 and response.headers["content-type"] == "text/event-stream"
+            assert tokens_and_text(sse_events(response)) == expected
+        whole = server.http.post("/lightllm/api/generate", json={**body, "stream": False}, headers=extra)
+        assert whole.status_code == 200 and int(whole.headers["content-length"]) == len(whole.content)
+        assert whole.json()["token_ids"] == expected[0]
+
+
 def test_refuses_missing_and_wrong_tokens(server):
     body = {"prompt": "hi", "sampling": {"max_tokens": 2}, "stream": False}
     for headers in ({}, {"Authorization": "token wrong-token-123"}, {"Authorization": "Bearer wrong-token-123"}):

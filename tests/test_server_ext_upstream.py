@@ -1,0 +1,175 @@
+"""The extension's upstream client (server_ext/upstream.py) against a real tornado server in this
+process: bodies come out whole and as they are produced, a broken stream is an error, and closing
+the connection is seen by the engine host at once. No Jupyter server and no model: fast."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+
+import pytest
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.iostream import StreamClosedError
+from tornado.netutil import bind_sockets
+
+from lightllm_nb.server_ext.upstream import ChunkedDecoder, UpstreamError, open_request, request_bytes
+
+
+def chunked(payloads: list[bytes], rng: random.Random) -> bytes:
+    """HTTP/1.1 chunked framing, with the odd chunk extension and upper-case hex a server may send."""
+    framed = []
+    for p in payloads:
+        size = f"{len(p):x}".upper() if rng.random() < 0.5 else f"{len(p):x}"
+        framed.append(size.encode() + (b";ext=1" if rng.random() < 0.2 else b"") + b"\r\n" + p + b"\r\n")
+    return b"".join(framed) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunked_decoder_returns_every_payload_byte_however_the_bytes_are_split(seed):
+    rng = random.Random(seed)
+    payloads = [rng.randbytes(rng.choice([1, 2, 9, 200, 5000])) for _ in range(rng.randint(1, 40))]
+    wire = chunked(payloads, rng)
+    decoder, out, pos = ChunkedDecoder(), [], 0
+    while pos < len(wire):
+        step = rng.choice([1, 2, 3, 7, 64, 1000, len(wire)])
+        out.append(decoder.feed(wire[pos:pos + step]))
+        pos += step
+        assert decoder.done == (pos >= len(wire)), "done only once the terminal chunk is whole"
+    assert b"".join(out) == b"".join(payloads)
+
+
+def test_chunked_decoder_refuses_a_bad_size_line():
+    with pytest.raises(UpstreamError, match="bad chunk size"):
+        ChunkedDecoder().feed(b"zz\r\nhello\r\n")
+    with pytest.raises(UpstreamError, match="over 1 KB"):
+        ChunkedDecoder().feed(b"1" * 2000)
+
+
+def test_request_bytes_puts_the_target_under_the_urls_path_and_refuses_line_breaks():
+    wire = request_bytes("POST", "http://hub:8081/services/lightllm/", "/api/generate?x=1", {"X-A": "b"}, b"{}")
+    head, body = wire.split(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"POST /services/lightllm/api/generate?x=1 HTTP/1.1"
+    assert b"Host: hub:8081" in head and b"Connection: close" in head and b"Content-Length: 2" in head
+    assert body == b"{}"
+    with pytest.raises(UpstreamError, match="line break"):
+        request_bytes("GET", "http://h", "/", {"X-LightLLM-User": "alice\r\nX-Evil: 1"}, b"")
+
+
+class _Host:
+    """A tornado server playing the engine host: `/stream` writes a piece each time the test says so."""
+
+    def __init__(self):
+        self.go = asyncio.Queue()
+        self.closed = asyncio.Event()
+        host = self
+
+        class Stream(web.RequestHandler):
+            async def post(self):
+                self.set_header("Content-Type", "text/event-stream")
+                self.flush()  # the head at once, as the engine host sends it
+                try:
+                    while (piece := await host.go.get()) is not None:
+                        if piece == b"die":
+                            self.request.connection.stream.close()  # mid-body, as a SIGKILL would
+                            return
+                        self.write(piece)
+                        await self.flush()
+                except StreamClosedError:
+                    pass
+
+            def on_connection_close(self):
+                host.closed.set()
+
+        class Whole(web.RequestHandler):
+            def post(self):
+                self.set_status(201)
+                self.write({"echo": self.request.body.decode(), "user": self.request.headers["X-User"]})
+
+        [sock] = bind_sockets(0, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = HTTPServer(web.Application([(r"/stream", Stream), (r"/whole", Whole)]))
+        self.server.add_sockets([sock])
+
+
+def run_with_host(scenario):
+    async def main():
+        host = _Host()
+        try:
+            await asyncio.wait_for(scenario(host), 30)
+        finally:
+            host.server.stop()
+    asyncio.run(main())
+
+
+async def _open(host, path, headers=None, body=b"{}"):
+    upstream = await open_request(host.url, request_bytes("POST", host.url, path, headers or {}, body))
+    start_line, response_headers = await upstream.head
+    return upstream, start_line, response_headers
+
+
+def test_a_stream_is_handed_on_piece_by_piece_as_it_is_written():
+    async def scenario(host):
+        upstream, start_line, headers = await _open(host, "/stream")
+        assert start_line.code == 200 and headers["Content-Type"] == "text/event-stream"
+        received = asyncio.Queue()
+        upstream.relay(received.put_nowait)
+        for i in range(5):
+            piece = f"data: {i}\n\n".encode()
+            await host.go.put(piece)
+            # Each piece arrives before the next is written: nothing waits for the end of the body.
+            assert await asyncio.wait_for(received.get(), 5) == piece
+        await host.go.put(None)
+        await upstream.body_done
+        assert received.empty()
+    run_with_host(scenario)
+
+
+def test_a_body_of_known_length_and_an_interim_100_continue():
+    async def scenario(host):
+        # Expect: 100-continue makes tornado answer "100 (Continue)" before the real response.
+        upstream, start_line, headers = await _open(host, "/whole", {"X-User": "bob", "Expect": "100-continue"},
+                                                    b'{"a": 1}')
+        assert start_line.code == 201 and int(headers["Content-Length"]) > 0
+        pieces = []
+        upstream.relay(pieces.append)
+        await upstream.body_done
+        assert b"".join(pieces) == b'{"echo": "{\\"a\\": 1}", "user": "bob"}'
+    run_with_host(scenario)
+
+
+def test_a_stream_that_breaks_mid_body_is_an_error_not_a_short_answer():
+    async def scenario(host):
+        upstream, _, _ = await _open(host, "/stream")
+        pieces = []
+        upstream.relay(pieces.append)
+        await host.go.put(b"data: 0\n\n")
+        await host.go.put(b"die")
+        with pytest.raises(UpstreamError, match="before the response was complete"):
+            await upstream.body_done
+        assert pieces == [b"data: 0\n\n"]
+    run_with_host(scenario)
+
+
+def test_closing_the_connection_is_seen_by_the_engine_host_at_once():
+    async def scenario(host):
+        upstream, _, _ = await _open(host, "/stream")
+        upstream.relay(lambda piece: None)
+        await host.go.put(b"data: 0\n\n")
+        await asyncio.sleep(0.05)
+        assert not host.closed.is_set()
+        upstream.close()
+        # The handler learns at once, with nothing more written to it: it aborts the request there.
+        await asyncio.wait_for(host.closed.wait(), 2)
+        with pytest.raises(UpstreamError):
+            await upstream.body_done
+    run_with_host(scenario)
+
+
+def test_an_engine_host_that_is_not_there_is_an_upstream_error():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
+        with pytest.raises(UpstreamError, match="cannot connect"):
+            asyncio.run(open_request(url, request_bytes("GET", url, "/", {}, b"")))
