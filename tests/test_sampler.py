@@ -59,6 +59,9 @@ def test_greedy_equals_argmax():
     assert result.logprobs == [None] * 6 and result.top_logprobs == [None] * 6
     bf16 = sampler.sample(logits.bfloat16(), requests_for(*[SamplingParams(temperature=0, logprobs=1)] * 6))
     assert bf16.token_ids == logits.bfloat16().argmax(-1).tolist()
+    best = logits.bfloat16().float().log_softmax(-1).max(-1).values.tolist()
+    assert bf16.logprobs == pytest.approx(best), "greedy rows that ask for logprobs get them"
+    assert bf16.top_logprobs == [[(t, pytest.approx(v))] for t, v in zip(bf16.token_ids, best)]
 
 
 def test_greedy_applies_penalties_first():
