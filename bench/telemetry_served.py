@@ -27,7 +27,7 @@ from pathlib import Path
 
 from serving import BENCH_KEY, serve_cpu_seconds, start_serve, write_random_model
 
-from lightllm_nb.serving.http_client import HTTPClient
+from lightllm_nb.serving.http_client import HTTPEventSubscription
 
 
 def run_served(args, extra: int, target: float) -> None:
@@ -84,6 +84,11 @@ def _stats(url: str) -> dict:
         return json.loads(response.read())
 
 
+def _subscribe(url: str, token: str, **options) -> HTTPEventSubscription:
+    """`HTTPClient(url, token).subscribe(...)` without httpx, which the GPU machine may not have."""
+    return HTTPEventSubscription(url, {"Authorization": f"Bearer {token}"}, **options)
+
+
 def _drain(subscription, into: list | None) -> None:
     for event in subscription:
         if into is not None:
@@ -94,7 +99,7 @@ def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
     """Per setting (0 or `extra` more subscribers): full-batch decode step durations, events the
     extra readers lost, the engine's event subscriptions while they read, and CPU seconds per step
     of the serve process's parts."""
-    probe = HTTPClient(url, BENCH_KEY).subscribe(maxsize=1_000_000)
+    probe = _subscribe(url, BENCH_KEY, pages=False, maxsize=1_000_000, max_rate=None)
     seen: list = []
     threading.Thread(target=_drain, args=(probe, seen), daemon=True).start()
     deadline = time.monotonic() + 600
@@ -108,7 +113,7 @@ def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
     cpu = {0: [], extra: []}
     for round_ in range(args.rounds):
         for count in (0, extra) if round_ % 2 == 0 else (extra, 0):
-            readers = [HTTPClient(url, tokens[i]).subscribe(pages=i == 0, maxsize=4096, max_rate=args.viewer_rate)
+            readers = [_subscribe(url, tokens[i], pages=i == 0, maxsize=4096, max_rate=args.viewer_rate)
                        for i in range(count)]
             for reader in readers:
                 threading.Thread(target=_drain, args=(reader, None), daemon=True).start()
