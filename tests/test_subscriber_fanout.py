@@ -134,3 +134,20 @@ def test_an_event_crosses_to_a_front_end_unchanged():
         event = random_event(rng, rng.randrange(1, 40))  # with or without KV holders, with a page map
         received = unpack(pickle.loads(pickle.dumps(pack(event))))
         assert received.to_dict() == event.to_dict() and isinstance(received.rows[0], BatchRow)
+
+
+def test_a_capped_reader_gets_the_last_event_of_a_closed_hub():
+    """Closed with one event left: that event, then the end (it raised MailboxClosed before)."""
+    hub = EventHub()
+    capped = hub.subscribe(max_rate=1000)
+    hub.publish(step_event(1), lambda: None)
+    hub.close()
+    assert [e.step for e in capped] == [1]
+
+    async def read_all():
+        return [e.step async for e in async_capped]
+
+    async_capped = hub.subscribe(max_rate=1000)
+    hub.publish(step_event(2), lambda: None)
+    async_capped._mailbox.close()
+    assert asyncio.run(read_all()) == [2]
