@@ -6,6 +6,7 @@ flake nor depend on one RNG stream.
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -274,6 +275,28 @@ def test_logprobs_are_log_softmax_before_temperature_with_sorted_top_n():
     assert all(isinstance(token, int) for token, _ in result.top_logprobs[0])
 
 
+def test_only_rows_that_need_nothing_from_the_host_leave_their_tokens_on_the_device():
+    plain = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=3)]
+    assert Sampler.can_defer(requests_for(*plain))
+    for needy in (SamplingParams(temperature=0, logprobs=1), SamplingParams(temperature=0, presence_penalty=0.5)):
+        assert not Sampler.can_defer(requests_for(*plain, needy)), f"one row asking for logprobs={needy.logprobs}, presence_penalty={needy.presence_penalty} is enough to make the batch wait"
+
+
+def test_tokens_left_on_the_device_are_the_ones_sample_returns():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(5))
+    mixed = [SamplingParams(temperature=0), SamplingParams(temperature=2.0, seed=1),
+             SamplingParams(temperature=1.5, top_k=5, seed=2), SamplingParams(temperature=2.0, top_p=0.9, seed=3)]
+    sampler = Sampler(30, CPU)
+    on_device = sampler.sample_on_device(logits, requests_for(*mixed))
+    assert on_device.tolist() == sampler.sample(logits, requests_for(*mixed)).token_ids
+    assert on_device.tolist() != logits.argmax(-1).tolist(), "the sampled rows drew, not took the argmax"
+    greedy = requests_for(*[SamplingParams(temperature=0)] * 4)
+    assert sampler.sample_on_device(logits, greedy).tolist() == logits.argmax(-1).tolist()
+    forbid_best = SimpleNamespace(apply=lambda rows: rows.scatter(1, rows.argmax(-1, keepdim=True), -math.inf))
+    second = logits.topk(2).indices[:, 1].tolist()
+    assert sampler.sample_on_device(logits, greedy, forbid_best).tolist() == second, "the mask comes first"
+
+
 def test_padded_vocabulary_row_is_sampled_whole():
     vocab, padded = 10, 16
     logits = torch.randn(4, padded, generator=torch.Generator().manual_seed(4))
@@ -292,3 +315,5 @@ def test_logits_that_do_not_fit_the_batch_are_refused():
         sampler.sample(torch.zeros(2, 8), requests_for(SamplingParams(), SamplingParams()))
     with pytest.raises(ValueError, match=r"expected \[1, >= 10\]"):
         sampler.sample(torch.zeros(2, 10), requests_for(SamplingParams()))
+    with pytest.raises(ValueError, match="one row per request"):
+        sampler.sample_on_device(torch.zeros(2, 8), requests_for(SamplingParams(), SamplingParams()))
