@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightllm_nb.engine.sampler import RequestSampler, Sampler
+from lightllm_nb.engine.sampler import RequestSampler, Sampler, _top_k_top_p_mask
 from lightllm_nb.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -105,6 +105,42 @@ def test_top_p_keeps_tokens_tied_with_the_last_one():
     assert observed[3] == observed[4] == 0
 
 
+def test_top_p_stops_at_the_token_whose_mass_reaches_it_and_one_keeps_a_tail_rounding_hides():
+    halves = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # exact in float32: 0.5 reaches 0.5
+    kept = _top_k_top_p_mask(halves, torch.tensor([[4]]), torch.tensor([[0.5]]))
+    assert kept.tolist() == [[True, False, False, False]]
+    tail = torch.tensor([[0.0, -30.0, -30.0]])  # the running sum is 1.0 before the tail in float32
+    assert _top_k_top_p_mask(tail, torch.tensor([[3]]), torch.tensor([[1.0]])).all()
+
+
+def test_a_truncating_row_keeps_its_support_beside_rows_that_do_not_truncate():
+    logits = torch.tensor(SKEWED).log().expand(400, -1).contiguous()
+    params = [SamplingParams(top_k=1), SamplingParams()] * 200
+    torch.manual_seed(0)
+    tokens = Sampler(len(SKEWED), CPU).sample(logits, requests_for(*params)).token_ids
+    assert set(tokens[::2]) == {0}, "top_k=1 rows drew outside their support"
+    assert len(set(tokens[1::2])) > 1
+
+
+def test_greedy_rows_beside_sampled_ones_take_the_argmax():
+    # Nearly flat: a draw is rarely the argmax.
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(6)) * 0.01
+    params = [SamplingParams(temperature=0)] * 4 + [SamplingParams(seed=4)]
+    tokens = Sampler(30, CPU).sample(logits, requests_for(*params)).token_ids
+    assert tokens[:4] == logits[:4].argmax(-1).tolist()
+
+
+def test_unseeded_rows_draw_from_the_samplers_generator_not_torchs_global_one():
+    logits = torch.zeros(4, 1000)
+    params = [SamplingParams(), SamplingParams(temperature=0, seed=5), SamplingParams(), SamplingParams(seed=2)]
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        sampler = Sampler(1000, CPU, torch.Generator().manual_seed(0))
+        runs.append(sampler.sample(logits, requests_for(*params)).token_ids)
+    assert runs[0] == runs[1]
+
+
 def test_top_k_keeps_tokens_tied_with_the_kth():
     observed = draw_frequencies([0.4, 0.2, 0.2, 0.2], SamplingParams(top_k=2))
     assert_frequencies(observed, [0.4, 0.2, 0.2, 0.2])
@@ -128,10 +164,10 @@ def test_drawn_token_is_always_inside_the_top_k_top_p_support(seed, vocab, top_k
 
 
 def test_repetition_penalty_on_positive_and_negative_logits():
-    logits = torch.tensor([2.0, -1.0, 3.0, -0.5, 1.0, 0.0, -2.0, 0.5])
-    prompt, generated = [1, 2, 2], [3, 5, 3]
+    logits = torch.tensor([2.0, -1.0, 3.0, -0.5, 1.0, 0.0, -2.0, 0.5, 0.75])
+    prompt, generated = [1, 2, 2, 8], [3, 5, 3]
     expected = logits.clone()
-    for token in {1, 2, 3, 5}:  # each seen token once, however often it occurs
+    for token in {1, 2, 3, 5, 8}:  # each seen token once, however often it occurs
         expected[token] = logits[token] / 1.3 if logits[token] > 0 else logits[token] * 1.3
     observed = all_logprobs(logits, dict(repetition_penalty=1.3), prompt, generated)
     torch.testing.assert_close(observed, expected.log_softmax(-1))
@@ -257,10 +293,10 @@ def test_requests_with_the_same_seed_in_one_batch_draw_the_same_token():
 
 
 def test_logprobs_are_log_softmax_before_temperature_with_sorted_top_n():
-    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(3))
     requests = requests_for(SamplingParams(temperature=0.5, top_k=5, logprobs=4),
                             SamplingParams(temperature=0, logprobs=0),
-                            SamplingParams(temperature=0.8))
+                            SamplingParams(temperature=0.8), SamplingParams(temperature=0, logprobs=2))
     result = Sampler(40, CPU).sample(logits, requests)
     expected = logits.log_softmax(-1)
     assert result.logprobs[0] == pytest.approx(float(expected[0, result.token_ids[0]]), abs=1e-6)
@@ -273,6 +309,9 @@ def test_logprobs_are_log_softmax_before_temperature_with_sorted_top_n():
     assert values == sorted(values, reverse=True)
     assert values == pytest.approx(top_values.tolist(), abs=1e-6)
     assert all(isinstance(token, int) for token, _ in result.top_logprobs[0])
+    top_values, top_ids = expected[3].topk(2)
+    assert [token for token, _ in result.top_logprobs[3]] == top_ids.tolist(), "each row reads its own top-n"
+    assert [value for _, value in result.top_logprobs[3]] == pytest.approx(top_values.tolist(), abs=1e-6)
 
 
 def test_only_rows_that_need_nothing_from_the_host_leave_their_tokens_on_the_device():
