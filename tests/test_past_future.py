@@ -129,6 +129,8 @@ def test_cold_start_assumes_max_tokens_and_says_so():
     assert fits.numbers["peak"] == 220
     deferred = policy.check(candidate, running, pool(231))
     assert not deferred.admit and "cold start" in deferred.reason and "220 >" in deferred.reason
+    alone = policy.check(make_request(120, max_tokens=100, rid="c"), [], pool(232))  # peak 220 = limit: it fits
+    assert alone.admit and "cold start" in alone.reason and "220 <=" in alone.reason
 
 
 def test_a_request_alone_is_admitted_even_above_the_limit():

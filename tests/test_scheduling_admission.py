@@ -145,6 +145,24 @@ def test_the_batch_lists_decodes_before_prefill_chunks():
     assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("decoding", 1), ("two", 2)]
 
 
+def test_a_decode_goes_before_a_prefill_with_two_tokens_left():
+    scheduler = make_scheduler(max_running=2, max_batch_tokens=2)
+    scheduler.add(request("decoding", prompt_len=1))
+    scheduler.add(request("two_left", prompt_len=3))
+    step(scheduler)  # decoding computes its prompt, two_left one token of three
+    assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("decoding", 1), ("two_left", 1)]
+
+
+def test_a_step_budget_may_equal_max_running_and_a_scheduler_keeps_no_timelines_unless_given_a_recorder():
+    with pytest.raises(ValueError, match="must be >= max_running=4"):
+        make_scheduler(max_running=4, max_batch_tokens=3)
+    scheduler = make_scheduler(max_running=4, max_batch_tokens=4)
+    req = request("r")
+    scheduler.add(req)
+    run(scheduler)
+    assert req.timeline == [], "the simulator's requests carry no timeline"
+
+
 def test_queue_time_is_the_wait_before_admission():
     scheduler = make_scheduler()
     before = time.perf_counter()
