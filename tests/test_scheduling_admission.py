@@ -145,6 +145,14 @@ def test_the_batch_lists_decodes_before_prefill_chunks():
     assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("decoding", 1), ("two", 2)]
 
 
+def test_an_admitted_one_token_prompt_is_listed_before_a_running_prefill_chunk():
+    scheduler = make_scheduler(max_batch_tokens=6)
+    scheduler.add(request("long", prompt_len=10))
+    step(scheduler)
+    scheduler.add(request("one", prompt_len=1))
+    assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("one", 1), ("long", 4)]
+
+
 def test_a_decode_goes_before_a_prefill_with_two_tokens_left():
     scheduler = make_scheduler(max_running=2, max_batch_tokens=2)
     scheduler.add(request("decoding", prompt_len=1))
