@@ -269,8 +269,7 @@ def main() -> None:
         write_random_model(args.shape, args.tokenizer, Path(model))
     engine_kwargs = {"device": args.device, "seed": 0, "progress": False}
     serve_args = ["--device", args.device, "--seed", "0", "--log-level", "warning"]
-    if args.api_server_count:
-        serve_args += ["--api-server-count", str(args.api_server_count)]
+    serve_args += ["--api-server-count", str(args.api_server_count)]  # given: serve's default depends on the cores
     for flag, key, value in (("--max-num-seqs", "max_running", args.max_num_seqs),
                              ("--max-num-batched-tokens", "max_batch_tokens", args.max_num_batched_tokens),
                              ("--kv-tokens", "kv_tokens", args.kv_tokens)):

@@ -130,8 +130,8 @@ def module_host(name: str, api_server_counts: tuple[int, ...] = (0,)):
     one per `--api-server-count` given (0: the HTTP front end runs in the engine's process)."""
     @pytest.fixture(scope="module", params=api_server_counts, ids=lambda n: f"api-servers-{n}")
     def host(request, tmp_path_factory):
-        extra = ("--api-server-count", str(request.param)) if request.param else ()
-        served = start_serve(tmp_path_factory.mktemp(name), *extra)
+        # Always given: the default (auto) depends on the host's cores.
+        served = start_serve(tmp_path_factory.mktemp(name), "--api-server-count", str(request.param))
         yield served
         assert served.stop() == 0, "".join(served.log)
     return host

@@ -6,10 +6,12 @@ import os
 import stat
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from lightllm_nb.cli import build_parser, main
+from lightllm_nb.serving.host import api_server_count, auto_api_server_count
 from serve_process import start_serve
 
 
@@ -95,3 +97,41 @@ def test_serve_without_a_key_writes_one_mode_0600_and_accepts_only_it(tmp_path):
         assert "engine.sock" in path  # the key file is named after the socket
     finally:
         assert host.stop() == 0
+
+
+@pytest.mark.parametrize("cores, has_zmq, front_ends", [(16, True, 2), (8, True, 2), (7, True, 0), (2, True, 0),
+                                                        (1, True, 0), (64, False, 0)])
+def test_auto_api_server_count_splits_off_two_front_ends_where_cores_and_pyzmq_allow(cores, has_zmq, front_ends):
+    assert auto_api_server_count(cores, has_zmq) == front_ends
+
+
+def test_an_explicit_api_server_count_is_kept_on_any_host():
+    assert api_server_count(0, cores=64) == 0
+    assert api_server_count(3, cores=2) == 3
+
+
+def _with_cores(monkeypatch, cores: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+
+
+def test_serve_by_default_runs_two_api_server_processes_on_a_16_core_host(monkeypatch):
+    """The default reaches the split: the real run_host, with a stand-in engine and run_split."""
+    _with_cores(monkeypatch, 16)
+    split = []
+    monkeypatch.setattr("lightllm_nb.cli._serving_engine",
+                        lambda args: SimpleNamespace(prompts=SimpleNamespace(max_context=64), tokenizer=None,
+                                                        model_name="m", close=lambda: None))
+    monkeypatch.setattr("lightllm_nb.serving.api_servers.run_split",
+                        lambda args, engine, *rest: split.append(args.api_server_count) or 0)
+    assert main(["serve", "--port", "0", "--api-key", "a-key-for-this-test"]) == 0
+    assert split == [2]
+
+
+@pytest.mark.parametrize("cores, argv, front_ends", [(2, [], 0), (16, ["--api-server-count", "0"], 0),
+                                                     (2, ["--api-server-count", "2"], 2)])
+def test_serve_keeps_the_front_end_in_process_on_a_small_host_or_when_asked(monkeypatch, cores, argv, front_ends):
+    _with_cores(monkeypatch, cores)
+    hosted = []
+    monkeypatch.setattr("lightllm_nb.serving.host.run_host", lambda args, factory: hosted.append(args.api_server_count))
+    main(["serve", *argv])
+    assert hosted == [front_ends]

@@ -10,6 +10,7 @@ seconds to finish, the rest are aborted, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -58,6 +59,23 @@ def hub_route_prefix(args) -> str:
 def default_key_path(port: int, uds: str | None) -> Path:
     home = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".lightllm-nb")
     return home / ("lightllm-nb-api-key-" + (Path(uds).name if uds else str(port)))
+
+
+def api_server_count(requested: int | str, cores: int | None = None) -> int:
+    """`--api-server-count`, with `auto` resolved for this host (`cores`: the CPUs this process may run on)."""
+    if requested != "auto":
+        return requested
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return auto_api_server_count(cores, importlib.util.find_spec("zmq") is not None)
+
+
+def auto_api_server_count(cores: int, has_zmq: bool) -> int:
+    """Two front-end processes where the host has cores to spare for them: on an H200 host (16
+    cores) they took the HTTP path from 72% to 135% of the embedded engine's throughput, four gave
+    109% (bench/RESULTS.md). On a small machine (CI's 2 cores) their CPU is the step's CPU, and
+    without pyzmq there is no link to them: there the front end stays in the engine's process."""
+    return 2 if cores >= 8 and has_zmq else 0
 
 
 def listening_sockets(host: str, port: int, uds: str | None) -> list[socket.socket]:
