@@ -72,6 +72,35 @@ def test_a_request_outranked_by_everyone_else_preempts_itself():
     assert scheduler.running[0].num_preemptions == 0
 
 
+def test_the_lowest_priority_goes_first_even_when_it_is_the_oldest():
+    # priorities 0 (oldest), 1 and 2 (newest) in 30 slots: "high" decodes first each step, so it is
+    # the one that finds the pool dry; the victim is the lowest priority, not merely a lower one.
+    scheduler = make_scheduler(capacity=30, max_running=3)
+    history = []
+    for rid, priority in (("low", 0), ("mid", 1), ("high", 2)):
+        history += admit_one_per_step(scheduler, [rid], prompt_len=8, max_tokens=10, priority=priority)
+    step_until_preempted(scheduler, history)
+    [decision] = [d for decisions in history for d in decisions if d.kind == "preempt"]
+    assert (decision.request_id, decision.code, decision.related[0][0]) == ("low", "preempted_for", "high")
+
+
+def test_a_request_never_preempts_one_already_in_this_steps_batch():
+    # 15 slots: "low" (priority 0) decodes, "high" (priority 1, 10 prompt tokens) is prefilled 3 a
+    # step. At the 4th step low's decode takes a page first (decodes go first); high's chunk then
+    # needs 3 pages with 2 free. low is in the batch already, so high gives way itself.
+    scheduler = make_scheduler(capacity=15, max_running=2, max_batch_tokens=4)
+    low, high = request("low", prompt_len=4, max_tokens=30), request("high", prompt_len=10, priority=1)
+    scheduler.add(low)
+    step(scheduler)
+    scheduler.add(high)
+    step(scheduler)
+    step(scheduler)
+    batch = scheduler.schedule()
+    assert [(d.request_id, d.code) for d in batch.decisions if d.kind == "preempt"] == [("high", "pool_full")]
+    assert [(req.request_id, n) for req, n in batch.items] == [("low", 1)]
+    assert low.status.name == "RUNNING" and low.num_preemptions == 0
+
+
 # ---- pages held, page multiples and one over ------------------------------------------------------
 @pytest.mark.parametrize("page_size", [4, 16])
 @pytest.mark.parametrize("over", [0, 1], ids=["exact-multiple", "one-over"])
@@ -118,6 +147,20 @@ def test_a_finished_request_leaves_exactly_its_computed_whole_pages_cached(page_
     assert scheduler.pool_view().free == 8 * page_size, "unused cached pages count as free"
     assert scheduler.clear_prefix_cache().numbers["evicted"] == cached
     assert scheduler.pool.is_whole()
+
+
+def test_a_prefix_hit_points_the_rows_first_positions_at_the_cached_pages():
+    """The runner never computes a cached prefix, so it never maps those positions either: the
+    scheduler writes them into req_to_token when it admits the request."""
+    scheduler = make_scheduler(capacity=32, page_size=4, prefix_cache=True)
+    scheduler.add(request("first", prompt_len=9, max_tokens=2))
+    run(scheduler)  # its two whole prompt pages stay cached
+    second = request("second", prompt_len=9, max_tokens=2)
+    scheduler.add(second)
+    [hit] = [d for d in step(scheduler) if d.kind == "prefix_hit"]
+    assert hit.numbers["matched"] == 8
+    expected = [page * 4 + i for page in second.pages[:2] for i in range(4)]
+    assert scheduler.pool.req_to_token[second.row, :8].tolist() == expected
 
 
 @pytest.mark.parametrize("page_size", [1, 4])

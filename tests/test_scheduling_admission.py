@@ -188,15 +188,17 @@ def test_a_step_never_schedules_more_tokens_than_its_budget():
 
 
 def test_a_user_at_the_cap_gets_one_defer_per_step_while_others_are_admitted():
-    scheduler = make_scheduler(max_running_per_user=1)
+    scheduler = make_scheduler(max_running_per_user=1, timelines=TimelineRecorder())
     scheduler.add(request("a1", "alice"))
     step(scheduler)
-    scheduler.add(request("a2", "alice", priority=1))  # looked at first by every admission this step
+    scheduler.add(a2 := request("a2", "alice", priority=1))  # looked at first by every admission this step
     for rid, user in (("b1", "bob"), ("b2", "bob2")):
         scheduler.add(request(rid, user))
     decisions = step(scheduler)
     assert [(d.request_id, d.code) for d in decisions if d.kind == "defer"] == [("a2", "user_cap")]
     assert [d.request_id for d in decisions if d.kind == "admit"] == ["b1", "b2"]
+    assert [(e["event"], e.get("code"), e.get("cap")) for e in a2.timeline] == [("queued", None, None),
+                                                                               ("deferred", "user_cap", 1)]
 
 
 def test_the_per_user_cap_still_holds_after_one_of_the_users_requests_finishes():
@@ -206,3 +208,35 @@ def test_the_per_user_cap_still_holds_after_one_of_the_users_requests_finishes()
     while scheduler.has_work():
         step(scheduler)
         assert len(scheduler.running) <= 2, [r.request_id for r in scheduler.running]
+
+
+def test_a_waiting_prompt_starts_with_the_last_token_of_budget_a_decode_leaves():
+    scheduler = make_scheduler(max_running=2, max_batch_tokens=2)
+    scheduler.add(request("decoding", prompt_len=1))
+    step(scheduler)
+    scheduler.add(request("next", prompt_len=4))
+    assert [(req.request_id, n) for req, n in scheduler.schedule().items] == [("decoding", 1), ("next", 1)]
+
+
+def test_a_prompt_that_continues_a_decoding_one_is_not_deferred_for_it():
+    """Only a running prefill's tokens are worth waiting for (its prompt pages reach the cache as
+    they are computed). A request at its first decode has computed exactly its prompt: a prompt
+    that continues it with that very token is admitted at once, not deferred as a shared prefill."""
+    scheduler = make_scheduler(prefix_cache=True)
+    first = request("first", prompt_len=8, max_tokens=4)
+    scheduler.add(first)
+    step(scheduler)  # first computes its 8 prompt tokens and samples one more
+    scheduler.add(Request("continues", list(first.token_ids), SamplingParams(max_tokens=2)))
+    decisions = step(scheduler)
+    assert [(d.kind, d.request_id) for d in decisions if d.kind in ("admit", "defer")] == [("admit", "continues")]
+    assert [d.numbers["matched"] for d in decisions if d.kind == "prefix_hit"] == [8]
+
+
+def test_prompts_that_differ_are_admitted_together_with_the_prefix_cache_on():
+    """Only requests that would compute the same next tokens wait for each other: two short prompts
+    with different tokens (both under the 32-token probe) start in the same step."""
+    scheduler = make_scheduler(prefix_cache=True)
+    for rid, first_token in (("a", 100), ("b", 200)):
+        scheduler.add(Request(rid, list(range(first_token, first_token + 6)), SamplingParams(max_tokens=2)))
+    decisions = step(scheduler)
+    assert [(d.kind, d.request_id) for d in decisions] == [("admit", "a"), ("admit", "b")]

@@ -22,11 +22,14 @@ def test_admissions_and_recomputation_after_a_preemption_are_recorded(prefix_cac
         events = [e["event"] for e in req.timeline]
         assert events[0] == "queued" and events[1] == "admitted", events
         assert req.timeline[1]["cached_tokens"] == req.num_cached == (7 if prefix_cache and req is not reqs[0] else 0)
+        last = req.timeline[-1]
+        assert (last["event"], last.get("reason"), last.get("output_tokens")) == ("finished", "length", 10)
     new = reqs[2]
     preempted = [e for e in new.timeline if e["event"] == "preempted"]
     resumed = [e for e in new.timeline if e["event"] == "resumed"]
     assert preempted and len(resumed) == len(preempted) == new.num_preemptions
     for before, after in zip(preempted, resumed):
+        assert before["kept"] == (before["computed"] if prefix_cache else 0), "whole pages of 1: all it computed"
         assert after["recomputed"] == before["computed"] - after["cached_tokens"]
         assert after["recomputed"] > 0 if not prefix_cache else after["cached_tokens"] > 0  # the cache kept them
     assert new.num_recomputed == sum(e["recomputed"] for e in resumed)
