@@ -144,6 +144,7 @@ class UpstreamRequest(asyncio.Protocol):
             self._finish()
         reason = f": {exc}" if exc else ""
         self._fail(UpstreamError(f"the engine host closed the connection before the response was complete{reason}"))
+        self.transport = None
 
     # --- the caller's side ----------------------------------------------------------------------------
 
@@ -197,6 +198,7 @@ class UpstreamRequest(asyncio.Protocol):
     def _finish(self) -> None:
         if not self.body_done.done():
             self.body_done.set_result(None)
+        self._sink = None  # (see _fail)
         if self.transport is not None:
             self.transport.close()
 
@@ -205,6 +207,10 @@ class UpstreamRequest(asyncio.Protocol):
             if not future.done():
                 future.set_exception(err)
                 future.exception()  # a caller that left never awaits it: not an error worth a log line
+        # The sink is the handler's bound method and the handler holds us: a reference cycle that
+        # only the garbage collector could free, and its full collections stall the server's one
+        # thread (bench/RESULTS.md, issue 9). Dropped here, the pair goes when the request does.
+        self._sink = None
         self.close()
 
 

@@ -5,8 +5,10 @@ the connection is seen by the engine host at once. No Jupyter server and no mode
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import socket
+import weakref
 
 import pytest
 from tornado import web
@@ -173,3 +175,42 @@ def test_an_engine_host_that_is_not_there_is_an_upstream_error():
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
         with pytest.raises(UpstreamError, match="cannot connect"):
             asyncio.run(open_request(url, request_bytes("GET", url, "/", {}, b"")))
+
+
+class _Relaying:
+    """Holds its upstream and is its sink, as the proxy handler is."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.pieces = []
+        upstream.relay(self.take)
+
+    def take(self, piece: bytes) -> None:
+        self.pieces.append(piece)
+
+
+@pytest.mark.parametrize("ending", ["whole", "broken"])
+def test_a_finished_relay_is_freed_by_reference_counting_not_left_to_the_garbage_collector(ending):
+    # A cycle between the handler and its upstream would leave every request for a full collection
+    # of the Jupyter server's heap, a stall of the server's one thread (bench/RESULTS.md, issue 9).
+    async def scenario(host):
+        upstream, _, _ = await _open(host, "/stream")
+        relaying = _Relaying(upstream)
+        await host.go.put(b"data: 0\n\n")
+        await host.go.put(None if ending == "whole" else b"die")
+        try:
+            await upstream.body_done
+        except UpstreamError:
+            assert ending == "broken"
+        await asyncio.sleep(0.05)  # the transport's own close callbacks
+        assert relaying.pieces == [b"data: 0\n\n"]
+        gone = [weakref.ref(relaying), weakref.ref(upstream)]
+        del relaying, upstream
+        assert [ref() for ref in gone] == [None, None]
+
+    gc.collect()
+    gc.disable()
+    try:
+        run_with_host(scenario)
+    finally:
+        gc.enable()
