@@ -11,13 +11,43 @@ from model_free import HANG_SECONDS
 pytestmark = pytest.mark.timeout(HANG_SECONDS)
 
 
-def test_a_prefix_hit_makes_it_the_last_to_be_evicted():
+def pool_and_cache():
     pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=1, num_tokens=16, page_size=2, max_requests=1,
                   max_context=16, dtype=torch.float32, device=torch.device("cpu"))
-    cache = PrefixCache(pool)
+    return pool, PrefixCache(pool)
+
+
+def test_a_prefix_hit_makes_it_the_last_to_be_evicted():
+    pool, cache = pool_and_cache()
     older, newer = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
     assert cache.insert(older, pool.alloc_pages(3, owner=0)) == []
     assert cache.insert(newer, pool.alloc_pages(3, owner=0)) == []
     assert cache.match(older).length == 6  # a hit: now the older prefix is the most recently used
     assert cache.evict(3) == 3
     assert (cache.match(older).length, cache.match(newer).length) == (6, 0), "the hit prefix was evicted"
+
+
+def test_a_prefix_in_use_counts_as_used_when_its_request_stops_not_when_it_matched():
+    # "older" is matched and held by a request, "newer" is cached after that, then the request
+    # stops: it used "older" until now, so "newer" is the least recently used and goes first.
+    pool, cache = pool_and_cache()
+    older, newer = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
+    assert cache.insert(older, pool.alloc_pages(3, owner=0)) == []
+    row = pool.alloc_row()
+    match = cache.match(older)
+    cache.hold(row, match)
+    assert cache.insert(newer, pool.alloc_pages(3, owner=0)) == []
+    cache.release(row, older + [99], list(match.pages), num_computed=6, user="default")
+    assert cache.evict(3) == 3
+    assert (cache.match(older).length, cache.match(newer).length) == (6, 0), "the prefix just used was evicted"
+
+
+def test_eviction_frees_exactly_the_pages_asked_cutting_the_last_leaf_from_its_tail():
+    # 3 pages asked: all 2 of the older leaf, then 1 of the newer one's 3 (its last)
+    pool, cache = pool_and_cache()
+    older, newer = [1, 2, 3, 4], [7, 8, 9, 10, 11, 12]
+    cache.insert(older, pool.alloc_pages(2, owner=0))
+    cache.insert(newer, pool.alloc_pages(3, owner=0))
+    assert cache.evict(3) == 3
+    assert (cache.cached_tokens, pool.free_tokens) == (4, 12)
+    assert (cache.match(older).length, cache.match(newer).length) == (0, 4)
