@@ -76,6 +76,8 @@ class EngineSupervisor:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch())
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._ready.is_set():  # every request asks: no task and timer for the usual answer
+            return True
         self.start()
         try:
             await asyncio.wait_for(self._ready.wait(), timeout if timeout is not None else self.startup_timeout_s)

@@ -232,10 +232,13 @@ async def open_request(url: str, request: bytes) -> UpstreamRequest:
     tls = ssl.create_default_context() if parts.scheme == "https" else None
     port = parts.port or (443 if tls else 80)
     upstream = UpstreamRequest(request)
-    loop = asyncio.get_running_loop()
+    connecting = asyncio.get_running_loop().create_connection(lambda: upstream, parts.hostname, port, ssl=tls)
     try:
-        await asyncio.wait_for(loop.create_connection(lambda: upstream, parts.hostname, port, ssl=tls),
-                               CONNECT_TIMEOUT_S)
+        if hasattr(asyncio, "timeout"):  # Python 3.11+: no task of its own (wait_for's costs ~20 us a request)
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                await connecting
+        else:
+            await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as err:
         raise UpstreamError(f"cannot connect to the engine host at {parts.netloc} ({type(err).__name__})") from None
     return upstream
