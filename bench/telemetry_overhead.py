@@ -13,9 +13,9 @@ and a probe on the event websocket reading each StepEvent's own `duration`, alon
 websocket subscribers (other users, one with pages).
 
 Each subscriber is what the event stream (`GET /api/events`) serves a notebook: a subscription
-through the driver loop (`DriverLoop.subscribe(user=...)`), redacted for its own user and drained on
-its own thread into the stream's JSON record; one of the 8 also asks for the KV page map and turns
-it into bytes, as a KV grid does (the step thread copies that map once a step: its cost grows with
+through the driver loop, drained on its own thread into its user's view and the stream's record
+(`serving/event_records.py`: made once per view for all readers); one of the 8 also asks for the
+KV page map, as a KV grid does (the step thread copies that map once a step: its cost grows with
 the pool, so leave --kv-tokens out on the GPU to time the pool a server has). The step runs on the
 driver-loop thread, as served: events leave it through bounded queues, so the readers compete with
 it only for the GIL. Rounds are interleaved (every other round in reverse order) and each setting's
@@ -28,8 +28,6 @@ busy reader), interleaved the same way.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import statistics
 import sys
 import tempfile
@@ -37,9 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 from lightllm_nb import DriverLoop, EventSubscription
+from lightllm_nb.serving.event_records import EventRecords
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_timing import add_model_options, bench_engine, decode_latency, model_label  # noqa: E402
@@ -48,20 +45,19 @@ SUBSCRIBERS = (0, 1, 8)
 TARGET = 1.03  # issue 8: 8 subscribers' step at most 3% slower than none
 
 
-def stream_events(subscription: EventSubscription) -> None:
-    """The event stream's work per event, off the step thread: the subscription redacts it, then the
-    JSON record and, where asked for, the page map as little-endian int32 bytes."""
+def stream_events(subscription: EventSubscription, user: str, records: EventRecords) -> None:
+    """The event stream's work per event, off the step thread: the user's view and its record (the
+    JSON text and, where asked for, the page map's bytes), made once per view for all readers."""
     for event in subscription:
-        json.dumps(dataclasses.replace(event, page_owner=None).to_dict())
-        if event.page_owner is not None:
-            np.asarray(event.page_owner, dtype="<i4").tobytes()
+        records.record(records.view(event, user), subscription.dropped)
 
 
 def subscribe(loop: DriverLoop, count: int) -> list[EventSubscription]:
     """`count` viewers, each drained by its own thread; with several, the first also takes pages."""
-    subscriptions = [loop.subscribe(user=f"viewer{i}", pages=count > 1 and i == 0) for i in range(count)]
-    for subscription in subscriptions:
-        threading.Thread(target=stream_events, args=(subscription,), daemon=True).start()
+    records = EventRecords()  # one server's
+    subscriptions = [loop.subscribe(pages=count > 1 and i == 0) for i in range(count)]
+    for i, subscription in enumerate(subscriptions):
+        threading.Thread(target=stream_events, args=(subscription, f"viewer{i}", records), daemon=True).start()
     return subscriptions
 
 

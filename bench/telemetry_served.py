@@ -17,6 +17,7 @@ front end whatever the readers; with 0 it holds one per reader (the in-process b
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import statistics
 import tempfile
@@ -108,15 +109,12 @@ def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
             raise RuntimeError("the engine never ran a full decode batch: is --batch larger than the KV pool holds?")
         time.sleep(0.2)
     steps = {0: [], extra: []}
-    dropped = {0: 0, extra: 0}
+    dropped = {0: {"server": 0, "reader": 0}, extra: {"server": 0, "reader": 0}}
     engine_subscriptions = {0: set(), extra: set()}
     cpu = {0: [], extra: []}
     for round_ in range(args.rounds):
         for count in (0, extra) if round_ % 2 == 0 else (extra, 0):
-            readers = [_subscribe(url, tokens[i], pages=i == 0, maxsize=4096, max_rate=args.viewer_rate)
-                       for i in range(count)]
-            for reader in readers:
-                threading.Thread(target=_drain, args=(reader, None), daemon=True).start()
+            readers = _Readers(url, tokens[:count], args.viewer_rate)
             time.sleep(1.0)  # joined and settled
             started, cpu_before = time.monotonic(), serve_cpu_seconds(pid)
             time.sleep(args.seconds / 2)
@@ -126,11 +124,41 @@ def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
             window = [e for t, e in list(seen) if started <= t <= ended]
             steps[count].append([e.duration for e in window if _full_decode(e, args.batch)])
             cpu[count].append({part: (cpu_after[part] - cpu_before[part]) / max(1, len(window)) for part in cpu_after})
-            for reader in readers:
-                dropped[count] += reader.dropped
-                reader.close()
+            for where, lost in zip(("server", "reader"), readers.close()):
+                dropped[count][where] += lost
     probe.close()
     return steps, dropped, engine_subscriptions, cpu
+
+
+class _Readers:
+    """Websocket readers (the first also takes pages) in a process of their own, as other notebooks
+    are: their JSON parsing must not slow the probe's, or drops would be the bench's own."""
+
+    def __init__(self, url: str, tokens: list[str], max_rate: float | None):
+        context = multiprocessing.get_context("spawn")  # this process has threads: no fork
+        self._stop, child_end = context.Pipe()
+        self._process = context.Process(target=_read_until_told, args=(url, tokens, max_rate, child_end), daemon=True)
+        self._process.start()
+        self._stop.recv()  # all subscribed
+
+    def close(self) -> tuple[int, int]:
+        """Events lost (server side: the reader's queue in serve; reader side: in its own process)."""
+        self._stop.send(None)
+        lost = self._stop.recv()
+        self._process.join(30)
+        return lost
+
+
+def _read_until_told(url: str, tokens: list[str], max_rate: float | None, pipe) -> None:
+    readers = [_subscribe(url, token, pages=i == 0, maxsize=4096, max_rate=max_rate) for i, token in enumerate(tokens)]
+    for reader in readers:
+        threading.Thread(target=_drain, args=(reader, None), daemon=True).start()
+    pipe.send("subscribed")
+    pipe.recv()
+    server = sum(r.remote_dropped for r in readers)
+    pipe.send((server, sum(r.dropped for r in readers) - server))
+    for reader in readers:
+        reader.close()
 
 
 def _full_decode(event, batch: int) -> bool:
@@ -144,13 +172,13 @@ def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, cpu: d
           f"{args.device}, batch {args.batch}, context {args.context}, extra readers at {rate}: the probe's median "
           f"full-batch decode step (StepEvent.duration), {args.rounds} interleaved rounds of {args.seconds:.0f} s")
     print(f"{'extra subscribers':>17} | {'engine subscriptions':>20} | {'steps':>6} | {'step ms':>8} | "
-          f"{'vs 0':>6} | {'dropped':>7} | step ms, each round")
+          f"{'vs 0':>6} | {'dropped (serve, reader)':>23} | step ms, each round")
     medians = {count: statistics.median([d for r in rounds for d in r]) for count, rounds in steps.items()}
     for count, rounds in steps.items():
         each = " ".join(f"{statistics.median(r) * 1e3:.3f}" if r else "-" for r in rounds)
         print(f"{count:>17} | {','.join(map(str, sorted(engine_subscriptions[count]))):>20} | "
               f"{sum(map(len, rounds)):>6} | {medians[count] * 1e3:8.3f} | {medians[count] / medians[0]:6.3f} | "
-              f"{dropped[count]:>7} | {each}")
+              f"{dropped[count]['server']:>15}, {dropped[count]['reader']:>6} | {each}")
     print(f"target (issue 8): {extra} subscribers at most {target:.2f} x the step with none")
     print("serve CPU ms per step (median of rounds):")
     for count, rounds in cpu.items():

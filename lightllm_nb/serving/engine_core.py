@@ -5,16 +5,19 @@ Messages are pickled tuples (both ends are this package, on one host). A front e
 `("submit", key, ids, sampling, user, priority)`, `("abort", key, request_id, user)`,
 `("stats", key, user)`, `("subscribe", pages, max_rate)`, `("unsubscribe",)`; it gets
 `("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)`,
-`("event", packed event (event_wire.py), lost)`, and once per step `("outputs", [RequestOutput, ...])` with every output
+`("event", packed event (event_wire.py), lost)` (+ the page map's frame), and once per step `("outputs", [RequestOutput, ...])` with every output
 of that step for that front end's requests. Users are checked by the front ends (their tokens) and
 again here for aborts (the driver's own check). A front end that is gone (its process died) has its
 requests aborted and its event subscription closed.
 
-Events: one raw (unredacted) subscription per front end with at least one event reader, whatever
-their number; a `subscribe` message sets what it carries (the front end sends its readers' demand
-again whenever it changes) and each event is pickled once for that front end. Redaction, each
-reader's rate cap and the JSON records happen in the front end: the engine's process pays per
-front end, never per reader (issue 8).
+Events: one raw (unredacted) subscription for all front ends with event readers, whatever their
+number: each front end's `subscribe` message says what its readers ask for together (sent again
+whenever that changes), and the subscription carries what they all ask for together (the page map
+if any asks, the fastest rate: a front end's own readers cap themselves). Each event is pickled once
+a step and the same bytes go to every subscribed front end; the page map travels as a second,
+raw frame (int32), to the front ends that asked for it only. Redaction, rate caps and the JSON
+records happen in the front ends: the engine's process pays once a step, never per reader or
+front end (issue 8).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import pickle
+from dataclasses import replace
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError
-from ..telemetry.hub import EventSubscription
+from ..telemetry.hub import Demand, EventSubscription
 from .event_wire import pack
 from .request_handle import RequestHandle
 
@@ -48,7 +53,8 @@ class EngineCore:
         self._front_end_of: dict[str, bytes] = {}         # request id -> the front end that submitted it
         # front end (its pid, as its zmq identity) -> its running requests
         self._requests: dict[bytes, dict[str, RequestHandle]] = {str(pid).encode(): {} for pid in front_ends}
-        self._subscriptions: dict[bytes, tuple[EventSubscription, asyncio.Task]] = {}  # front end -> its events
+        self._demands: dict[bytes, Demand] = {}  # front end -> what its event readers ask for together
+        self._events: tuple[EventSubscription, asyncio.Task] | None = None  # what every front end's events come from
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
@@ -109,26 +115,43 @@ class EngineCore:
         self._loop.create_task(answer())
 
     def _on_subscribe(self, front_end: bytes, pages: bool, max_rate: float | None) -> None:
-        current = self._subscriptions.get(front_end)
-        if current is not None:  # retuned in place: no step is lost or sent twice
-            current[0].retune(pages=pages, max_rate=max_rate)
-            return
-        subscription = self.driver.subscribe(pages=pages, maxsize=FRONT_END_BACKLOG, max_rate=max_rate)
-        self._subscriptions[front_end] = (subscription, self._loop.create_task(self._forward_events(front_end,
-                                                                                                   subscription)))
+        self._demands[front_end] = Demand(pages, max_rate)
+        self._retune_events()
 
     def _on_unsubscribe(self, front_end: bytes) -> None:
-        subscription, task = self._subscriptions.pop(front_end, (None, None))
-        if subscription is not None:
-            subscription.close()  # off the hub now, not when the task next runs
-            task.cancel()
+        if self._demands.pop(front_end, None) is not None:
+            self._retune_events()
 
-    async def _forward_events(self, front_end: bytes, subscription: EventSubscription) -> None:
+    def _retune_events(self) -> None:
+        """The one subscription carries what the front ends ask for together (retuned in place: no
+        step is lost or sent twice); it ends with the last front end's readers."""
+        demands = list(self._demands.values())
+        if not demands:
+            if self._events is not None:
+                subscription, task = self._events
+                self._events = None
+                subscription.close()  # off the hub now, not when the task next runs
+                task.cancel()
+            return
+        rates = [d.max_rate for d in demands]
+        pages, max_rate = any(d.pages for d in demands), None if None in rates else max(rates)
+        if self._events is not None:
+            self._events[0].retune(pages=pages, max_rate=max_rate)
+            return
+        subscription = self.driver.subscribe(pages=pages, maxsize=FRONT_END_BACKLOG, max_rate=max_rate)
+        self._events = (subscription, self._loop.create_task(self._forward_events(subscription)))
+
+    async def _forward_events(self, subscription: EventSubscription) -> None:
         reported = 0
         try:
             async for event in subscription:
                 lost, reported = subscription.dropped - reported, subscription.dropped
-                self._send(front_end, ("event", pack(event), lost))
+                owners = event.page_owner
+                message = pickle.dumps(("event", pack(replace(event, page_owner=None)), lost), pickle.HIGHEST_PROTOCOL)
+                page_frame = None if owners is None else np.ascontiguousarray(owners, dtype="<i4").data
+                for front_end, demand in self._demands.items():
+                    frames = [front_end, message] + ([page_frame] if demand.pages and page_frame is not None else [])
+                    self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
         finally:
             subscription.close()
 

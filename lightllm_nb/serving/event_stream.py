@@ -1,4 +1,5 @@
-"""`GET /api/events`: StepEvents over a websocket, as JSON, redacted for the caller's user.
+"""`GET /api/events`: StepEvents over a websocket, as JSON, redacted for the caller's user (each view
+redacted and encoded once for all its sockets: event_records.py).
 
 With `?pages=1` each event's page map (owner per KV page) travels as a binary frame right after
 its JSON text frame: int32 little-endian, one entry per page. With `?rate=N` (events a second, for
@@ -7,11 +8,9 @@ decisions of every step it skipped."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
-import numpy as np
 import tornado.ioloop
 import tornado.websocket
 
@@ -51,19 +50,21 @@ class EventStreamHandler(tornado.websocket.WebSocketHandler):
 
     def open(self) -> None:
         pages = self.get_query_argument("pages", "0") in ("1", "true")
-        self.subscription = self.ctx.driver.subscribe(user=self.caller.view, pages=pages, max_rate=self.max_rate)
+        # Unredacted here: the caller's view comes from `ctx.event_records`, made once for every
+        # socket that shares it, never from the subscription (which would redact per socket).
+        self.subscription = self.ctx.driver.subscribe(user=None, pages=pages, max_rate=self.max_rate)
         self.ctx.sockets.add(self)
         tornado.ioloop.IOLoop.current().spawn_callback(self._forward)
 
     async def _forward(self) -> None:
+        records = self.ctx.event_records
         try:
             async for event in self.subscription:
-                owners = event.page_owner
-                record = dataclasses.replace(event, page_owner=None).to_dict()
-                record["dropped"] = self.subscription.dropped
-                await self.write_message(json.dumps(record))
-                if owners is not None:
-                    await self.write_message(np.asarray(owners, dtype="<i4").tobytes(), binary=True)
+                text, pages = records.record(records.view(event, self.caller.view), self.subscription.dropped)
+                written = self.write_message(text)
+                if pages is not None:
+                    written = self.write_message(pages, binary=True)
+                await written  # one wait for the event's frames to be flushed
         except tornado.websocket.WebSocketClosedError:
             pass
         except Exception:  # a broken event must end this socket, never the server

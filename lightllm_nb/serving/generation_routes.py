@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import time
 
@@ -20,11 +21,12 @@ def sse(record: dict | str) -> bytes:
     return b"data: " + (record if isinstance(record, str) else json.dumps(record)).encode() + b"\n\n"
 
 
-class _GenerationHandler(ApiHandler):
+class _GenerationHandler(ApiHandler, metaclass=abc.ABCMeta):
     """Parse, submit, then stream or collect; subclasses say how a body is read and outputs look."""
 
+    @abc.abstractmethod
     def parse(self, body: dict):
-        raise NotImplementedError
+        """The body as a GenerationRequest (an ApiError if it is bad)."""
 
     async def post(self) -> None:
         if self.ctx.stopping:
@@ -85,11 +87,13 @@ class _GenerationHandler(ApiHandler):
         if handle is not None:
             handle.abort()
 
+    @abc.abstractmethod
     def complete(self, completion) -> dict:
-        raise NotImplementedError
+        """The whole answer of a request that does not stream."""
 
+    @abc.abstractmethod
     def records(self, out, request) -> list:
-        raise NotImplementedError
+        """The server-sent records of one step's output of a streamed request."""
 
     def _log_request(self, completion) -> None:
         m = completion.metrics

@@ -16,6 +16,7 @@ import tornado.web
 
 from .api_errors import ApiError, error_body
 from .auth import USER_HEADER, Caller, TokenTable, valid_user_name
+from .event_records import EventRecords
 from .metrics import ServingMetrics
 from .openai_api import models_list
 from .served_model import ServedModel
@@ -36,6 +37,7 @@ class ServingContext:
     stopping: bool = False
     active: set = field(default_factory=set)   # handlers with a request in flight
     sockets: set = field(default_factory=set)  # open event websockets
+    event_records: EventRecords = field(default_factory=EventRecords)  # what event websockets write, per view
 
 
 def identify(handler: tornado.web.RequestHandler, ctx: ServingContext) -> Caller:

@@ -155,6 +155,12 @@ class HTTPEventSubscription:
     def dropped(self) -> int:
         return self._remote_dropped + self._mailbox.dropped
 
+    @property
+    def remote_dropped(self) -> int:
+        """The part of `dropped` that the engine host lost (this socket's reader there fell behind);
+        the rest was lost here, by a reader of this subscription slower than the socket."""
+        return self._remote_dropped
+
     async def _read(self, url: str, headers: dict, connected: threading.Event) -> None:
         from tornado.httpclient import HTTPClientError, HTTPRequest
         from tornado.websocket import websocket_connect

@@ -18,8 +18,8 @@ import itertools
 import logging
 import os
 import pickle
-from dataclasses import replace
 
+import numpy as np
 import zmq
 import zmq.asyncio
 
@@ -107,11 +107,12 @@ class RemoteDriver:
 
     async def _receive(self) -> None:
         while True:
-            kind, *fields = pickle.loads(await self._socket.recv())
+            message, *page_frame = await self._socket.recv_multipart(copy=False)
+            kind, *fields = pickle.loads(message.buffer)
             if kind == "outputs":
                 self._deliver(fields[0])
             elif kind == "event":
-                self._publish(*fields)
+                self._publish(*fields, np.frombuffer(page_frame[0].buffer, dtype="<i4") if page_frame else None)
             else:
                 self._answer(kind, *fields)
 
@@ -139,12 +140,11 @@ class RemoteDriver:
                 del self._handles[out.request_id]
         wake_readers(woken)  # one wake-up for the step, as DriverLoop does in one process
 
-    def _publish(self, packed: list, lost: int) -> None:
-        event = unpack(packed)
+    def _publish(self, packed: list, lost: int, page_owner: np.ndarray | None) -> None:
         if lost:
             self._events.report_lost(lost)
         # Only readers that asked for pages get the map (the engine sends it if any reader asked).
-        self._events.publish(replace(event, page_owner=None), lambda: event.page_owner)
+        self._events.publish(unpack(packed), lambda: page_owner)
 
     def _readers_changed(self) -> None:
         """A reader came or went (on any thread): the engine hears the new demand from this loop's
