@@ -13,16 +13,23 @@ from lightllm_nb.telemetry.events import BatchRow, StepEvent
 from lightllm_nb.telemetry.hub import EventHub
 
 
-def step_event(step: int) -> StepEvent:
+def step_event(step: int, running: int = 1) -> StepEvent:
     decision = Decision("admit", f"bob-{step}", "fits", {"step": step}, "bob")
     return StepEvent(step=step, time=step * 1e-3, duration=1e-3, rows=[BatchRow(f"bob-{step}", "bob", "decode", 1, step)],
-                     decisions=[decision], kv_capacity=64, kv_free=32, kv_cached=0, running=1, waiting=0,
+                     decisions=[decision], kv_capacity=64, kv_free=32, kv_cached=0, running=running, waiting=0,
                      page_size=1)
 
 
-def publish_steps(hub: EventHub, count: int, every: float) -> None:
+def publish_steps(hub: EventHub, count: int, every: float, copies: list | None = None) -> None:
+    """`count` steps, the last leaving nothing running (as an engine's last step before it idles);
+    each page map copied is appended to `copies`."""
+    def page_owner() -> np.ndarray:
+        if copies is not None:
+            copies.append(step)
+        return np.zeros(64, dtype=np.int64)
+
     for step in range(1, count + 1):
-        hub.publish(step_event(step), lambda: np.zeros(64, dtype=np.int64))
+        hub.publish(step_event(step, running=int(step < count)), page_owner)
         time.sleep(every)
     hub.close()
 
@@ -42,6 +49,23 @@ def test_a_rate_capped_reader_gets_the_newest_step_and_every_decision():
     assert [d.numbers["step"] for e in seen for d in e.decisions] == list(range(1, 61))
     assert all(d.user == "other" and "bob" not in repr(e) for e in seen for d in e.decisions)  # still redacted
     assert all(len(e.page_owner) == 64 for e in seen) and capped.dropped == 0
+
+
+def test_a_rate_capped_reader_of_pages_costs_the_step_one_page_map_a_gap():
+    """The page map is a copy of a million entries at a real pool's size: a reader drawing 10 a
+    second must not make every step copy it (issue 10), yet sees a map with every step it gets,
+    the last one (nothing running: the engine idles) included."""
+    hub = EventHub()
+    capped = hub.subscribe(max_rate=20, pages=True)
+    copies = []
+    publisher = threading.Thread(target=publish_steps, args=(hub, 100, 0.002, copies))
+    publisher.start()
+    seen = list(capped)
+    publisher.join()
+    assert seen[-1].step == 100 and all(e.page_owner is not None for e in seen)
+    assert [d.numbers["step"] for e in seen for d in e.decisions] == list(range(1, 101))
+    # One copy per event delivered (each shows its own step's map), at most one more: the last step's.
+    assert {e.step for e in seen} <= set(copies) and len(copies) <= len(seen) + 1 < 50
 
 
 def test_a_rate_capped_async_reader_and_its_timeout():
