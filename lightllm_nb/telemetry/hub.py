@@ -2,7 +2,8 @@
 bounded mailboxes; redaction, callbacks and trace writing happen on the readers' side.
 
 A slow reader loses its oldest events (counted in `dropped`), it never slows a step. The page map
-is copied (int32, one entry per page) once per step, and only when a subscriber asked for it.
+is copied (int32, one entry per page) at most once per step, only when a subscriber asked for it,
+and for a rate-capped one only once per gap (see `EventSubscription.takes_pages`).
 
 A front-end process (`serve --api-server-count N`) keeps a hub of its own, fed by one raw
 subscription in the engine's process that carries what its subscribers together ask for (`demand`):
