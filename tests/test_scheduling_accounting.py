@@ -149,6 +149,18 @@ def test_a_finished_request_leaves_exactly_its_computed_whole_pages_cached(page_
     assert scheduler.pool.is_whole()
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_prompt_diverging_inside_a_cached_prefix_reuses_the_whole_pages_before_it(page_size):
+    # the first request leaves one node of 12 tokens; the second departs from it at token 6, in its
+    # second page of 4 (the lookup finds the node by its first page, the rest is compared token by token)
+    scheduler = make_scheduler(capacity=32, page_size=page_size, prefix_cache=True)
+    scheduler.add(request("first", prompt_len=13, max_tokens=1))
+    run(scheduler)
+    scheduler.add(Request("second", list(range(10, 16)) + [99] * 7, SamplingParams(max_tokens=1)))
+    [hit] = [d for d in step(scheduler) if d.kind == "prefix_hit"]
+    assert hit.numbers["matched"] == 6 // page_size * page_size
+
+
 def test_a_prefix_hit_points_the_rows_first_positions_at_the_cached_pages():
     """The runner never computes a cached prefix, so it never maps those positions either: the
     scheduler writes them into req_to_token when it admits the request."""
