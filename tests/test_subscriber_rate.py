@@ -68,6 +68,22 @@ def test_a_rate_capped_reader_of_pages_costs_the_step_one_page_map_a_gap():
     assert {e.step for e in seen} <= set(copies) and len(copies) <= len(seen) + 1 < 50
 
 
+def test_a_step_no_other_follows_reaches_a_capped_reader_of_pages_with_its_map():
+    """An engine stepped by hand (or one whose requests wait) may publish no step after one that came
+    without a map: the reader takes the map as it still is, rather than wait for a step or draw none."""
+    hub = EventHub()
+    capped = hub.subscribe(max_rate=20, pages=True)
+    pool = np.arange(64, dtype=np.int32)
+    hub.publish(step_event(1), lambda: pool)
+    assert capped.get(timeout=5).page_owner.tolist() == list(range(64))  # due at once: copied by the step
+    pool[:8] = -1
+    hub.publish(step_event(2), lambda: pool)  # within the gap: no copy
+    second = capped.get(timeout=5)
+    assert second.step == 2 and second.page_owner.tolist() == [-1] * 8 + list(range(8, 64))
+    pool[:] = 5
+    assert second.page_owner[0] == -1  # a copy, not the pool itself
+
+
 def test_a_rate_capped_async_reader_and_its_timeout():
     hub = EventHub()
     capped = hub.subscribe(max_rate=10)

@@ -85,9 +85,11 @@ class EventSubscription:
         batch = self._queued(first)
         if self._map_due(batch):
             try:
-                batch.append(self._mailbox.get(left()))
-            except (MailboxClosed, TimeoutError):
+                batch.append(self._mailbox.get(self._gap if deadline is None else min(self._gap, left())))
+            except MailboxClosed:
                 pass
+            except TimeoutError:
+                batch[-1] = self._with_map_now(batch[-1])
         event, taken = self._latest(batch)
         return self._view(event), taken
 
@@ -110,9 +112,11 @@ class EventSubscription:
         batch = self._queued(first)
         if self._map_due(batch):
             try:
-                batch.append(await self._mailbox.aget())
+                batch.append(await asyncio.wait_for(self._mailbox.aget(), self._gap))
             except MailboxClosed:
                 pass
+            except TimeoutError:
+                batch[-1] = self._with_map_now(batch[-1])
         return self._view(self._latest(batch)[0])
 
     def close(self) -> None:
@@ -139,8 +143,16 @@ class EventSubscription:
 
     def _map_due(self, batch: list[StepEvent]) -> bool:
         """A rate-capped reader of pages whose queued steps all came without a map: it is due now, so
-        the next step brings one (see `takes_pages`) if its source has one; wait for that step."""
+        the next step brings one (see `takes_pages`) if its source has one; wait a gap for that step."""
         return self._gap is not None and self.pages and all(event.page_owner is None for event in batch)
+
+    def _with_map_now(self, event: StepEvent) -> StepEvent:
+        """`event`, the newest step, with the page map as it is now: no step followed it within a gap
+        (an engine stepped by hand, or one whose running requests wait), so the map is still that
+        step's, copied here on the reader's thread. A step starting during the copy could mix in
+        its first pages; a panel draws the next map a gap later."""
+        owners = self._hub.current_page_map()
+        return event if owners is None else replace(event, page_owner=owners)
 
     def _latest(self, batch: list[StepEvent]) -> tuple[StepEvent, int]:
         """Rate-capped: the newest step with a page map if the reader asked for pages (the map and
@@ -238,6 +250,7 @@ class EventHub:
         self._subscriptions: tuple[EventSubscription, ...] = ()  # replaced, never mutated: publish reads it lock-free
         self._callbacks: tuple[CallbackSubscriber, ...] = ()
         self._on_change = on_change
+        self._page_owner: Callable[[], np.ndarray | None] = lambda: None  # the newest step's (see publish)
 
     def __bool__(self) -> bool:
         return bool(self._subscriptions)
@@ -272,6 +285,7 @@ class EventHub:
     def publish(self, event: StepEvent, page_owner: Callable[[], np.ndarray | None]) -> None:
         """`page_owner` is called at most once, and only if a subscriber asked for pages (None: this
         step has no map, e.g. a front end's upstream that does not carry pages yet)."""
+        self._page_owner = page_owner
         with_pages = None
         for subscription in self._subscriptions:
             if subscription.pages and subscription.takes_pages(event):
@@ -281,6 +295,11 @@ class EventHub:
                 subscription._put(with_pages)
             else:
                 subscription._put(event)
+
+    def current_page_map(self) -> np.ndarray | None:
+        """A copy of the page map as the newest step's `page_owner` gives it now, on the caller's thread."""
+        owners = self._page_owner()
+        return None if owners is None else owners.astype(np.int32)
 
     def report_lost(self, count: int) -> None:
         """`count` events never reached this hub (its upstream fell behind): every reader is told."""
