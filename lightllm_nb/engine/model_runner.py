@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -25,9 +27,11 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, pool, max_batch, progress)
 
-    def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
+    def prepare(self, items: list[tuple[Request, int]], before_device: Callable[[], None] | None = None
+                ) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
         """Flat tensors for this step, the requests that sample a token after it (in logits order)
-        and their rows of req_to_token (on the device).
+        and their rows of req_to_token (on the device). `before_device` runs once the host's part is
+        done and before the first device work (the engine queues a deferred sampling there).
 
         Also maps each new token's position to its slot in req_to_token, on the device, in one
         scatter: the kernels only ever look slots up there.
@@ -58,6 +62,8 @@ class ModelRunner:
         positions_np = np.concatenate([np.asarray(positions, dtype=np.int64)] + [c[0] for c in chunks])
         slots_np = np.concatenate([np.asarray(slots, dtype=np.int64)] + [c[1] for c in chunks])
         row_per_token = np.repeat(np.asarray(rows, dtype=np.int64), np.diff(q_starts))
+        if before_device is not None:
+            before_device()
         # One host->device copy for everything, then views.
         packed = torch.from_numpy(np.concatenate([
             np.asarray(ids, dtype=np.int64), positions_np, slots_np, row_per_token,
@@ -78,9 +84,10 @@ class ModelRunner:
             num_decodes=num_decodes, max_q_len=max(n for _, n in items), max_kv_len=max(kv_lens))
         return batch, samplers, sample_rows_t
 
-    def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
+    def run(self, items: list[tuple[Request, int]], before_device: Callable[[], None] | None = None
+            ) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         """Launch the step; returns logits (still being computed), the sampling requests and their rows."""
-        batch, samplers, sample_rows = self.prepare(items)
+        batch, samplers, sample_rows = self.prepare(items, before_device)
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)[batch.logits_index], samplers, sample_rows
         return self.model.forward(batch, self.pool.buffers), samplers, sample_rows
