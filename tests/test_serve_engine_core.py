@@ -11,20 +11,23 @@ import pytest
 zmq = pytest.importorskip("zmq")
 import zmq.asyncio  # noqa: E402
 
-from lightllm_nb.serving.engine_core import EngineCore  # noqa: E402
+from lightllm_nb.serving.engine_core import EngineCore, event_address  # noqa: E402
 from lightllm_nb.serving.event_wire import unpack  # noqa: E402
 from lightllm_nb.telemetry.events import BatchRow, StepEvent  # noqa: E402
-from lightllm_nb.telemetry.hub import EventHub  # noqa: E402
+from lightllm_nb.telemetry.hub import Demand, EventHub  # noqa: E402
 
 
 class HubDriver:
-    """The part of a DriverLoop that EngineCore's events use: its hub's subscribe."""
+    """The parts of a DriverLoop these tests use: its hub's subscribe, and an abort of nothing."""
 
     def __init__(self):
         self.hub = EventHub()
 
     def subscribe(self, **options):
         return self.hub.subscribe(**options)
+
+    def abort(self, request_id, *, user):
+        return False
 
 
 def a_step(step: int) -> StepEvent:
@@ -39,49 +42,87 @@ async def until(condition, timeout=10.0):
         await asyncio.sleep(0.01)
 
 
-async def front_ends_reading_events(tmp_path):
+async def engine_with_front_ends(tmp_path):
+    """An EngineCore with two front ends' sockets: their DEALERs and their event SUBs (subscribed to
+    no topic yet)."""
     driver = HubDriver()
     address = f"ipc://{tmp_path}/engine.sock"
     core = EngineCore(driver, address, front_ends=[101, 102])
     serving = asyncio.get_running_loop().create_task(core.serve())
     context = zmq.asyncio.Context()
-    sockets = {}
+    dealers, subs = {}, {}
     for pid in (101, 102):
-        sockets[pid] = context.socket(zmq.DEALER)
-        sockets[pid].setsockopt(zmq.IDENTITY, str(pid).encode())
-        sockets[pid].setsockopt(zmq.LINGER, 0)
-        sockets[pid].connect(address)
+        dealers[pid] = context.socket(zmq.DEALER)
+        dealers[pid].setsockopt(zmq.IDENTITY, str(pid).encode())
+        dealers[pid].connect(address)
+        subs[pid] = context.socket(zmq.SUB)
+        subs[pid].connect(event_address(address))
     try:
-        sockets[101].send(pickle.dumps(("subscribe", False, None)))
-        sockets[102].send(pickle.dumps(("subscribe", True, 10.0)))
-        await until(lambda: len(driver.hub) == 1 and driver.hub.demand().pages)
-        await asyncio.sleep(0.1)  # the second front end's demand is in too
-        yield driver, core, sockets
+        yield driver, core, dealers, subs
     finally:
         serving.cancel()
-        for sock in sockets.values():
-            sock.close()
+        for sock in [*dealers.values(), *subs.values()]:
+            sock.close(linger=0)
         context.term()
+
+
+async def receive(sock, timeout=0.2):
+    if await sock.poll(timeout * 1000):
+        return await sock.recv_multipart()
+    return None
 
 
 def test_front_ends_share_one_subscription_one_pickle_and_only_askers_get_pages(tmp_path):
     async def main():
-        async for driver, core, sockets in front_ends_reading_events(tmp_path):
+        async for driver, core, dealers, subs in engine_with_front_ends(tmp_path):
+            dealers[101].send(pickle.dumps(("subscribe", False, None)))
+            subs[101].setsockopt(zmq.SUBSCRIBE, b"e")
+            dealers[102].send(pickle.dumps(("subscribe", True, 10.0)))
+            subs[102].setsockopt(zmq.SUBSCRIBE, b"p")
+            await until(lambda: len(core._demands) == 2)
             assert len(driver.hub) == 1
-            assert driver.hub.demand().max_rate is None  # the fastest asked for: every step
+            assert driver.hub.demand() == Demand(pages=True, max_rate=None)  # every step: the fastest asked
             owners = np.array([0, -1, -2, 0], dtype=np.int32)
-            driver.hub.publish(a_step(1), lambda: owners)
-            plain = await asyncio.wait_for(sockets[101].recv_multipart(), 10)
-            paged = await asyncio.wait_for(sockets[102].recv_multipart(), 10)
-            assert len(plain) == 1 and len(paged) == 2
-            assert plain[0] == paged[0]  # the same bytes: pickled once
-            kind, packed, lost = pickle.loads(plain[0])
-            assert (kind, lost) == ("event", 0) and unpack(packed) == a_step(1)
-            assert np.array_equal(np.frombuffer(paged[1], dtype="<i4"), owners)
+            heard = set()
+            for step in range(1, 200):  # a SUB hears a publisher only a moment after it subscribed
+                driver.hub.publish(a_step(step), lambda: owners)
+                for pid in (101, 102):
+                    if await receive(subs[pid]) is not None:
+                        heard.add(pid)
+                if len(heard) == 2:
+                    break
+            for pid in (101, 102):  # what else was on its way
+                while await receive(subs[pid]) is not None:
+                    pass
+            driver.hub.publish(a_step(1000), lambda: owners)
+            got = {pid: await receive(subs[pid], 10) for pid in (101, 102)}
+            plain, paged = got[101], got[102]
+            assert plain[0] == b"e" and len(plain) == 2 and paged[0] == b"p" and len(paged) == 3
+            assert plain[1] == paged[1]  # the same bytes: pickled once
+            _sequence, packed, lost = pickle.loads(plain[1])
+            assert lost == 0 and unpack(packed) == a_step(1000)
+            assert np.array_equal(np.frombuffer(paged[2], dtype="<i4"), owners)
 
-            sockets[102].send(pickle.dumps(("unsubscribe",)))
+            dealers[102].send(pickle.dumps(("unsubscribe",)))
             await until(lambda: not driver.hub.demand().pages)
             assert len(driver.hub) == 1
             core.front_end_gone(b"101")
             assert len(driver.hub) == 0
+    asyncio.run(main())
+
+
+def test_a_front_end_that_stops_reading_for_a_while_loses_no_outputs(tmp_path):
+    """zmq's default high-water mark (1000 messages each way) made the ROUTER drop, silently, what
+    a stalled front end had not read yet: its requests never finished."""
+    async def main():
+        async for driver, core, dealers, subs in engine_with_front_ends(tmp_path):
+            dealers[101].send(pickle.dumps(("abort", 0, "no-such-request", "alice")))
+            answer = await receive(dealers[101], 10)  # connected both ways
+            assert pickle.loads(answer[0]) == ("answer", 0, False)
+            for step in range(5000):  # the front end reads nothing meanwhile
+                core._send(b"101", ("outputs", [step]))
+            received = []
+            while (message := await receive(dealers[101], 1)) is not None:
+                received.append(pickle.loads(message[0])[1][0])
+            assert received == list(range(5000))
     asyncio.run(main())

@@ -1,23 +1,28 @@
 """The engine process's end of `serve --api-server-count N`: the DriverLoop served to N front-end
-processes over one zmq ROUTER socket (their end is `remote_driver.py`).
+processes over one zmq ROUTER socket, and their StepEvents over one PUB socket (their end is
+`remote_driver.py`).
 
 Messages are pickled tuples (both ends are this package, on one host). A front end sends
 `("submit", key, ids, sampling, user, priority)`, `("abort", key, request_id, user)`,
 `("stats", key, user)`, `("subscribe", pages, max_rate)`, `("unsubscribe",)`; it gets
-`("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)`,
-`("event", packed event (event_wire.py), lost)` (+ the page map's frame), and once per step `("outputs", [RequestOutput, ...])` with every output
-of that step for that front end's requests. Users are checked by the front ends (their tokens) and
-again here for aborts (the driver's own check). A front end that is gone (its process died) has its
-requests aborted and its event subscription closed.
+`("accepted", key, request_id)` or `("rejected", key, message)`, `("answer", key, value)` and once
+per step `("outputs", [RequestOutput, ...])` with every output of that step for that front end's
+requests. Nothing on that socket may be lost, so neither end has a high-water mark: zmq's default
+(1000 messages each way) made the ROUTER drop, without a word, what a front end stalled for ~1000
+steps (a long tokenization on its IOLoop) had not read yet, and its requests hung. Users are checked
+by the front ends (their tokens) and again here for aborts (the driver's own check). A front end
+that is gone (its process died) has its requests aborted and its event demand dropped.
 
 Events: one raw (unredacted) subscription for all front ends with event readers, whatever their
 number: each front end's `subscribe` message says what its readers ask for together (sent again
 whenever that changes), and the subscription carries what they all ask for together (the page map
-if any asks, the fastest rate: a front end's own readers cap themselves). Each event is pickled once
-a step and the same bytes go to every subscribed front end; the page map travels as a second,
-raw frame (int32), to the front ends that asked for it only. Redaction, rate caps and the JSON
-records happen in the front ends: the engine's process pays once a step, never per reader or
-front end (issue 8).
+if any asks, the fastest rate: a front end's own readers cap themselves). Each event is pickled
+once a step as `(sequence number, packed event (event_wire.py), lost)` and published once on the
+PUB socket: under topic `e` without the page map, under topic `p` with it as a second, raw frame
+(int32), each only if some front end subscribed to it. A PUB socket drops what a stalled
+subscriber cannot take (its high-water mark), which is what events may do: the front end counts
+the gap in sequence numbers as lost. Redaction, rate caps and the JSON records happen in the front
+ends: the engine's process pays once a step, never per reader or front end (issue 8).
 """
 
 from __future__ import annotations
@@ -38,9 +43,20 @@ from .request_handle import RequestHandle
 
 log = logging.getLogger("lightllm_nb.serve")
 
-# Events queued for one front end's link: it reads them as they come (each reader behind it has its
-# own bounded queue there), so this only fills while that process is stalled.
+# Events queued for the front ends' link: this process's event loop publishes them as they come, so
+# this only fills while that loop is stalled.
 FRONT_END_BACKLOG = 1024
+
+
+def event_address(address: str) -> str:
+    """The PUB socket's address beside the ROUTER's."""
+    return address + "-events"
+
+
+def unbounded(socket: zmq.Socket) -> None:
+    """No high-water mark either way: requests and their outputs are never dropped (see above)."""
+    socket.setsockopt(zmq.SNDHWM, 0)
+    socket.setsockopt(zmq.RCVHWM, 0)
 
 
 class EngineCore:
@@ -49,12 +65,17 @@ class EngineCore:
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        unbounded(self._socket)
         self._socket.bind(address)
+        self._publisher = self._context.socket(zmq.PUB)
+        self._publisher.setsockopt(zmq.LINGER, 0)
+        self._publisher.bind(event_address(address))
         self._front_end_of: dict[str, bytes] = {}         # request id -> the front end that submitted it
         # front end (its pid, as its zmq identity) -> its running requests
         self._requests: dict[bytes, dict[str, RequestHandle]] = {str(pid).encode(): {} for pid in front_ends}
         self._demands: dict[bytes, Demand] = {}  # front end -> what its event readers ask for together
         self._events: tuple[EventSubscription, asyncio.Task] | None = None  # what every front end's events come from
+        self._sequence = 0  # events published: a front end counts a gap as lost events
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self) -> None:
@@ -70,6 +91,7 @@ class EngineCore:
                     log.exception("engine core: a %r message from front end %s failed", kind, front_end.decode())
         finally:
             self._socket.close()
+            self._publisher.close()
             self._context.term()
 
     def front_end_gone(self, front_end: bytes) -> int:
@@ -146,12 +168,16 @@ class EngineCore:
         try:
             async for event in subscription:
                 lost, reported = subscription.dropped - reported, subscription.dropped
+                self._sequence += 1
                 owners = event.page_owner
-                message = pickle.dumps(("event", pack(replace(event, page_owner=None)), lost), pickle.HIGHEST_PROTOCOL)
-                page_frame = None if owners is None else np.ascontiguousarray(owners, dtype="<i4").data
-                for front_end, demand in self._demands.items():
-                    frames = [front_end, message] + ([page_frame] if demand.pages and page_frame is not None else [])
-                    self._socket.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                message = pickle.dumps((self._sequence, pack(replace(event, page_owner=None)), lost),
+                                       pickle.HIGHEST_PROTOCOL)
+                wanted = {demand.pages for demand in self._demands.values()}
+                if False in wanted:
+                    self._publisher.send_multipart([b"e", message], zmq.NOBLOCK, copy=False)
+                if True in wanted:
+                    pages = [] if owners is None else [np.ascontiguousarray(owners, dtype="<i4").data]
+                    self._publisher.send_multipart([b"p", message, *pages], zmq.NOBLOCK, copy=False)
         finally:
             subscription.close()
 

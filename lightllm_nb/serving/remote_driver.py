@@ -6,9 +6,10 @@ The handles are the same `RequestHandle`s as in one process: each step's message
 and their readers on this event loop are woken once, together. Text is decoded here, by the
 reader, as in one process.
 
-Event readers subscribe to this process's own EventHub, fed by one raw subscription in the engine
-process that carries what they ask for together (`EventHub.demand`: pages if any reader wants them,
-the fastest rate); each reader's redaction (its own random aliases) and rate cap happen here.
+Event readers subscribe to this process's own EventHub, fed by the engine process's event
+publisher (a zmq SUB socket: topic `p` if a reader wants page maps, else `e`), which carries what
+the readers of every front end ask for together (each sends `EventHub.demand`: pages if any reader
+wants them, the fastest rate); rate caps happen here, and the websockets' views in event_records.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..telemetry.hub import Demand, EventHub, EventSubscription
+from .engine_core import event_address, unbounded
 from .event_wire import unpack
 from .request_handle import RequestHandle, wake_readers
 
@@ -38,19 +40,24 @@ class RemoteDriver:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, str(os.getpid()).encode())
         self._socket.setsockopt(zmq.LINGER, 0)
+        unbounded(self._socket)
         self._socket.connect(address)
+        self._event_socket = self._context.socket(zmq.SUB)  # subscribed to a topic while readers want events
+        self._event_socket.setsockopt(zmq.LINGER, 0)
+        self._event_socket.connect(event_address(address))
+        self._last_sequence: int | None = None  # of the last event received: a gap is events lost
         self._keys = itertools.count()
         self._pending: dict[int, tuple[asyncio.Future, object]] = {}  # key -> (answer, handle maker)
         self._handles: dict[str, RequestHandle] = {}
         self._events = EventHub(on_change=self._readers_changed)
         self._upstream: Demand | None = None  # what the engine process sends this front end now
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._receiving: asyncio.Task | None = None
+        self._receiving: list[asyncio.Task] | None = None
 
     def start(self) -> None:
         """On the event loop that serves HTTP: begin reading the engine's messages."""
         self._loop = asyncio.get_running_loop()
-        self._receiving = self._loop.create_task(self._receive())
+        self._receiving = [self._loop.create_task(self._receive()), self._loop.create_task(self._receive_events())]
 
     async def asubmit(self, prompt_ids: list[int], sampling: SamplingParams, *, user: str, priority: int = 0,
                       stream_text: bool = True, keep_outputs: bool = True) -> RequestHandle:
@@ -86,10 +93,11 @@ class RemoteDriver:
         deadline = asyncio.get_running_loop().time() + 5
         while self._handles and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
-        if self._receiving is not None:
-            self._receiving.cancel()
+        for task in self._receiving or ():
+            task.cancel()
         self._events.close()
         self._socket.close()
+        self._event_socket.close()
         self._context.term()
 
     # ---- internals -----------------------------------------------------------------------------
@@ -107,14 +115,22 @@ class RemoteDriver:
 
     async def _receive(self) -> None:
         while True:
-            message, *page_frame = await self._socket.recv_multipart(copy=False)
-            kind, *fields = pickle.loads(message.buffer)
+            kind, *fields = pickle.loads(await self._socket.recv())
             if kind == "outputs":
                 self._deliver(fields[0])
-            elif kind == "event":
-                self._publish(*fields, np.frombuffer(page_frame[0].buffer, dtype="<i4") if page_frame else None)
             else:
                 self._answer(kind, *fields)
+
+    async def _receive_events(self) -> None:
+        while True:
+            _topic, message, *page_frame = await self._event_socket.recv_multipart(copy=False)
+            sequence, packed, lost = pickle.loads(message.buffer)
+            if self._last_sequence is not None:
+                if sequence <= self._last_sequence:  # under both topics while they switch: taken once
+                    continue
+                lost += sequence - self._last_sequence - 1  # what the link dropped while this process stalled
+            self._last_sequence = sequence
+            self._publish(packed, lost, np.frombuffer(page_frame[0].buffer, dtype="<i4") if page_frame else None)
 
     def _answer(self, kind: str, key: int, value) -> None:
         answer, maker = self._pending.pop(key)
@@ -160,5 +176,14 @@ class RemoteDriver:
         demand = self._events.demand()
         if demand == self._upstream:
             return
+        topics = {None: b"", False: b"e", True: b"p"}
+        before, after = (topics[None if d is None else d.pages] for d in (self._upstream, demand))
+        if after != before:  # the new topic first: no step is lost (one that comes under both is taken once)
+            if after:
+                self._event_socket.setsockopt(zmq.SUBSCRIBE, after)
+            if before:
+                self._event_socket.setsockopt(zmq.UNSUBSCRIBE, before)
+        if demand is None:
+            self._last_sequence = None  # the next reader's events start afresh
         self._upstream = demand
         self._send(("unsubscribe",) if demand is None else ("subscribe", demand.pages, demand.max_rate))
