@@ -95,8 +95,10 @@ class Engine(EmbeddedAPI, StepOutputs):
                                    max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes,
                                    timelines=TimelineRecorder(lambda: self._step + 1))  # the step being run
         # CUDA graphs at tp>1 would need every rank to capture and replay in lockstep: not built yet.
+        # A constrained step's deferred sampling is queued when the next step's inputs are built on the
+        # host and about to go to the device (they read its tokens there).
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs and tp == 1, max_batch=max_running,
-                                  progress=progress)
+                                  progress=progress, before_device=self._sample_deferred)
         generator = torch.Generator(device=self.device)
         # Never torch.seed(): that would reseed the notebook's global RNG.
         generator.manual_seed(seed) if seed is not None else generator.seed()
@@ -216,9 +218,7 @@ class Engine(EmbeddedAPI, StepOutputs):
                 for r, n in batch.items] if self._events else []
         inflight = None
         if batch:
-            # A constrained previous step's sampling is queued once this step's inputs are built on
-            # the host and before they go to the device (the inputs read its tokens there).
-            logits, sampling_reqs, sample_rows = self.runner.run(batch.items, before_device=self._sample_deferred)
+            logits, sampling_reqs, sample_rows = self.runner.run(batch.items)  # queues a deferred sampling first
             for req, n in batch.items:
                 req.num_computed += n
             samplers = [r.sampler for r in sampling_reqs]

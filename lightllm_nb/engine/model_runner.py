@@ -14,9 +14,12 @@ from ..scheduling.request import Request, fill_pending, has_pending
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: KVPool, *, cuda_graphs: bool = False, max_batch: int = 1,
-                 progress: bool = True):
+                 progress: bool = True, before_device: Callable[[], None] | None = None):
         self.model = model
         self.pool = pool
+        # Run by each step once the host's part of its inputs is done, before any device work (the
+        # engine queues a deferred sampling there: these inputs read its tokens on the device).
+        self.before_device = before_device
         self.device = model.device
         # Each row's newest sampled token, kept on the device so an overlapped next step can
         # read it before the host has seen it.
@@ -27,11 +30,9 @@ class ModelRunner:
 
             self.graphs = DecodeGraphs(model, pool, max_batch, progress)
 
-    def prepare(self, items: list[tuple[Request, int]], before_device: Callable[[], None] | None = None
-                ) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
+    def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
         """Flat tensors for this step, the requests that sample a token after it (in logits order)
-        and their rows of req_to_token (on the device). `before_device` runs once the host's part is
-        done and before the first device work (the engine queues a deferred sampling there).
+        and their rows of req_to_token (on the device).
 
         Also maps each new token's position to its slot in req_to_token, on the device, in one
         scatter: the kernels only ever look slots up there.
@@ -62,8 +63,8 @@ class ModelRunner:
         positions_np = np.concatenate([np.asarray(positions, dtype=np.int64)] + [c[0] for c in chunks])
         slots_np = np.concatenate([np.asarray(slots, dtype=np.int64)] + [c[1] for c in chunks])
         row_per_token = np.repeat(np.asarray(rows, dtype=np.int64), np.diff(q_starts))
-        if before_device is not None:
-            before_device()
+        if self.before_device is not None:
+            self.before_device()
         # One host->device copy for everything, then views.
         packed = torch.from_numpy(np.concatenate([
             np.asarray(ids, dtype=np.int64), positions_np, slots_np, row_per_token,
@@ -84,10 +85,9 @@ class ModelRunner:
             num_decodes=num_decodes, max_q_len=max(n for _, n in items), max_kv_len=max(kv_lens))
         return batch, samplers, sample_rows_t
 
-    def run(self, items: list[tuple[Request, int]], before_device: Callable[[], None] | None = None
-            ) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
+    def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         """Launch the step; returns logits (still being computed), the sampling requests and their rows."""
-        batch, samplers, sample_rows = self.prepare(items, before_device)
+        batch, samplers, sample_rows = self.prepare(items)
         if self.graphs is not None and self.graphs.fits(batch):
             return self.graphs.run(batch)[batch.logits_index], samplers, sample_rows
         return self.model.forward(batch, self.pool.buffers), samplers, sample_rows
