@@ -176,13 +176,22 @@ def _cpu_seconds(stat_path: Path) -> float:
 
 def serve_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of the serve process, from /proc (Linux): its main thread (the
-    IOLoop in one process), its other threads (the step loop, torch's) and its child processes
-    (the API servers of --api-server-count)."""
+    IOLoop in one process), its other threads (the step loop, torch's), those again by thread name
+    (`lightllm-driver` steps, `ZMQbg/*` are zmq's I/O, unnamed ones carry the process's name) and its
+    child processes (the API servers of --api-server-count)."""
     main = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
-    threads = sum(_cpu_seconds(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir())
+    by_name: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name != str(pid):
+            try:
+                name = (task / "comm").read_text().strip()
+            except OSError:  # it ended meanwhile
+                continue
+            by_name["  " + name] = by_name.get("  " + name, 0.0) + _cpu_seconds(task / "stat")
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {"main thread": main, "other threads": threads - main,
-            "API server processes": sum(_cpu_seconds(Path(f"/proc/{child}/stat")) for child in children)}
+    return {"main thread": main, "other threads": sum(by_name.values()),
+            "API server processes": sum(_cpu_seconds(Path(f"/proc/{child}/stat")) for child in children),
+            **by_name}
 
 
 def run_http(model: str, warm, prompts, output_len: int, clients: int, serve_args: list[str], procs: int,
@@ -199,8 +208,8 @@ def run_http(model: str, warm, prompts, output_len: int, clients: int, serve_arg
     if code != 0:
         raise RuntimeError(f"serve exited {code}:\n" + log_path.read_text()[-3000:])
     result = summarize(records, wall)
-    result["serve_cpu_us_per_token"] = {name: round((after[name] - before[name]) / result["output_tokens"] * 1e6, 1)
-                                        for name in after}
+    result["serve_cpu_us_per_token"] = {name.strip(): round((after[name] - before.get(name, 0.0))
+                                                            / result["output_tokens"] * 1e6, 1) for name in after}
     return result
 
 

@@ -123,7 +123,8 @@ def _probe_rounds(url: str, pid: int, args, tokens: list[str], extra: int):
             ended, cpu_after = time.monotonic(), serve_cpu_seconds(pid)
             window = [e for t, e in list(seen) if started <= t <= ended]
             steps[count].append([e.duration for e in window if _full_decode(e, args.batch)])
-            cpu[count].append({part: (cpu_after[part] - cpu_before[part]) / max(1, len(window)) for part in cpu_after})
+            cpu[count].append({part: (cpu_after[part] - cpu_before.get(part, 0.0)) / max(1, len(window))
+                               for part in cpu_after})
             for where, lost in zip(("server", "reader"), readers.close()):
                 dropped[count][where] += lost
     probe.close()
@@ -182,5 +183,8 @@ def _report(args, steps: dict, dropped: dict, engine_subscriptions: dict, cpu: d
     print(f"target (issue 8): {extra} subscribers at most {target:.2f} x the step with none")
     print("serve CPU ms per step (median of rounds):")
     for count, rounds in cpu.items():
+        parts = {part: statistics.median(r.get(part, 0.0) for r in rounds) * 1e3 for r in rounds for part in r}
         print(f"  {count} extra subscribers: " + ", ".join(
-            f"{part} {statistics.median(r[part] for r in rounds) * 1e3:.2f}" for part in rounds[0]))
+            f"{part} {ms:.2f}" for part, ms in parts.items() if not part.startswith(" ")))
+        print("    other threads by name: " + ", ".join(
+            f"{part.strip()} {ms:.2f}" for part, ms in sorted(parts.items()) if part.startswith(" ") and ms >= 0.005))
