@@ -230,6 +230,47 @@ def test_a_million_slot_pool_is_aggregated_and_patched_by_change():
     assert took < 2.0, f"aggregating a million slots took {took:.2f}s"
 
 
+def grid_page_by_page(pages, max_cells):
+    """What KVGrid must show, computed one page at a time: cells, fills, row pages, figures."""
+    per = -(-len(pages) // max_cells)
+    owners, fills = [], []
+    for start in range(0, len(pages), per):
+        block = [int(o) for o in pages[start: start + per]]
+        owners.append(max(PAGE_TO_CELL.get(o, o) for o in block))
+        fills.append((len(block) - block.count(-1)) * 255 // len(block))
+    rows, longest, run, free = {}, 0, 0, 0
+    for o in pages.tolist():
+        run = run + 1 if o == -1 else 0
+        longest, free = max(longest, run), free + (o == -1)
+        if o >= 0:
+            rows[o] = rows.get(o, 0) + 1
+    return owners, fills, rows, 1 - free / len(pages), 0.0 if not free else 1 - longest / free
+
+
+def test_kv_grid_updates_by_changed_cells_equal_a_page_by_page_count():
+    """The grid recomputes only the cells whose pages changed and keeps its figures from per-cell
+    summaries: after every update (one page, a few, most of the pool; the caller's own array changed
+    in place) it equals the pool counted page by page, and an update with nothing changed does nothing."""
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        pages = rng.choice([-3, -2, -1, -1, -1, 0, 1, 2, 7], int(rng.integers(1, 900))).astype(np.int32)
+        max_cells = int(rng.integers(1, 40))
+        grid, drawn = KVGrid(max_cells), None
+        for change in range(6):
+            assert grid.update(pages) == (drawn is None or not np.array_equal(drawn, pages))
+            drawn = pages.copy()
+            owners, fills, rows, utilization, fragmentation = grid_page_by_page(pages, max_cells)
+            assert grid.owners.tolist() == owners and grid.fills.tolist() == fills, (trial, change)
+            assert grid.row_pages == rows and grid.utilization == pytest.approx(utilization)
+            assert grid.fragmentation == pytest.approx(fragmentation), (trial, change)
+            grid.patch()
+            assert not grid.update(pages.copy()) and len(grid.patch().indices) == 0
+            moved = rng.integers(0, len(pages), int(rng.integers(1, 4)) if change % 3 else len(pages))
+            if change == 4:
+                moved = [len(pages) - 1]  # the last cell alone, short when the cells do not divide the pool
+            pages[moved] = rng.choice([-3, -2, -1, 0, 4, 9], len(moved))
+
+
 def test_the_kv_grid_names_the_viewer_s_requests_and_keeps_others_anonymous(engine, front_end):
     """Alice's panel through her redacted subscription: at every step it drew, its hover/legend data
     names exactly her requests holding pages, and bob's only as "other" rows with token counts."""

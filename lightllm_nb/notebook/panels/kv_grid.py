@@ -1,8 +1,15 @@
 """The KV pool as a grid of cells, each cell a run of pages: what KVCachePanel draws.
 
-A real GPU pool has about a million token slots; a browser cannot draw (nor a comm carry) that
-many every tenth of a second. So pages are aggregated into at most `max_cells` cells, and each
-render sends only the cells that changed since the last one.
+A real GPU pool has millions of token slots; a browser cannot draw (nor a comm carry) that many
+every tenth of a second. So pages are aggregated into at most `max_cells` cells, and each render
+sends only the cells that changed since the last one.
+
+The panel's thread shares the GIL with the engine's step thread (issue 10: a 3.7M-page map
+recomputed from scratch ~9 times a second made every step wait). So an update compares the new map
+with the last one in one pass, recomputes only the cells whose pages changed, keeps per-cell
+summaries (owner codes, free pages, free runs at the edges) from which the pool's figures are
+combined over cells, and does nothing when no page changed. Every step is a whole-array numpy call
+(they release the GIL), never a loop over pages in Python.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ CACHED_CELL = -2
 FREE_CELL = -3
 # page_owner's codes (kv_pool)
 FREE_PAGE, CACHED_PAGE, SHARED_PAGE = -1, -2, -3
+CODES = 3  # page codes below 0: a page's count sits at index code + CODES
 
 
 def page_holders(row_pages: dict[int, int], holders) -> dict[int, dict]:
@@ -48,6 +56,41 @@ class GridPatch:
     full: bool            # True: a new layout, every cell is in the patch
 
 
+@dataclass
+class CellSummaries:
+    """Per cell: the owner code shown, its fill, and its free pages with the free runs at its two
+    edges and inside it (what the pool's fragmentation is combined from)."""
+
+    owners: np.ndarray    # int32 cell codes
+    fills: np.ndarray     # uint8, 255 = no page free
+    free: np.ndarray      # int64 free pages
+    lead: np.ndarray      # free pages before its first used one
+    trail: np.ndarray     # free pages after its last used one
+    longest: np.ndarray   # its longest free run
+
+    @classmethod
+    def of(cls, block: np.ndarray) -> "CellSummaries":
+        """The summaries of the cells that are the rows of `block` (cells x pages, int32)."""
+        length = block.shape[1]
+        highest, lowest = block.max(axis=1), block.min(axis=1)
+        # A cell shows its most telling page: any request's, else shared, else cached prefix, else free.
+        owners = np.where(highest >= 0, highest,
+                          np.where(lowest == SHARED_PAGE, SHARED_CELL,
+                                   np.where(lowest == CACHED_PAGE, CACHED_CELL, FREE_CELL))).astype(np.int32)
+        free, lead, trail, longest = _free_runs(block == FREE_PAGE)
+        fills = ((length - free) * 255 // length).astype(np.uint8)
+        return cls(owners, fills, free, lead, trail, longest)
+
+    def put(self, cells: np.ndarray, other: "CellSummaries") -> None:
+        for name in ("owners", "fills", "free", "lead", "trail", "longest"):
+            getattr(self, name)[cells] = getattr(other, name)
+
+    @classmethod
+    def join(cls, parts: list["CellSummaries"]) -> "CellSummaries":
+        return cls(*(np.concatenate([getattr(p, name) for p in parts])
+                     for name in ("owners", "fills", "free", "lead", "trail", "longest")))
+
+
 class KVGrid:
     def __init__(self, max_cells: int = 4096):
         if max_cells < 1:
@@ -60,27 +103,35 @@ class KVGrid:
         self.row_pages: dict[int, int] = {}     # owner row -> pages it alone holds
         self.utilization = 0.0                  # pages in use by requests or the prefix cache
         self.fragmentation = 0.0                # 1 - largest free run / free pages
+        self._pages: np.ndarray | None = None   # our copy of the map the cells describe (a caller may reuse its array)
+        self._cells: CellSummaries | None = None
+        self._counts = np.zeros(CODES, dtype=np.int64)  # pages per code + CODES (shared, cached, free, row 0, ...)
         self._sent_owners: np.ndarray | None = None
         self._sent_fills: np.ndarray | None = None
 
-    def update(self, page_owner) -> None:
-        """Recompute the cells from one event's `page_owner` (one entry per page)."""
+    @property
+    def cell_count(self) -> int:
+        return len(self.owners)
+
+    def update(self, page_owner) -> bool:
+        """Bring the cells up to one event's `page_owner` (one entry per page); False when no page
+        changed since the last update (nothing was recomputed)."""
         pages = np.asarray(page_owner, dtype=np.int32)
-        if len(pages) != self.num_pages:
-            self.num_pages = len(pages)
-            self.pages_per_cell = max(1, math.ceil(self.num_pages / self.max_cells))
-            self._sent_owners = None  # a new layout: the next patch is a full one
-        highest, lowest, free_pages = _per_cell(pages, self.pages_per_cell)
-        # A cell shows its most telling page: any request's, else shared, else cached prefix, else free.
-        self.owners = np.where(highest >= 0, highest,
-                               np.where(lowest == SHARED_PAGE, SHARED_CELL,
-                                        np.where(lowest == CACHED_PAGE, CACHED_CELL, FREE_CELL))).astype(np.int32)
-        per = self.pages_per_cell
-        self.fills = ((per - free_pages) * 255 // per).astype(np.uint8)
-        counts = np.bincount(pages.astype(np.intp) + 3, minlength=3)  # [shared, cached, free, row 0, row 1, ...]
-        self.row_pages = {row: n for row, n in enumerate(counts[3:].tolist()) if n}
-        self.utilization = 1.0 - int(counts[2]) / max(1, self.num_pages)
-        self.fragmentation = _fragmentation(pages == FREE_PAGE)
+        if self._pages is None or len(pages) != self.num_pages:
+            self._new_layout(pages)
+        else:
+            differs = pages != self._pages
+            changed = self._changed_cells(differs)
+            if not len(changed):
+                return False
+            self._recount(pages, np.flatnonzero(differs))
+            if 4 * len(changed) > self.cell_count:  # most of the pool: whole-array passes beat gathering
+                self._cells = self._summarize(pages)
+            else:
+                self._cells.put(changed, self._summarize(pages, changed))
+            np.copyto(self._pages, pages)
+        self._publish_figures()
+        return True
 
     def patch(self) -> GridPatch:
         """The cells that changed since the last patch (all of them after a layout change)."""
@@ -97,25 +148,96 @@ class KVGrid:
         """Make the next patch a full one (a new view opened and knows nothing yet)."""
         self._sent_owners = None
 
+    def _new_layout(self, pages: np.ndarray) -> None:
+        self.num_pages = len(pages)
+        self.pages_per_cell = max(1, math.ceil(self.num_pages / self.max_cells))
+        self._sent_owners = None  # the next patch is a full one
+        self._pages = pages.copy()
+        self._count_pages(pages)
+        self._cells = self._summarize(pages)
 
-def _per_cell(pages: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per cell of `per` pages: the highest and lowest owner code and the number of free pages
-    (a short last cell is padded with free pages). Works on a view: no copy of a million pages."""
-    full = len(pages) // per
-    blocks = [pages[: full * per].reshape(full, per)]
-    if len(pages) % per:
-        tail = np.full(per, FREE_PAGE, dtype=np.int32)
-        tail[: len(pages) - full * per] = pages[full * per:]
-        blocks.append(tail.reshape(1, per))
-    return (np.concatenate([b.max(axis=1) for b in blocks]), np.concatenate([b.min(axis=1) for b in blocks]),
-            np.concatenate([(b == FREE_PAGE).sum(axis=1) for b in blocks]))
+    def _changed_cells(self, differs: np.ndarray) -> np.ndarray:
+        """Cells holding a page whose owner differs from our copy (`differs`: per page)."""
+        per = self.pages_per_cell
+        whole = self.num_pages // per
+        changed = differs[: whole * per].reshape(whole, per).any(axis=1)
+        if whole < self.cell_count:  # the short last cell
+            changed = np.append(changed, differs[whole * per:].any())
+        return np.flatnonzero(changed)
+
+    def _summarize(self, pages: np.ndarray, cells: np.ndarray | None = None) -> CellSummaries:
+        """The summaries of `cells` (None: all), read from views of the map or one gather of their pages."""
+        per = self.pages_per_cell
+        whole = self.num_pages // per
+        if cells is None:
+            parts = [CellSummaries.of(pages[: whole * per].reshape(whole, per))]
+            has_tail = whole < math.ceil(self.num_pages / per)
+        else:
+            inner = cells[cells < whole]
+            parts = [CellSummaries.of(pages[inner[:, None] * per + np.arange(per)])]
+            has_tail = len(inner) < len(cells)
+        if has_tail:
+            parts.append(CellSummaries.of(pages[whole * per:].reshape(1, -1)))
+        return CellSummaries.join(parts)
+
+    def _count_pages(self, pages: np.ndarray) -> None:
+        self._counts = np.bincount(pages + CODES, minlength=CODES).astype(np.int64)
+
+    def _recount(self, pages: np.ndarray, moved: np.ndarray) -> None:
+        """Move the pages `moved` from their old owners' counts to their new ones."""
+        old = np.bincount(self._pages[moved] + CODES)
+        new = np.bincount(pages[moved] + CODES)
+        counts = np.zeros(max(len(self._counts), len(old), len(new)), dtype=np.int64)
+        counts[: len(self._counts)] += self._counts
+        counts[: len(new)] += new
+        counts[: len(old)] -= old
+        self._counts = counts
+
+    def _publish_figures(self) -> None:
+        cells = self._cells
+        self.owners, self.fills = cells.owners, cells.fills
+        self.row_pages = {row: n for row, n in enumerate(self._counts[CODES:].tolist()) if n}
+        free_pages = int(cells.free.sum())
+        self.utilization = 1.0 - free_pages / max(1, self.num_pages)
+        self.fragmentation = 0.0 if free_pages == 0 else 1.0 - _longest_free_run(cells, self.num_pages,
+                                                                                  self.pages_per_cell) / free_pages
 
 
-def _fragmentation(free: np.ndarray) -> float:
-    """How scattered the free pages are: 0 when they form one run, near 1 when none touch."""
-    total = int(free.sum())
-    if total == 0:
-        return 0.0
-    starts = np.concatenate(([0], np.flatnonzero(free[1:] != free[:-1]) + 1))  # where each run begins
-    lengths = np.diff(np.append(starts, len(free)))
-    return 1.0 - int(lengths[free[starts]].max()) / total
+def _free_runs(is_free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of a (cells x pages) bool array: its free pages, the run at its start, the run at
+    its end and its longest run, all from the runs' edges (one pass; no per-row scans)."""
+    rows, length = is_free.shape
+    width = length + 1
+    padded = np.zeros((rows, length + 2), dtype=np.int8)
+    padded[:, 1:-1] = is_free
+    edges = np.diff(padded, axis=1).ravel()  # +1 where a run begins, -1 just past its end; rows stay apart
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    free, lead, trail, longest = (np.zeros(rows, dtype=np.int64) for _ in range(4))
+    if len(starts):
+        row_of = starts // width
+        runs = ends - starts
+        first = np.flatnonzero(np.r_[True, row_of[1:] != row_of[:-1]])  # each row's first run
+        present = row_of[first]
+        free[present] = np.add.reduceat(runs, first)
+        longest[present] = np.maximum.reduceat(runs, first)
+        at_start = starts == row_of * width
+        lead[row_of[at_start]] = runs[at_start]
+        at_end = ends == row_of * width + length
+        trail[row_of[at_end]] = runs[at_end]
+    return free, lead, trail, longest
+
+
+def _longest_free_run(cells: CellSummaries, num_pages: int, per: int) -> int:
+    """The pool's longest free run from the cells' summaries: inside one cell, or across cell
+    borders (a cell's trailing run, any wholly free cells, the next cell's leading run)."""
+    lengths = np.full(len(cells.free), per, dtype=np.int64)
+    lengths[-1] = num_pages - per * (len(lengths) - 1)
+    whole_free = cells.free == lengths
+    through = np.cumsum(np.where(whole_free, lengths, 0))   # free pages of wholly free cells so far
+    index = np.arange(len(lengths))
+    last_used = np.maximum.accumulate(np.where(whole_free, -1, index))  # the latest cell with a used page
+    at = last_used.clip(0)
+    # The free run that reaches the end of each cell.
+    ending = np.where(last_used >= 0, cells.trail[at] + through - through[at], through)
+    crossing = ending[:-1] + cells.lead[1:]
+    return int(max(cells.longest.max(), ending[-1], crossing.max() if len(crossing) else 0))
