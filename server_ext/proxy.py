@@ -106,8 +106,14 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
             if name.lower() not in RESPONSE_HOP_HEADERS:
                 self.set_header(name, value)
         # A body of known length goes out in one piece with its length; any other (a stream) is
-        # passed on as each piece arrives.
+        # passed on as each piece arrives, and its head at once: the caller learns that its request
+        # was taken, and its id, while the engine host is still prefilling. Nagle's algorithm off
+        # (tornado turns it back on when the response ends): it would hold the first event back
+        # until the caller acknowledged the head.
         self._streamed = "Content-Length" not in headers
+        if self._streamed:
+            self.request.connection.stream.set_nodelay(True)
+            self.flush()
         self._upstream.relay(self._send)
         try:
             await self._upstream.body_done

@@ -1,0 +1,80 @@
+"""The proxy's timing, against a stub engine host that writes only when the test says so, behind a
+real `jupyter server` (`c.LightLLM.engine_url`): the response head reaches the caller while the
+engine host is still prefilling, and each event reaches it before the next one is produced."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import httpx
+import pytest
+from tornado import web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from jupyter_harness import JupyterServer, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class StubEngineHost:
+    """`POST /api/generate` sends its head at once, as the engine host does on submit, then one
+    event per item the test puts in `produce` (None ends the stream). Runs on a thread of its own."""
+
+    def __init__(self):
+        self.produce: queue.Queue = queue.Queue()
+        [sock] = bind_sockets(0, "127.0.0.1")
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock) -> None:
+        asyncio.set_event_loop(self._loop)
+        produce = self.produce
+
+        class Generate(web.RequestHandler):
+            async def post(self):
+                self.set_header("Content-Type", "text/event-stream")
+                self.set_header("X-Request-Id", "req-1")
+                self.flush()
+                loop = asyncio.get_running_loop()
+                while (event := await loop.run_in_executor(None, produce.get)) is not None:
+                    self.write(f"data: {event}\n\n".encode())
+                    await self.flush()
+
+        HTTPServer(web.Application([(r"/api/generate", Generate)])).add_sockets([sock])
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        self.produce.put(None)  # a handler still waiting for its next event ends
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory):
+    host = StubEngineHost()
+    server = JupyterServer(tmp_path_factory.mktemp("jupyter"), f"--LightLLM.engine_url={host.url}",
+                           "--LightLLM.engine_token=stub")
+    try:
+        wait_for(server.status, 60, "the extension to answer")
+        yield server, host
+    finally:
+        server.stop()
+        host.stop()
+
+
+def test_the_head_arrives_before_the_first_token_and_each_event_before_the_next_is_produced(proxied):
+    server, host = proxied
+    body = {"prompt": "Hi", "sampling": {"max_tokens": 3}, "stream": True}
+    with httpx.stream("POST", f"{server.url}/lightllm/api/generate", json=body, headers=server.auth,
+                      timeout=10) as response:
+        # Nothing produced yet: the status and the request id (what an abort needs) are here already.
+        assert response.status_code == 200 and response.headers["X-Request-Id"] == "req-1"
+        lines = response.iter_lines()
+        for i in range(3):
+            host.produce.put(f'{{"token_ids": [{i}]}}')
+            assert next(line for line in lines if line) == f'data: {{"token_ids": [{i}]}}'
+        host.produce.put(None)
+        assert [line for line in lines if line] == []
