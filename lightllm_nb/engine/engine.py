@@ -191,6 +191,8 @@ class Engine(EmbeddedAPI, StepOutputs):
         the step is launched, then the previous step's tokens are read back and handled while
         the GPU computes, so the host's bookkeeping hides behind the GPU's work. A request that
         stopped on a token seen this late has run one wasted step; its extra token is dropped.
+        A grammar-constrained batch's sampling waits for its mask, which the mask threads fill
+        meanwhile: the next step queues it before its own inputs (this step, if someone listens).
 
         A step that raises finishes its batch's requests with finish_reason "error" (the error
         in `Completion.error`) and frees their KV; everyone else carries on.
