@@ -42,7 +42,7 @@ class EventSubscription:
         self._aliases: dict[str, str] = {}  # this reader's own random aliases for other users' ids
         self._next_due = 0.0  # time.monotonic() before which a rate-capped reader takes nothing
         self._lost_upstream = 0  # events lost before they reached this hub (a front end's link to the engine)
-        self._paged = False  # a rate-capped reader: this gap's page map was copied already
+        self._mapped_for = -1.0  # the `_next_due` whose page map a step has copied (rate-capped readers)
         self.retune(pages=pages, max_rate=max_rate)
 
     def retune(self, *, pages: bool, max_rate: float | None) -> None:
@@ -162,7 +162,6 @@ class EventSubscription:
         if self._gap is None:
             return batch[0], 1
         self._next_due = time.monotonic() + self._gap
-        self._paged = False
         if len(batch) == 1:
             return batch[0], 1
         shown = next((event for event in reversed(batch) if event.page_owner is not None), batch[-1]) \
@@ -176,9 +175,10 @@ class EventSubscription:
         last state must show). Copying a 3.7M-page map every step cost ~1 ms of a 2 ms step (issue 10)."""
         if self._gap is None or event.running == 0:
             return True
-        if self._paged or time.monotonic() < self._next_due:
+        due = self._next_due  # read once: the reader moves it on its own thread
+        if due == self._mapped_for or time.monotonic() < due:
             return False
-        self._paged = True
+        self._mapped_for = due
         return True
 
     def _view(self, event: StepEvent) -> StepEvent:
