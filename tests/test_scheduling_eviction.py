@@ -25,6 +25,7 @@ def test_a_prefix_hit_makes_it_the_last_to_be_evicted():
     assert cache.match(older).length == 6  # a hit: now the older prefix is the most recently used
     assert cache.evict(3) == 3
     assert (cache.match(older).length, cache.match(newer).length) == (6, 0), "the hit prefix was evicted"
+    assert cache.evict(3) == 3, "a prefix that was hit is still evictable, last"
 
 
 def test_a_prefix_in_use_counts_as_used_when_its_request_stops_not_when_it_matched():
@@ -51,3 +52,32 @@ def test_eviction_frees_exactly_the_pages_asked_cutting_the_last_leaf_from_its_t
     assert cache.evict(3) == 3
     assert (cache.cached_tokens, pool.free_tokens) == (4, 12)
     assert (cache.match(older).length, cache.match(newer).length) == (0, 4)
+
+
+def test_eviction_order_survives_the_compaction_of_stale_lru_entries():
+    # Every hit leaves the node's earlier LRU entry stale; past 64 + 4 per node they are dropped
+    # and the heap rebuilt. 100 hits on "older" get there; the least recently used still goes first.
+    pool, cache = pool_and_cache()
+    older, newer = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]
+    cache.insert(older, pool.alloc_pages(3, owner=0))
+    cache.insert(newer, pool.alloc_pages(3, owner=0))
+    for _ in range(100):
+        assert cache.match(older).length == 6
+    assert cache.evict(3) == 3
+    assert (cache.match(older).length, cache.match(newer).length) == (6, 0)
+    assert cache.evict(3) == 3 and pool.free_tokens == 16
+
+
+def test_the_lru_heap_is_rebuilt_after_stale_entries_are_dropped():
+    # a, b, c, d cached in that order; evicting a (the oldest) leaves the heap's list as [b, d, c]
+    # (valid as a heap, not sorted). 100 hits on b then make its old entries stale and trigger the
+    # compaction: what is left, [d, c, b], is a heap again only once rebuilt. c goes next, not d.
+    pool, cache = pool_and_cache()
+    a, b, c, d = [1, 2], [3, 4], [5, 6], [7, 8]
+    for tokens in (a, b, c, d):
+        cache.insert(tokens, pool.alloc_pages(1, owner=0))
+    assert cache.evict(1) == 1 and cache.match(a).length == 0
+    for _ in range(100):
+        cache.match(b)
+    assert cache.evict(1) == 1
+    assert [cache.match(tokens).length for tokens in (b, c, d)] == [2, 0, 2], "the least recently used is c"
