@@ -223,3 +223,9 @@ def test_streamed_text_is_decoded_by_the_reader_not_the_step_thread(engine, monk
     text = "".join(engine.stream(prompt_token_ids=[5, 6, 7], sampling=SamplingParams(
         max_tokens=8, temperature=0, ignore_eos=True, stop=[deltas[3].strip() or "\n"])))
     assert len(on_step_thread) > 2 and len(text) <= len(stream.completion.text)
+
+
+def test_the_step_thread_carries_its_name_in_the_os(engine):  # Linux, where the tests run
+    """So that top -H, py-spy and bench/serving.py's CPU by thread tell it from torch's threads."""
+    loop = engine.driver()
+    assert open(f"/proc/self/task/{loop._thread.native_id}/comm").read().strip() == "lightllm-driver"
