@@ -177,7 +177,8 @@ def _cpu_seconds(stat_path: Path) -> float:
 def serve_cpu_seconds(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) of the serve process, from /proc (Linux): its main thread (the
     IOLoop in one process), its other threads (the step loop, torch's), those again by thread name
-    (`lightllm-driver` steps, `ZMQbg/*` are zmq's I/O, unnamed ones carry the process's name) and its
+    (`lightllm-driver` steps, with the OpenMP workers it started on a CPU; `ZMQbg/*` are zmq's I/O;
+    unnamed ones carry the process's name) and its
     child processes (the API servers of --api-server-count)."""
     main = _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
     by_name: dict[str, float] = {}

@@ -226,6 +226,6 @@ def test_streamed_text_is_decoded_by_the_reader_not_the_step_thread(engine, monk
 
 
 def test_the_step_thread_carries_its_name_in_the_os(engine):  # Linux, where the tests run
-    """So that top -H, py-spy and bench/serving.py's CPU by thread tell it from torch's threads."""
+    """So that top -H, py-spy and bench/serving.py's CPU by thread tell it from the others."""
     loop = engine.driver()
     assert open(f"/proc/self/task/{loop._thread.native_id}/comm").read().strip() == "lightllm-driver"

@@ -339,7 +339,8 @@ def _drive(ref: weakref.ref, wake: threading.Condition) -> None:
 
 def _name_os_thread(name: str) -> None:
     """Give the calling thread its Python name in the OS too (Linux; Python 3.11 does not), so that
-    top -H, py-spy and /proc (bench/serving.py's CPU by thread) tell the step thread from torch's."""
+    top -H, py-spy and /proc (bench/serving.py's CPU by thread) tell the step thread from the main
+    thread and zmq's (threads it starts later, such as OpenMP's workers on a CPU, inherit the name)."""
     if sys.platform != "linux":
         return
     try:
