@@ -6,9 +6,13 @@ host directly and through `/lightllm/` on a Jupyter server, alternating, on one 
     python bench/proxy.py --device cuda --shape llama-1b --tokenizer DIR --streams 64 --max-tokens 256
 
 Starts `jupyter server` with the extension (which starts `lightllm-nb serve`), then runs `--rounds`
-pairs (direct, proxied) of `--streams` concurrent SSE streams and prints TTFT p50/p99 and output tok/s
-for each path (median and range over the rounds) and the difference. `--shape` serves random bf16
-weights of that shape (bench/roofline.SHAPES), written as a Hugging Face folder with the tokenizer
+pairs (direct, proxied) of `--streams` concurrent SSE streams and prints, for each path (median and
+range over the rounds) and their difference: the time to the response head (the engine host sends
+it once it has taken the request, so through the proxy the wait in the Jupyter server shows here),
+TTFT p50/p99 and output tok/s. Then `--probes` lone streams, one at a time, the paths alternating:
+the proxy's own latency per request, without a burst's queueing (64 requests at once wait in line
+on the Jupyter server's one thread). `--shape` serves random bf16 weights of that shape
+(bench/roofline.SHAPES), written as a Hugging Face folder with the tokenizer
 from `--tokenizer` into a temporary directory (on the GPU: the weights are made there).
 """
 
@@ -80,12 +84,15 @@ def wait_ready(url: str, token: str, process: subprocess.Popen, log: Path, timeo
     sys.exit(f"the engine host did not become ready:\n{log.read_text()[-4000:]}")
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, int, float]:
+    """TTFT, tokens, and the time to the response head: the engine host sends it when it has taken the
+    request, so through the proxy it is also how long the request waited in the Jupyter server."""
     body = {"prompt": prompt, "sampling": {"max_tokens": max_tokens, "ignore_eos": True, "temperature": 0},
             "stream": True}
     start = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", url, json=body) as response:
+        head = time.perf_counter() - start
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
@@ -96,7 +103,7 @@ async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
             if event.get("token_ids"):
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 tokens += len(event["token_ids"])
-    return ttft, tokens
+    return ttft, tokens, head
 
 
 async def run_batch(url: str, headers: dict, streams: int, max_tokens: int) -> dict:
@@ -107,7 +114,8 @@ async def run_batch(url: str, headers: dict, streams: int, max_tokens: int) -> d
                                          for i in range(streams)))
         wall = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
-    return {"ttft_p50_ms": 1000 * statistics.median(ttfts),
+    return {"head_p50_ms": 1000 * statistics.median(r[2] for r in results),
+            "ttft_p50_ms": 1000 * statistics.median(ttfts),
             "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "tok_s": sum(r[1] for r in results) / wall}
 
@@ -141,8 +149,18 @@ def timed_batch(path: tuple[str, dict], args, jupyter_pid: int) -> dict:
     return {**result, "jupyter_cpu_ms_per_stream": 1000 * (cpu_seconds(jupyter_pid) - before) / args.streams}
 
 
+def latency_probes(paths: dict, probes: int) -> dict[str, list[float]]:
+    """TTFT (ms) of `probes` lone streams per path, sent one after another, the paths alternating."""
+    ttfts = {name: [] for name in paths}
+    for _ in range(probes):
+        for name, (target, headers) in paths.items():
+            ttfts[name].append(asyncio.run(run_batch(target, headers, 1, 2))["ttft_p50_ms"])
+    return ttfts
+
+
 def overhead(direct: dict, proxied: dict) -> str:
-    return (f"{proxied['ttft_p50_ms'] - direct['ttft_p50_ms']:+.1f} ms TTFT p50, "
+    return (f"{proxied['head_p50_ms'] - direct['head_p50_ms']:+.1f} ms head p50, "
+            f"{proxied['ttft_p50_ms'] - direct['ttft_p50_ms']:+.1f} ms TTFT p50, "
             f"{proxied['ttft_p99_ms'] - direct['ttft_p99_ms']:+.1f} ms p99, "
             f"{100 * (proxied['tok_s'] / direct['tok_s'] - 1):+.1f}% tok/s")
 
@@ -157,6 +175,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--probes", type=int, default=16, help="lone streams per path for the per-request latency")
     args = parser.parse_args()
     if args.shape and (not args.tokenizer or args.device == "cpu"):
         parser.error("--shape needs --tokenizer DIR and a CUDA device (its random weights are made on the GPU)")
@@ -183,6 +202,7 @@ def main() -> None:
                 for name in (list(paths) if i % 2 == 0 else list(paths)[::-1]):
                     runs[name].append(timed_batch(paths[name], args, process.pid))
                 print(f"round {i + 1}: proxy adds {overhead(runs['direct'][-1], runs['extension'][-1])}", flush=True)
+            probes = latency_probes(paths, args.probes)
         finally:
             process.terminate()
             process.wait(60)
@@ -190,9 +210,17 @@ def main() -> None:
           f"{args.device}, {args.rounds} rounds each, interleaved (median [min-max] of rounds)")
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     for name, rs in runs.items():
-        print(f"  {name:9s}  TTFT p50 {spread(rs, 'ttft_p50_ms')} ms  p99 {spread(rs, 'ttft_p99_ms')} ms  "
-              f"{spread(rs, 'tok_s')} tok/s  Jupyter server CPU {spread(rs, 'jupyter_cpu_ms_per_stream')} ms/stream")
-    print(f"  proxy adds {overhead(summary['direct'], summary['extension'])} (medians)")
+        print(f"  {name:9s}  head p50 {spread(rs, 'head_p50_ms')} ms  TTFT p50 {spread(rs, 'ttft_p50_ms')} ms  "
+              f"p99 {spread(rs, 'ttft_p99_ms')} ms  {spread(rs, 'tok_s')} tok/s  "
+              f"Jupyter server CPU {spread(rs, 'jupyter_cpu_ms_per_stream')} ms/stream")
+    paired = [e["ttft_p50_ms"] - d["ttft_p50_ms"] for d, e in zip(runs["direct"], runs["extension"])]
+    print(f"  proxy adds {overhead(summary['direct'], summary['extension'])} (medians); "
+          f"TTFT p50 paired by round: median {statistics.median(paired):+.1f} ms")
+    if args.probes:
+        alone = [e - d for d, e in zip(probes["direct"], probes["extension"])]
+        print(f"  1 stream at a time, {args.probes} each: direct TTFT {statistics.median(probes['direct']):.1f} ms, "
+              f"extension {statistics.median(probes['extension']):.1f} ms: proxy adds "
+              f"{statistics.median(alone):+.1f} ms per request (median of pairs)")
 
 
 if __name__ == "__main__":
