@@ -5,8 +5,10 @@
 
 Median decode-step time on the driver-loop thread with no panel and with a Dashboard following
 the engine (KV grid with pages, batch bars, decisions, sparklines), interleaved rounds, best of
-each; the Dashboard's comm messages per second per view while the steps run; and the time one
-render of the KV grid takes at this pool size (on the panel's own thread, competing for the GIL).
+each; the Dashboard's comm messages per second per view while the steps run; the step thread's
+own time handing events over (its mean counts the page-map copies a median step hides); and the
+time one render of the KV grid takes at this pool size (on the panel's own thread, competing for
+the GIL).
 Comm messages are recorded in process instead of going to a kernel's iopub socket, so the send
 itself costs a little less here than in a notebook. On the GPU, leave --kv-tokens out: the pool is
 then sized from free memory (millions of token slots for the 1B shape).
@@ -56,6 +58,27 @@ class FrontEndLog:
     def rate(self, comm_id: str, start: float, end: float) -> float:
         with self.lock:
             return sum(1 for c, t in self.sent if c == comm_id and start <= t <= end) / (end - start)
+
+
+class PublishTimer:
+    """Times the step thread's hand-over of each StepEvent (EventHub.publish: page-map copies
+    included), the part of a panel's cost that the step itself pays."""
+
+    def __init__(self, engine: Engine):
+        self.times: list[float] = []
+        hub, publish = engine._events, engine._events.publish
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            publish(*args, **kwargs)
+            self.times.append(time.perf_counter() - started)
+
+        hub.publish = timed  # this instance only, for the whole run
+
+    def line(self) -> str:
+        t = sorted(self.times)
+        return (f"  step thread in EventHub.publish with a Dashboard: mean {1e3 * sum(t) / len(t):.3f} ms a step, "
+                f"median {1e3 * t[len(t) // 2]:.3f}, max {1e3 * t[-1]:.2f} ms ({len(t)} steps)")
 
 
 def render_cost(engine: Engine, repeats: int = 20) -> float:
@@ -125,6 +148,7 @@ def main() -> None:
     loop = engine.driver()
     best = {"no panel": float("inf"), "Dashboard": float("inf")}
     rates: dict[str, float] = {}
+    publish = PublishTimer(engine)
     for round_ in range(args.rounds):  # interleaved, best of each: the noise is larger than the effect
         for name in best if round_ % 2 == 0 else reversed(best):
             dashboard = Dashboard(engine) if name == "Dashboard" else None
@@ -137,6 +161,7 @@ def main() -> None:
                     view = type(part.view).__name__
                     rates[view] = max(rates.get(view, 0.0), front_end.rate(part.view.comm.comm_id, start, end))
                 dashboard.close()
+    publish_line = publish.line()  # steps without subscribers never call it: these are the Dashboard's
     render = render_cost(engine)
     stats = engine.stats()
     engine.close()
@@ -148,6 +173,7 @@ def main() -> None:
     print("  front-end messages per second while stepping (the most in any round):")
     for view, r in rates.items():
         print(f"    {view:<16} {r:5.1f}/s")
+    print(publish_line)
     print(f"  one KV grid render at this pool size: {render * 1e3:.2f} ms (panel thread; at most 10 a second)")
     print(f"  one KV grid render of a {args.grid_slots:,}-slot pool, 1% of pages changed: "
           f"{synthetic_render_cost(args.grid_slots) * 1e3:.2f} ms")
