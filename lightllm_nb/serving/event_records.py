@@ -21,7 +21,9 @@ from ..telemetry.events import StepEvent
 
 # Not a valid user name (auth.valid_user_name): owns nothing, so its view is every stranger's.
 _STRANGER = "\0stranger"
-_RECENT = 32  # events whose views are kept: readers behind by more than this redact and encode again
+# Events whose views are kept: a reader behind by more redacts and encodes again. Few, since each may
+# hold a page map twice (the array and its bytes: 1 MB each at 262k pages).
+_RECENT = 8
 
 
 class EventRecords:
