@@ -18,6 +18,11 @@ microseconds, so a thread gets at least ROWS_PER_THREAD rows.
 Whoever waits never waits for a helper that has not started: chunks are taken from a shared queue,
 and `wait` takes the ones still there, so a helper that finds no free core (the scheduler can keep
 a woken thread off the CPU for a whole slice, ~4 ms on a 16-core host) leaves its chunk to others.
+
+The GIL: a helper needs it to start its chunk, and the thread that started the job goes on with
+pure Python (token handling, scheduling), which hands the GIL over only when it blocks or after
+the 5 ms switch interval. So `start` blocks, up to START_WAIT_S, until every chunk has been taken:
+the helpers are then inside xgrammar's accept call, without the GIL, while the starter works.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 import torch
 
 ROWS_PER_THREAD = 16
+START_WAIT_S = 0.0005  # past this, a helper kept off the CPU leaves its chunk to `wait`
 
 
 class MaskFiller:
@@ -62,6 +68,7 @@ class MaskFiller:
         job = FillJob(lambda chunk: self._chunk(matchers, tokens, bitmask, rows, fill, chunk), chunks)
         for _ in chunks:
             self._helpers.submit(job.work)
+        job.taken.wait(START_WAIT_S)  # releases the GIL to the helpers (see the module's docstring)
         return job
 
     def run(self, matchers: Sequence, tokens: Sequence[Sequence[int]], bitmask: torch.Tensor,
@@ -101,6 +108,7 @@ class FillJob:
             self._free.put(c)
         self._results: list = [None] * len(chunks)
         self._done = [threading.Event() for _ in chunks]
+        self.taken = threading.Event()  # set when every chunk has been taken by someone
 
     def work(self) -> None:
         while True:
@@ -108,6 +116,8 @@ class FillJob:
                 c = self._free.get_nowait()
             except queue.Empty:
                 return
+            if self._free.empty():
+                self.taken.set()
             try:
                 self._results[c] = self._run_chunk(self._chunks[c])
             except BaseException as err:  # raised on the waiting thread
