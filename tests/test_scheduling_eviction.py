@@ -81,3 +81,20 @@ def test_the_lru_heap_is_rebuilt_after_stale_entries_are_dropped():
         cache.match(b)
     assert cache.evict(1) == 1
     assert [cache.match(tokens).length for tokens in (b, c, d)] == [2, 0, 2], "the least recently used is c"
+
+
+def test_stale_lru_entries_stay_bounded_while_prefixes_come_and_go():
+    # Every hit pushes an entry and leaves the last one stale: a long-lived notebook hits its system
+    # prompt thousands of times, and the compaction is what keeps that list from growing with it.
+    # Its bound follows the node count, so 300 prefixes that come and go first (each split by a
+    # partial hit, then evicted) must leave that count where it was.
+    pool, cache = pool_and_cache()
+    for k in range(300):
+        tokens = [1000 + 4 * k + i for i in range(4)]
+        cache.insert(tokens, pool.alloc_pages(2, owner=0))
+        assert cache.match(tokens[:2] + [0, 0]).length == 2  # splits the node after its first page
+        assert cache.evict(2) == 2
+    cache.insert([1, 2, 3, 4], pool.alloc_pages(2, owner=0))
+    for _ in range(1000):
+        cache.match([1, 2, 3, 4])
+    assert len(cache._lru) < 100
