@@ -33,12 +33,13 @@ def run_split(args, engine, model, tokens, route_prefix: str, sockets, where: st
     address = f"ipc://{folder}/engine.sock"
     engine_pid = os.getpid()
     # The children inherit the engine's objects (CUDA tensors on a GPU): their garbage collector must
-    # never finalize one, so everything alive now is frozen out of its reach.
+    # never finalize one, so everything alive now is frozen out of its reach (run_host froze the
+    # loaded heap already; this takes what came since). It stays frozen here too, for the same reason
+    # run_host froze it: full collections that walk the whole heap stall the step thread.
     gc.collect()
     gc.freeze()
     front_ends = [_fork_front_end(address, sockets, model, tokens, route_prefix, args.shutdown_timeout, engine_pid)
                   for _ in range(args.api_server_count)]
-    gc.unfreeze()
     for sock in sockets:  # the front ends accept on them; this process only steps
         sock.close()
     print(f"lightllm-nb serve: model {model.name!r} listening on {where} "
