@@ -210,6 +210,8 @@ class Engine(EmbeddedAPI, StepOutputs):
 
     def _run_step(self, outputs: list[RequestOutput]) -> None:
         started = time.perf_counter()
+        if self._deferred is not None and self._deferred.pending is not None:
+            self._deferred.pending.let_threads_in()  # from accepting to filling: they need the GIL
         self._batch = None
         batch = self.scheduler.schedule()
         self._batch = batch.items

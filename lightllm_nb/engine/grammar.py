@@ -182,6 +182,10 @@ class PendingMask:
                 row.allowed_tokens = by_id.get(row.request_id)
         return self._mask
 
+    def let_threads_in(self) -> None:
+        """Hand the GIL to mask threads that wait for it, for a moment (mask_fill.FillJob.breathe)."""
+        self._job.breathe()
+
     def wait_quietly(self) -> None:
         """Wait for the threads to be done with the grammars and the buffer, whatever they found."""
         try:

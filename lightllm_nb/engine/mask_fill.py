@@ -23,6 +23,8 @@ The GIL: a helper needs it to start its chunk, and the thread that started the j
 pure Python (token handling, scheduling), which hands the GIL over only when it blocks or after
 the 5 ms switch interval. So `start` blocks, up to START_WAIT_S, until every chunk has been taken:
 the helpers are then inside xgrammar's accept call, without the GIL, while the starter works.
+Between accept and fill they need it again: `breathe` (the engine calls it before scheduling the
+next step) releases it for GIL_BREATHER_S when the job is not done.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +40,7 @@ import torch
 
 ROWS_PER_THREAD = 16
 START_WAIT_S = 0.0005  # past this, a helper kept off the CPU leaves its chunk to `wait`
+GIL_BREATHER_S = 0.0001  # long enough for a woken waiter to take the GIL (tens of microseconds)
 
 
 class MaskFiller:
@@ -124,6 +128,11 @@ class FillJob:
                 self._results[c] = err
             finally:
                 self._done[c].set()
+
+    def breathe(self) -> None:
+        """Let helpers waiting for the GIL (done accepting, about to fill) take it, if any may be."""
+        if not all(done.is_set() for done in self._done):
+            time.sleep(GIL_BREATHER_S)
 
     def wait(self) -> list[int]:
         """Every chunk done (the ones no helper has started, here); the indices of matchers that
