@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 ROWS_PER_THREAD = 16
-START_WAIT_S = 0.0005  # past this, a helper kept off the CPU leaves its chunk to `wait`
+START_WAIT_S = 0.0002  # past this, a helper kept off the CPU leaves its chunk to `wait`
 GIL_BREATHER_S = 0.0001  # long enough for a woken waiter to take the GIL (tens of microseconds)
 
 
