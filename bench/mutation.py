@@ -196,6 +196,10 @@ def _forget_package() -> None:
 # mutant's tests may wait minutes for a core (the first campaign's "timeouts" were that), while a
 # livelocked loop burns its CPU. The wall-clock cap catches only a run blocked without computing.
 WALL_CAP_SECONDS = 3600
+# A runaway loop can also allocate: prefix_cache:109 (an endless split inside `match`) reached 10 GB
+# before its CPU limit on a 23 GB machine shared by five people. Past this resident size the
+# mutant's run is stopped and recorded as a timeout too (`by_memory_limit`).
+MEMORY_CAP_BYTES = 6 << 30
 
 
 def cpu_seconds(pid: int) -> float:
@@ -204,10 +208,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def resident_bytes(pid: int) -> int:
+    """Resident set size of process `pid` (0 once it has exited)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_tests(workdir: Path, tests: list[str], cpu_limit: float) -> tuple[str, float, float, str]:
-    """("passed" | "failed" | "hung" | "timeout", wall seconds, CPU seconds, the first failing test) for the
-    tests in `workdir`, run by pytest in a fork of this (warmed-up) process; "timeout" once the run
-    has used `cpu_limit` CPU seconds (or WALL_CAP_SECONDS of wall time)."""
+    """("passed" | "failed" | "hung" | "timeout" | "memory", wall seconds, CPU seconds, the first failing
+    test) for the tests in `workdir`, run by pytest in a fork of this (warmed-up) process; "timeout"
+    once the run has used `cpu_limit` CPU seconds (or WALL_CAP_SECONDS of wall time), "memory" once it
+    holds MEMORY_CAP_BYTES."""
     shutil.rmtree(workdir / ".hypothesis", ignore_errors=True)  # no examples remembered from other mutants
     log = workdir / "mutant-run.log"
     started = time.perf_counter()
@@ -236,10 +249,11 @@ def run_tests(workdir: Path, tests: list[str], cpu_limit: float) -> tuple[str, f
             cpu = usage.ru_utime + usage.ru_stime
             break
         cpu = cpu_seconds(pid)
-        if cpu > cpu_limit or seconds > WALL_CAP_SECONDS:
+        over_memory = resident_bytes(pid) > MEMORY_CAP_BYTES
+        if cpu > cpu_limit or seconds > WALL_CAP_SECONDS or over_memory:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
-            return "timeout", seconds, cpu, ""
+            return "memory" if over_memory else "timeout", seconds, cpu, ""
         time.sleep(0.1)
     if os.waitstatus_to_exitcode(status) == 0:
         return "passed", seconds, cpu, ""
@@ -334,10 +348,12 @@ def main() -> None:
                 mutant = mutants[index]
                 (workdir / path).write_text(mutant["source"])
                 status, seconds, cpu, first = run_tests(workdir, tests, timeout)
-                result = {"passed": "survived", "failed": "killed", "hung": "killed", "timeout": "timeout"}[status]
+                result = {"passed": "survived", "failed": "killed", "hung": "killed", "timeout": "timeout",
+                          "memory": "timeout"}[status]
                 record = {"id": f"{name}:{index}", "module": path, "line": mutant["line"], "change": mutant["change"],
                           "code": mutant["code"], "result": result, "killed_by": first, "seconds": round(seconds, 1),
                           "cpu_seconds": round(cpu, 1), "by_time_limit": status == "hung",
+                          "by_memory_limit": status == "memory",
                           "of": len(mutants), "commit": commit, "date": str(datetime.date.today())}
                 with out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
