@@ -114,6 +114,9 @@ class PrefixCache:
                 if child is None:
                     break
                 common = self._common_pages(child.tokens, token_ids, pos, stop)
+                if common == 0:  # found by its first page's tokens, so that page is common: a bug
+                    raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
+                                       "shares no page with it; splitting it at 0 would loop for ever")
                 if common < len(child.pages):
                     child = self._split(child, common)
                 self._touch(child, now)
@@ -221,6 +224,9 @@ class PrefixCache:
                     node, pos = child, stop
                     break
                 common = self._common_pages(child.tokens, token_ids, pos, stop)
+                if common == 0:  # found by its first page's tokens, so that page is common: a bug
+                    raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
+                                       "shares no page with it; splitting it at 0 would loop for ever")
                 if common < len(child.pages):
                     child = self._split(child, common)
                 first = pos // p
