@@ -99,18 +99,27 @@ def outlast_prefill(engine: Engine, batch: int, context: int) -> int:
     return -(-batch * context // engine.scheduler.max_batch_tokens) + batch
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def shape_arguments(description: str | None = None) -> argparse.ArgumentParser:
+    """--tokenizer and --shape, which every profiling script here takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--shape", default="llama-1b")
-    args = parser.parse_args()
+    return parser
+
+
+def random_engine(args: argparse.Namespace, tool: str) -> Engine:
+    """A bf16 engine over random weights of `args.shape` on the GPU; a clear exit without one."""
     if not torch.cuda.is_available():
-        raise SystemExit("profile_step.py needs a CUDA GPU: it times GPU work and counts kernels from "
+        raise SystemExit(f"{tool} needs a CUDA GPU: it times GPU work and counts kernels from "
                          "torch.profiler's CUDA activity, which a CPU run cannot give")
     from transformers import AutoTokenizer
 
     ckpt, _ = random_checkpoint(dict(SHAPES[args.shape], _shape=args.shape), AutoTokenizer.from_pretrained(args.tokenizer))
-    engine = Engine(ckpt, dtype="bfloat16", progress=False)
+    return Engine(ckpt, dtype="bfloat16", progress=False)
+
+
+def main() -> None:
+    engine = random_engine(shape_arguments().parse_args(), "profile_step.py")
     columns = ("schedule", "prepare", "forward", "sample", "step", "overlapped", "kernels/step", "kernels/fwd")
     print("milliseconds per decode step, and device operations per step and per forward "
           f"({engine.config.num_layers} layers)")

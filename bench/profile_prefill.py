@@ -1,0 +1,92 @@
+"""Where one prompt's prefill time goes: the whole request through the engine, the model's forward
+alone, the GPU time of its kernels, and how long the host takes to launch them (a forward that
+the host launches slower than the GPU runs it is launch-bound, and a fixed cost per prompt).
+
+    python bench/profile_prefill.py --tokenizer DIR [--shape llama-1b] [--lengths 512 2048 8192]
+
+CUDA only (GPU time comes from CUDA events and torch.profiler's CUDA activity). Prints a table
+last, then the kernels of the longest prompt's forward by GPU time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_step import count_kernels, random_engine, shape_arguments  # noqa: E402
+
+from lightllm_nb import Engine, SamplingParams  # noqa: E402
+
+
+def prefill_parts(engine: Engine, length: int, repeats: int = 5) -> tuple[dict, object]:
+    """Milliseconds of one `length`-token prompt: the request end to end, its forward (synchronized),
+    the forward's kernels alone (CUDA events around a forward the host already queued), and the
+    host's launch time (forward without a sync)."""
+    rng = np.random.default_rng(length)
+    one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    request_ms = []
+    for _ in range(repeats + 1):
+        prompt = rng.integers(0, 30000, length).tolist()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.generate(prompt_token_ids=[prompt], sampling=one_token)
+        torch.cuda.synchronize()
+        request_ms.append((time.perf_counter() - t) * 1e3)
+    rid = engine.add_request(prompt_token_ids=rng.integers(0, 30000, length).tolist(),
+                             sampling=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    sched = engine.scheduler.schedule()
+    batch_t, _, _ = engine.runner.prepare(sched.items)
+    forward = lambda: engine.model.forward(batch_t, engine.pool.buffers)  # noqa: E731
+    forward()
+    forward_ms, launch_ms, gpu_ms = [], [], []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        forward()
+        launch_ms.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+        forward_ms.append((time.perf_counter() - t) * 1e3)
+        # The GPU's own time: queue a forward behind a long sleep so launches never starve it.
+        torch.cuda._sleep(50_000_000)
+        start.record()
+        forward()
+        end.record()
+        torch.cuda.synchronize()
+        gpu_ms.append(start.elapsed_time(end))
+    launches, kernels_us, prof = count_kernels(forward)
+    engine.abort(rid)
+    engine.step()
+    med = statistics.median
+    return {"request_ms": med(request_ms[1:]), "forward_ms": med(forward_ms), "gpu_ms": med(gpu_ms),
+            "launch_ms": med(launch_ms), "kernels_ms": kernels_us / 1e3, "kernels": launches}, prof
+
+
+def main() -> None:
+    parser = shape_arguments()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    args = parser.parse_args()
+    engine = random_engine(args, "profile_prefill.py")
+    rows, prof = [], None
+    for length in args.lengths:
+        parts, prof = prefill_parts(engine, length)
+        rows.append((length, parts))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(f"{torch.cuda.get_device_name()} | {args.shape} | one prompt's prefill, milliseconds (median of 5)")
+    print(f"{'tokens':>6} {'request':>8} {'forward':>8} {'GPU':>8} {'kernels':>8} {'launch':>8} {'#kern':>6} {'tok/s':>8}")
+    for length, p in rows:
+        print(f"{length:>6} {p['request_ms']:8.2f} {p['forward_ms']:8.2f} {p['gpu_ms']:8.2f} {p['kernels_ms']:8.2f} "
+              f"{p['launch_ms']:8.2f} {p['kernels']:6.0f} {length / p['request_ms'] * 1e3:8.0f}")
+    print("request: engine.generate(max_tokens=1) end to end; forward: model.forward synchronized; GPU: the same "
+          "forward queued behind a sleep (device time only); kernels: sum of kernel times (profiler); launch: "
+          "host time to queue the forward")
+
+
+if __name__ == "__main__":
+    main()
