@@ -12,15 +12,12 @@ grammar's masks depend on). Three configurations per batch:
   - json, overlapped: every request under a JSON schema whose one string field must run long
     (minLength), so random weights cannot finish it early and the batch stays full while it is
     timed. A constrained batch reads the previous tokens back after launching its forward and
-    fills the mask on the mask threads while the GPU computes and the step thread builds the next
-    step; its sampling is queued just before the next step's inputs.
+    fills the mask while the GPU computes; its sampling waits for the mask.
 Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
 side of a constrained step per batch: every row takes one token inside its JSON string and the
 batch's mask is built (matchers advanced, rows filled), the engine's way against a same-process
 baseline, the way the engine did it before (accept_token row by row on the step thread, a fresh
-torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) threads), and the
-step thread's share of the engine's way: noting the tokens and starting the mask threads, after
-which the engine's step thread handles tokens and builds the next step while the mask fills.
+torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) threads).
 --host-only times just that (and the compiles) with a tokenizer, no model: --vocab pads the
 logits' width as a model does (128256 for the Llama-3.2-1B shape). Prints JSON lines, and a table last.
 """
@@ -74,8 +71,7 @@ def compile_times(tokenizer, vocab_size: int, stop_token_ids: list[int], device:
 def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device,
                     batch: int, rounds: int = 30) -> dict:
     """Median host time of a constrained step's grammar work, every row inside LONG_TEXT's string
-    taking one more token: the engine's (note the tokens, build the mask), the baseline's, and what
-    of the engine's the step thread pays before it goes on (note the tokens, start the mask)."""
+    taking one more token: the engine's (note the tokens, build the mask) and the baseline's."""
     import xgrammar as xgr
 
     compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device)
@@ -101,28 +97,18 @@ def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], devic
             req.grammar.accept(word)
         compiler.mask(requests)
 
-    def step_thread_share():  # what the step thread pays before it goes on with its own work
-        started = time.perf_counter()
-        for req in requests:
-            req.grammar.accept(word)
-        pending = compiler.start_mask(requests)
-        elapsed = time.perf_counter() - started
-        pending.result()
-        return elapsed
-
     def baseline():
         assert all(matcher.accept_token(word) for matcher in matchers)
         bitmask = torch.full(xgr.get_bitmask_shape(batch, vocab_size), -1, dtype=torch.int32,
                              pin_memory=device.type == "cuda")
         xgrammar_batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(batch)))
 
-    times = {"engine": [], "baseline": [], "start": []}
-    for _ in range(rounds):  # interleaved, so a busy moment of the machine hits each
+    times = {"engine": [], "baseline": []}
+    for _ in range(rounds):  # interleaved, so a busy moment of the machine hits both
         for name, way in (("engine", engine_way), ("baseline", baseline)):
             t = time.perf_counter()
             way()
             times[name].append(time.perf_counter() - t)
-        times["start"].append(step_thread_share())
     compiler.close()
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
 
@@ -143,10 +129,9 @@ def host_only(args: argparse.Namespace) -> None:
     for row in rows:
         print(json.dumps(row), flush=True)
     print(f"\nhost side of a constrained step, vocabulary {vocab}, {log['torch_threads']} torch threads")
-    print("batch | engine (mask ready) | baseline (before) | engine / baseline | step thread's share")
+    print("batch | engine | baseline (before) | engine / baseline")
     for r in rows:
-        print(f"{r['batch']:5d} | {r['engine']:7.3f} ms | {r['baseline']:7.3f} ms | {r['engine'] / r['baseline']:5.2f} | "
-              f"{r['start']:7.3f} ms")
+        print(f"{r['batch']:5d} | {r['engine']:7.3f} ms | {r['baseline']:7.3f} ms | {r['engine'] / r['baseline']:5.2f}")
     log["host_side"] = rows
     if args.out:
         Path(args.out).write_text(json.dumps(log, indent=1))
@@ -182,17 +167,15 @@ def main() -> None:
             row[name + "_ms"] = decode_latency(engine, batch, args.context, sampling=sampling) * 1e3
         host = grammar_host_ms(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device, batch)
         row["grammar_host_ms"], row["grammar_host_before_ms"] = host["engine"], host["baseline"]
-        row["grammar_step_thread_ms"] = host["start"]
         row["json_vs_none"] = row["json_ms"] / row["none_overlap_ms"] - 1
         rows.append(row)
         print(json.dumps(row), flush=True)
     log["decode"] = rows
-    print("\nbatch | none, overlapped | none, plain steps | JSON | JSON vs none | grammar host side (before) | "
-          "its step-thread share")
+    print("\nbatch | none, overlapped | none, plain steps | JSON | JSON vs none | grammar host side (before)")
     for r in rows:
         print(f"{r['batch']:5d} | {r['none_overlap_ms']:8.2f} ms | {r['none_plain_ms']:8.2f} ms | "
               f"{r['json_ms']:8.2f} ms | {r['json_vs_none'] * 100:+6.1f}% | {r['grammar_host_ms']:6.2f} ms "
-              f"({r['grammar_host_before_ms']:.2f} ms) | {r['grammar_step_thread_ms']:6.2f} ms")
+              f"({r['grammar_host_before_ms']:.2f} ms)")
     print("compile:", json.dumps(log["compile"]))
     engine.close()
     if args.out:

@@ -59,27 +59,6 @@ def test_unconstrained_rows_keep_their_tokens_and_overlap(engine):
         jsonschema.validate(json.loads(completion.text), schema)
 
 
-def test_deferred_sampling_gives_the_tokens_of_plain_steps(engine):
-    """Overlapped, a constrained step's sampling is queued by the next step just before its inputs
-    go to the device (with a listener, within its own step): the same tokens as plain steps."""
-    params = [SamplingParams(json_schema=schema, temperature=0, max_tokens=96) for schema in SCHEMAS.values()]
-    params += [SamplingParams(regex=DATE, temperature=0.8, seed=3, max_tokens=16),
-               SamplingParams(temperature=0.8, seed=4, max_tokens=24, ignore_eos=True)]
-    prompts = ["Answer:"] * len(params)
-    deferred = engine.generate(prompts, params)
-    events = []
-    unsubscribe = engine.subscribe(events.append)
-    watched = engine.generate(prompts, params)
-    unsubscribe()
-    engine.overlap = False
-    try:
-        plain = engine.generate(prompts, params)
-    finally:
-        engine.overlap = True
-    assert [c.token_ids for c in deferred] == [c.token_ids for c in plain] == [c.token_ids for c in watched]
-    assert any(row.allowed_tokens for event in events for row in event.rows)
-
-
 def test_the_reused_bitmask_reaches_the_mask_kernel_intact():
     """Each step's bitmask is refilled in the same pinned buffer and copied on a stream of its own
     while the compute stream is still busy with earlier steps: every step's mask kernel must see

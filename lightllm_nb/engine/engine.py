@@ -22,11 +22,10 @@ from ..scheduling.decisions import Decision
 from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .embedded_api import EmbeddedAPI
-from .step_outputs import StepOutputs
 from .grammar import GrammarCompiler, RequestGrammar
 from .engine_setup import (choose_batch_limits, cpu_threads_per_rank, limit_cpu_threads, resolve_device, resolve_dtype,
                            size_kv_tokens)
-from .inflight import DeferredSampling, InflightTokens
+from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
 from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
 from ..kv.kv_pool import KVPool
@@ -36,18 +35,18 @@ from ..scheduling.policies import make_policy
 from ..models.config import ModelConfig
 from ..models.weights import build_model
 from .prompt_checks import PromptEncoder, check_fits, check_user_and_priority, prompt_ids, sampling_params
-from ..scheduling.request import Request, RequestOutput
+from ..scheduling.request import Completion, Request, RequestOutput, request_metrics
 from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.timeline import TimelineRecorder
-from ..telemetry.events import BatchRow
+from ..telemetry.events import BatchRow, KVHolder, StepEvent
 from ..telemetry.hub import EventHub
 
 log = logging.getLogger(__name__)
 
 
-class Engine(EmbeddedAPI, StepOutputs):
+class Engine(EmbeddedAPI):
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int | None = None,
                  max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
@@ -95,10 +94,8 @@ class Engine(EmbeddedAPI, StepOutputs):
                                    max_running_per_user=max_running_per_user, cache_scopes=self.cache_scopes,
                                    timelines=TimelineRecorder(lambda: self._step + 1))  # the step being run
         # CUDA graphs at tp>1 would need every rank to capture and replay in lockstep: not built yet.
-        # A constrained step's deferred sampling is queued when the next step's inputs are built on the
-        # host and about to go to the device (they read its tokens there).
         self.runner = ModelRunner(self.model, self.pool, cuda_graphs=cuda_graphs and tp == 1, max_batch=max_running,
-                                  progress=progress, before_device=self._sample_deferred)
+                                  progress=progress)
         generator = torch.Generator(device=self.device)
         # Never torch.seed(): that would reseed the notebook's global RNG.
         generator.manual_seed(seed) if seed is not None else generator.seed()
@@ -114,7 +111,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts)
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
-        self._deferred: DeferredSampling | None = None  # its sampling, when its mask was being filled
         self._batch: list | None = None  # the running step's (request, tokens), finished with "error" if it raises
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
@@ -176,7 +172,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._check_caller("abort_all")
         for request_id in list(self._requests):
             self.abort(request_id)
-        self._drop_deferred()
         self._inflight = None  # its requests are finished: their tokens are not wanted
         outputs, self._pending = self._pending, []
         return outputs
@@ -191,8 +186,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         the step is launched, then the previous step's tokens are read back and handled while
         the GPU computes, so the host's bookkeeping hides behind the GPU's work. A request that
         stopped on a token seen this late has run one wasted step; its extra token is dropped.
-        A grammar-constrained batch's sampling waits for its mask, which the mask threads fill
-        meanwhile: the next step queues it before its own inputs (this step, if someone listens).
 
         A step that raises finishes its batch's requests with finish_reason "error" (the error
         in `Completion.error`) and frees their KV; everyone else carries on.
@@ -210,8 +203,6 @@ class Engine(EmbeddedAPI, StepOutputs):
 
     def _run_step(self, outputs: list[RequestOutput]) -> None:
         started = time.perf_counter()
-        if self._deferred is not None and self._deferred.pending is not None:
-            self._deferred.pending.let_threads_in()  # from accepting to filling: they need the GIL
         self._batch = None
         batch = self.scheduler.schedule()
         self._batch = batch.items
@@ -222,29 +213,21 @@ class Engine(EmbeddedAPI, StepOutputs):
                 for r, n in batch.items] if self._events else []
         inflight = None
         if batch:
-            logits, sampling_reqs, sample_rows = self.runner.run(batch.items)  # queues a deferred sampling first
+            logits, sampling_reqs, sample_rows = self.runner.run(batch.items)
             for req, n in batch.items:
                 req.num_computed += n
             samplers = [r.sampler for r in sampling_reqs]
             if self.overlap and self.sampler.can_defer(samplers):
-                inflight = InflightTokens(sampling_reqs)
+                mask = None
                 if any(r.grammar is not None for r in sampling_reqs):
-                    # The mask needs the previous step's tokens: read them back while the GPU runs
-                    # this forward, fill the mask on the mask threads while this thread handles them
-                    # and builds the next step, and queue the sampling then (or now, for listeners:
-                    # the step's event says how many tokens each mask allowed).
-                    def start_mask() -> None:  # held at once, so a failing step still waits for the threads
-                        self._deferred = DeferredSampling(logits, samplers, self.grammars.start_mask(sampling_reqs),
-                                                          sample_rows, inflight)
-
-                    outputs += self._take_inflight(decisions, before_handling=start_mask)
-                    if rows:
-                        self._sample_deferred(rows)
-                else:
-                    tokens = self.sampler.sample_on_device(logits, samplers)
-                    self.runner.remember_tokens(sample_rows, tokens)
-                    inflight.attach(tokens)
+                    # The mask needs the previous step's tokens accepted: read them back now, while
+                    # the GPU runs this forward, and queue the sampling behind the mask.
                     outputs += self._take_inflight(decisions)
+                    mask = self.grammars.mask(sampling_reqs, rows)
+                tokens = self.sampler.sample_on_device(logits, samplers, mask)
+                self.runner.remember_tokens(sample_rows, tokens)
+                inflight = InflightTokens(sampling_reqs, tokens)
+                outputs += self._take_inflight(decisions)
             else:
                 outputs += self._take_inflight(decisions)  # penalties must observe the previous token
                 sampled = self.sampler.sample(logits, samplers, self.grammars.mask(sampling_reqs, rows))
@@ -253,8 +236,6 @@ class Engine(EmbeddedAPI, StepOutputs):
                     if req.finished:  # stopped on the previous step's token, read back just now
                         continue
                     req.token_ids.append(sampled.token_ids[i])
-                    if req.grammar is not None:
-                        req.grammar.accept(sampled.token_ids[i])  # noted; the next mask consumes it
                     outputs.append(self._accept_token(req, len(req.token_ids) - 1, now, sampled, i, decisions))
         else:
             outputs += self._take_inflight(decisions)
@@ -262,22 +243,40 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._inflight = inflight
         self._publish(started, rows, decisions)
 
-    def _sample_deferred(self, rows: Sequence[BatchRow] = ()) -> None:
-        """Queue the deferred sampling, if any, once its mask is filled."""
-        deferred, self._deferred = self._deferred, None
-        if deferred is None:
-            return
-        mask = deferred.pending.result(rows) if deferred.pending is not None else None
-        tokens = self.sampler.sample_on_device(deferred.logits, deferred.samplers, mask)
-        self.runner.remember_tokens(deferred.sample_rows, tokens)
-        deferred.inflight.attach(tokens)
+    def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
+        """Read back the previous step's tokens (waiting for the GPU if need be) and handle them."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return []
+        tokens = inflight.tokens()
+        now = time.perf_counter()
+        outputs = []
+        for req, index, token in zip(inflight.requests, inflight.indices, tokens):
+            if req.finished:  # aborted, or stopped a step ago on a token seen late
+                continue
+            req.fill_pending_token(index, token)
+            outputs.append(self._accept_token(req, index, now, None, 0, decisions))
+        return outputs
 
-    def _drop_deferred(self) -> None:
-        """Forget the deferred sampling (its requests are finishing), once the mask threads are done
-        with their grammars and the shared bitmask."""
-        deferred, self._deferred = self._deferred, None
-        if deferred is not None and deferred.pending is not None:
-            deferred.pending.wait_quietly()
+    def _fail_batch(self, err: Exception, outputs: list[RequestOutput]) -> None:
+        """Finish the failed step's requests (all running ones if scheduling itself failed) and
+        those whose tokens were in flight, with reason "error"; their KV goes back to the pool."""
+        victims = list(self.scheduler.running) if self._batch is None else [req for req, _ in self._batch]
+        if self._inflight is not None:
+            victims += self._inflight.requests
+            self._inflight = None
+        self._batch = None
+        message = f"the engine step running this request failed: {type(err).__name__}: {err}"
+        decisions = []
+        for req in {id(r): r for r in victims}.values():  # once each, in order
+            if req.finished or req.request_id not in self._requests:
+                continue
+            decisions.append(self.scheduler.finish(req, "error"))
+            out = self._retire(RequestOutput(req.request_id, [], "", True, "error"))
+            out.completion.error = message
+            outputs.append(out)
+        self._publish(time.perf_counter(), [], self._carried_decisions + decisions)
+        self._carried_decisions = []
 
     def stats(self) -> dict:
         if self._closed:
@@ -321,7 +320,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._requests.clear()
         self._detokenizers.clear()
         self._events.close()
-        self._drop_deferred()
         self.grammars.close()
         if hasattr(self.model, "close"):  # a tensor-parallel model's worker processes
             self.model.close()
@@ -339,3 +337,65 @@ class Engine(EmbeddedAPI, StepOutputs):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine is closed: create a new one")
+
+    def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
+                      decisions: list[Decision]) -> RequestOutput:
+        """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
+        token = req.token_ids[index]
+        req.sampler.observe(token)
+        if req.grammar is not None:
+            req.grammar.accept(token)  # noted; the next mask's threads advance the matcher
+        if sampled is not None and sampled.logprobs[i] is not None:
+            req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
+                                 "top": sampled.top_logprobs[i]})
+        if req.first_token_time is None:
+            req.first_token_time = now
+            req.queue_time_before_first_token = req.queue_time
+            self.scheduler.timelines.first_token(req)
+        p = req.sampling
+        reason = None
+        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
+                req.grammar is not None and req.grammar.terminated):
+            reason = "stop"
+        detok = self._detokenizers.get(req.request_id)
+        if detok is not None and reason is None and detok.add(token):
+            reason = "stop"
+        if reason is None and index + 1 - req.num_prompt >= p.max_tokens:
+            reason = "length"
+        delta = detok.take_delta(final=reason is not None) if detok is not None else ""
+        out = RequestOutput(req.request_id, [token], delta, reason is not None, reason)
+        if reason is None:
+            return out
+        req.drop_tokens_after(index)  # a token the next overlapped step already asked for
+        decisions.append(self.scheduler.finish(req, reason))
+        return self._retire(out)
+
+    def _retire(self, out: RequestOutput) -> RequestOutput:
+        """Forget a finished request, attaching its Completion to its last output."""
+        req = self._requests.pop(out.request_id)
+        detok = self._detokenizers.pop(out.request_id, None)
+        ids = req.known_output_ids
+        if detok is not None:
+            text = detok.text
+        else:
+            # A stop token ends the output but is not part of its text.
+            shown = ids[:-1] if ids and req.finish_reason == "stop" else ids
+            text = self.tokenizer.decode(shown, skip_special_tokens=True)
+        out.completion = Completion(req.request_id, text, ids, req.finish_reason, req.num_prompt,
+                                    request_metrics(req), req.logprobs or None, timeline=req.timeline)
+        return out
+
+    def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:
+        self._step += 1
+        if not self._events:
+            return
+        pool = self.pool
+        self._events.publish(
+            StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
+                      rows=rows, decisions=decisions, kv_capacity=pool.capacity,
+                      kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
+                      running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                      page_size=pool.page_size,
+                      kv_holders=[KVHolder(r.row, r.request_id, r.user, r.num_computed)
+                                  for r in self.scheduler.running if r.row is not None]),
+            page_owner=lambda: pool.page_owner)

@@ -1,12 +1,11 @@
 """Structured output: grammars compiled off the step thread, one matcher per request, and the
 batch's token mask (xgrammar's bitmask) applied to the logits before sampling.
 
-A sampled token is only noted when the engine reads it (`RequestGrammar.accept`); building the
+A sampled token is only noted when the engine hands it over (`RequestGrammar.accept`); building the
 next mask advances every row's matcher past its noted tokens and fills its row, the rows split over
-threads (mask_fill.py). With overlapped steps the mask is started (`start_mask`) once this step's
-forward is launched and the previous tokens are read back, and collected (`PendingMask.result`)
-when the engine queues the sampling, behind the mask's upload: the GPU computes and the step
-thread works meanwhile.
+threads (mask_fill.py). With overlapped steps that happens after this step's forward is launched
+and the previous tokens are read back, while the GPU computes; the sampling is queued behind the
+mask's upload.
 
 A constrained request waits in the scheduler's queue until its grammar is compiled (`ready`), so a
 slow compile never holds a batch row. Equal constraints share one compile: the cache is keyed by
@@ -72,18 +71,11 @@ class GrammarCompiler:
 
     def mask(self, requests: Sequence, rows: Sequence = ()) -> TokenMask | None:
         """The mask of a step's sampling rows (Requests), None when none is constrained: unconstrained
-        batches pay nothing. `start_mask` and `PendingMask.result` in one go."""
-        pending = self.start_mask(requests)
-        return None if pending is None else pending.result(rows)
-
-    def start_mask(self, requests: Sequence) -> PendingMask | None:
-        """Start building the mask of a step's sampling rows (Requests) on the mask threads; None
-        when none is constrained. Each constrained row's matcher first consumes the tokens noted
-        since the last mask. Finished requests (stopped on a token read back late) are not masked:
-        their token is dropped anyway; nor are rows whose grammar has ended (its stop token,
-        consumed already). Until the result is taken, the requests' grammars must not be touched."""
-        constrained = [i for i, r in enumerate(requests)
-                       if r.grammar is not None and not r.finished and not r.grammar.terminated]
+        batches pay nothing. Each constrained row's matcher first consumes the tokens noted since
+        the last mask. Finished requests (stopped on a token read back late) are not masked: their
+        token is dropped anyway. `rows` (the step's BatchRows, for listeners) are told how many
+        tokens each constrained row's mask allowed."""
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None and not r.finished]
         if not constrained:
             return None
         if self._filler is None:
@@ -93,8 +85,17 @@ class GrammarCompiler:
         mask = TokenMask(self._bitmask, self._bitmask.rows(len(requests), constrained), constrained, self.vocab_size)
         grammars = [requests[i].grammar for i in constrained]
         tokens = [g.take_unaccepted() for g in grammars]
-        job = self._filler.start([g.matcher for g in grammars], tokens, mask.bitmask, constrained)
-        return PendingMask(job, mask, [requests[i].request_id for i in constrained], tokens)
+        refused = self._filler.run([g.matcher for g in grammars], tokens, mask.bitmask, constrained)
+        if refused:
+            i = refused[0]
+            raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {tokens[i]} passed the "
+                               "grammar's mask but the grammar refused it: this is a bug")
+        if rows:
+            allowed = mask.allowed_counts()
+            by_id = {requests[i].request_id: n for i, n in allowed.items()}
+            for row in rows:
+                row.allowed_tokens = by_id.get(row.request_id)
+        return mask
 
     def wait_for_pending(self, timeout: float) -> None:
         """Block up to `timeout` seconds until a compile in progress finishes (for an engine with
@@ -156,42 +157,6 @@ class RequestGrammar:
         """The tokens noted since the last call, for the caller to feed to the matcher."""
         tokens, self._unaccepted = self._unaccepted, []
         return tokens
-
-
-class PendingMask:
-    """A mask whose rows the mask threads are filling (GrammarCompiler.start_mask)."""
-
-    def __init__(self, job, mask: TokenMask, request_ids: list[str], tokens: list[list[int]]):
-        self._job = job
-        self._mask = mask
-        self._request_ids = request_ids  # of the mask's rows, in order
-        self._tokens = tokens
-
-    def result(self, rows: Sequence = ()) -> TokenMask:
-        """The filled mask, once the threads are done. `rows` (the step's BatchRows, for listeners)
-        are told how many tokens each constrained row's mask allowed."""
-        refused = self._job.wait()
-        if refused:
-            i = refused[0]
-            raise RuntimeError(f"{self._request_ids[i]}: one of tokens {self._tokens[i]} passed the "
-                               "grammar's mask but the grammar refused it: this is a bug")
-        if rows:
-            allowed = self._mask.allowed_counts()
-            by_id = {rid: allowed[row] for rid, row in zip(self._request_ids, self._mask.rows)}
-            for row in rows:
-                row.allowed_tokens = by_id.get(row.request_id)
-        return self._mask
-
-    def let_threads_in(self) -> None:
-        """Hand the GIL to mask threads that wait for it, for a moment (mask_fill.FillJob.breathe)."""
-        self._job.breathe()
-
-    def wait_quietly(self) -> None:
-        """Wait for the threads to be done with the grammars and the buffer, whatever they found."""
-        try:
-            self._job.wait()
-        except Exception:  # noqa: BLE001  (the step that wanted this mask is being abandoned)
-            pass
 
 
 class TokenMask:

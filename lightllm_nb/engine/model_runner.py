@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -14,12 +12,9 @@ from ..scheduling.request import Request, fill_pending, has_pending
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, pool: KVPool, *, cuda_graphs: bool = False, max_batch: int = 1,
-                 progress: bool = True, before_device: Callable[[], None] | None = None):
+                 progress: bool = True):
         self.model = model
         self.pool = pool
-        # Run by each step once the host's part of its inputs is done, before any device work (the
-        # engine queues a deferred sampling there: these inputs read its tokens on the device).
-        self.before_device = before_device
         self.device = model.device
         # Each row's newest sampled token, kept on the device so an overlapped next step can
         # read it before the host has seen it.
@@ -63,8 +58,6 @@ class ModelRunner:
         positions_np = np.concatenate([np.asarray(positions, dtype=np.int64)] + [c[0] for c in chunks])
         slots_np = np.concatenate([np.asarray(slots, dtype=np.int64)] + [c[1] for c in chunks])
         row_per_token = np.repeat(np.asarray(rows, dtype=np.int64), np.diff(q_starts))
-        if self.before_device is not None:
-            self.before_device()
         # One host->device copy for everything, then views.
         packed = torch.from_numpy(np.concatenate([
             np.asarray(ids, dtype=np.int64), positions_np, slots_np, row_per_token,
