@@ -25,7 +25,7 @@ from lightllm_nb import Engine, SamplingParams  # noqa: E402
 
 
 def prefill_parts(engine: Engine, length: int, repeats: int = 5) -> tuple[dict, object]:
-    """Milliseconds of one `length`-token prompt: the request end to end, its forward (synchronized),
+    """Milliseconds of one `length`-token prompt: the request end to end (stepped here, no driver loop), its forward (synchronized),
     the forward's kernels alone (CUDA events around a forward the host already queued), and the
     host's launch time (forward without a sync)."""
     rng = np.random.default_rng(length)
@@ -35,7 +35,9 @@ def prefill_parts(engine: Engine, length: int, repeats: int = 5) -> tuple[dict, 
         prompt = rng.integers(0, 30000, length).tolist()
         torch.cuda.synchronize()
         t = time.perf_counter()
-        engine.generate(prompt_token_ids=[prompt], sampling=one_token)
+        engine.add_request(prompt_token_ids=prompt, sampling=one_token)
+        while engine.scheduler.waiting or engine.scheduler.running:
+            engine.step()
         torch.cuda.synchronize()
         request_ms.append((time.perf_counter() - t) * 1e3)
     rid = engine.add_request(prompt_token_ids=rng.integers(0, 30000, length).tolist(),
@@ -83,7 +85,7 @@ def main() -> None:
     for length, p in rows:
         print(f"{length:>6} {p['request_ms']:8.2f} {p['forward_ms']:8.2f} {p['gpu_ms']:8.2f} {p['kernels_ms']:8.2f} "
               f"{p['launch_ms']:8.2f} {p['kernels']:6.0f} {length / p['request_ms'] * 1e3:8.0f}")
-    print("request: engine.generate(max_tokens=1) end to end; forward: model.forward synchronized; GPU: the same "
+    print("request: add_request(max_tokens=1) and steps until it finished; forward: model.forward synchronized; GPU: the same "
           "forward queued behind a sleep (device time only); kernels: sum of kernel times (profiler); launch: "
           "host time to queue the forward")
 
