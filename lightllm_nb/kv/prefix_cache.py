@@ -109,10 +109,8 @@ class PrefixCache:
         node, pos, pages = self._root, 0, []
         zones = self._zones(token_ids, user, len(token_ids) // p * p)
         for scope, stop in zones:
-            while pos < stop:
-                child = node.children.get((scope, tuple(token_ids[pos:pos + p])))
-                if child is None:
-                    break
+            # The walk stops by its own condition where no child goes on: it cannot stay in place.
+            while pos < stop and (child := node.children.get((scope, tuple(token_ids[pos:pos + p])))) is not None:
                 common = self._common_pages(child.tokens, token_ids, pos, stop)
                 if common == 0:  # found by its first page's tokens, so that page is common: a bug
                     raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
