@@ -179,11 +179,18 @@ class Scheduler:
         skipped: set[str] = set()
         in_flight = {self._next_tokens(r, self.cache.held(r.row)): (r.request_id, r.user)
                      for r in self.running if r.num_computed < r.num_prompt} if self.cache is not None else {}
+        tried: set[str] = set()
         while budget > 0 and len(self.running) < self.max_running:
             picked = self._next_candidate(batch.decisions, skipped, in_flight)
             if picked is None:
                 return
             req, match = picked
+            # An admitted candidate leaves the queue and a deferred one ends the step, so picking
+            # one twice is a bug: without this it would be tried again for ever.
+            if req.request_id in tried:
+                raise RuntimeError(f"scheduler: {req.request_id!r} picked twice in one step "
+                                   f"(running {len(self.running)}, waiting {len(self.waiting)}, budget {budget})")
+            tried.add(req.request_id)
             n = self._try_admit(req, match, budget, batch)
             if n == 0:
                 return
