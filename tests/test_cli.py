@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from lightllm_nb.cli import build_parser, main
+from lightllm_nb.host_cpus import usable_cpus
 from lightllm_nb.serving.host import api_server_count, auto_api_server_count
 from serve_process import start_serve
 
@@ -99,10 +100,29 @@ def test_serve_without_a_key_writes_one_mode_0600_and_accepts_only_it(tmp_path):
         assert host.stop() == 0
 
 
-@pytest.mark.parametrize("cores, has_zmq, front_ends", [(16, True, 2), (8, True, 2), (7, True, 0), (2, True, 0),
-                                                        (1, True, 0), (64, False, 0)])
-def test_auto_api_server_count_splits_off_two_front_ends_where_cores_and_pyzmq_allow(cores, has_zmq, front_ends):
-    assert auto_api_server_count(cores, has_zmq) == front_ends
+@pytest.mark.parametrize("cores, can_split, front_ends", [(16, True, 2), (8, True, 2), (7, True, 0), (2, True, 0),
+                                                          (1, True, 0), (64, False, 0)])
+def test_auto_api_server_count_splits_off_two_front_ends_where_cores_and_pyzmq_allow(cores, can_split, front_ends):
+    assert auto_api_server_count(cores, can_split) == front_ends
+
+
+def test_auto_keeps_one_process_where_the_engine_cannot_watch_its_front_ends(monkeypatch):
+    """No pidfds (not Linux, a kernel before 5.3, a seccomp profile that blocks pidfd_open): forking
+    front ends would fail after the model load, so `auto` does not, however many cores there are."""
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
+    assert api_server_count("auto", cores=64) == 0
+
+
+def test_auto_counts_the_cpus_a_cgroup_quota_leaves(monkeypatch, tmp_path):
+    """A container limited to 2 CPUs on a 64-core node: the quota, not the node, decides."""
+    real_open = open
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("200000 100000\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpu_max if path == "/sys/fs/cgroup/cpu.max"
+                                                                         else path, *a, **k))
+    assert usable_cpus() == 2
+    assert api_server_count("auto") == 0
 
 
 def test_an_explicit_api_server_count_is_kept_on_any_host():
@@ -111,12 +131,14 @@ def test_an_explicit_api_server_count_is_kept_on_any_host():
 
 
 def _with_cores(monkeypatch, cores: int) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr("lightllm_nb.serving.host.usable_cpus", lambda: cores)
 
 
 def test_serve_by_default_runs_two_api_server_processes_on_a_16_core_host(monkeypatch):
     """The default reaches the split: the real run_host, with a stand-in engine and run_split."""
     _with_cores(monkeypatch, 16)
+    monkeypatch.setattr("lightllm_nb.serving.host.can_watch_child_processes", lambda: True)
+    monkeypatch.setattr("gc.freeze", lambda: None)  # run_host's freeze would keep this test process's heap
     split = []
     monkeypatch.setattr("lightllm_nb.cli._serving_engine",
                         lambda args: SimpleNamespace(prompts=SimpleNamespace(max_context=64), tokenizer=None,

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..host_cpus import usable_cpus
 from ..models.config import ModelConfig
 
 # Enough for a teaching session on a laptop without taking its memory: the CPU path is for
@@ -119,19 +120,6 @@ def choose_batch_limits(config: ModelConfig, dtype: torch.dtype, device: torch.d
     running = max_running if max_running is not None else min(auto_running, max_batch_tokens or auto_running)
     tokens = max_batch_tokens if max_batch_tokens is not None else max(auto_tokens, running)
     return running, tokens
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really run on: its affinity mask, capped by a cgroup v2 CPU quota
-    (a container limited to 2 CPUs on a 64-core host still sees 64 cores in os.cpu_count())."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota to honour
-    return cpus
 
 
 def cpu_threads_per_rank(device: torch.device, tp: int) -> int:

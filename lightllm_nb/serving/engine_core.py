@@ -46,6 +46,10 @@ log = logging.getLogger("lightllm_nb.serve")
 # Events queued for the front ends' link: this process's event loop publishes them as they come, so
 # this only fills while that loop is stalled.
 FRONT_END_BACKLOG = 1024
+# Steps a stalled front end may fall behind on the event socket, at each end, before zmq drops them:
+# events may drop (the front end counts the gap), and each may carry a page map of megabytes (15 MB
+# at 3.7M pages), so zmq's default of 1000 could hold gigabytes on each side for one slow reader.
+EVENT_SOCKET_BACKLOG = 32
 
 
 def event_address(address: str) -> str:
@@ -69,6 +73,7 @@ class EngineCore:
         self._socket.bind(address)
         self._publisher = self._context.socket(zmq.PUB)
         self._publisher.setsockopt(zmq.LINGER, 0)
+        self._publisher.setsockopt(zmq.SNDHWM, EVENT_SOCKET_BACKLOG)
         self._publisher.bind(event_address(address))
         self._front_end_of: dict[str, bytes] = {}         # request id -> the front end that submitted it
         # front end (its pid, as its zmq identity) -> its running requests

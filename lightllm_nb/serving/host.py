@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..host_cpus import can_watch_child_processes, usable_cpus
 from .auth import TokenTable, generate_key_file, read_key_file
 
 log = logging.getLogger("lightllm_nb.serve")
@@ -63,20 +64,23 @@ def default_key_path(port: int, uds: str | None) -> Path:
 
 
 def api_server_count(requested: int | str, cores: int | None = None) -> int:
-    """`--api-server-count`, with `auto` resolved for this host (`cores`: the CPUs this process may run on)."""
+    """`--api-server-count`, with `auto` resolved for this host (`cores`: the CPUs this process may use)."""
     if requested != "auto":
         return requested
     if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return auto_api_server_count(cores, importlib.util.find_spec("zmq") is not None)
+        cores = usable_cpus()
+    can_split = importlib.util.find_spec("zmq") is not None and can_watch_child_processes()
+    return auto_api_server_count(cores, can_split)
 
 
-def auto_api_server_count(cores: int, has_zmq: bool) -> int:
+def auto_api_server_count(cores: int, can_split: bool) -> int:
     """Two front-end processes where the host has cores to spare for them: on an H200 host (16
     cores) they took the HTTP path from 72% to 135% of the embedded engine's throughput, four gave
-    109% (bench/RESULTS.md). On a small machine (CI's 2 cores) their CPU is the step's CPU, and
-    without pyzmq there is no link to them: there the front end stays in the engine's process."""
-    return 2 if cores >= 8 and has_zmq else 0
+    109% (bench/RESULTS.md). On a small machine (CI's 2 cores, or a container whose CPU quota is
+    that small) their CPU is the step's CPU; and without pyzmq (the link to them) or pidfds (how
+    the engine watches them: Linux 5.3+) they cannot run: there the front end stays in the engine's
+    process."""
+    return 2 if cores >= 8 and can_split else 0
 
 
 def listening_sockets(host: str, port: int, uds: str | None) -> list[socket.socket]:
@@ -121,6 +125,7 @@ def run_host(args, engine_factory) -> int:
         asyncio.run(serve_http(ctx, sockets, args.shutdown_timeout))
     finally:
         engine.close()
+        gc.unfreeze()  # so that exiting finalizes what start-up made (frozen cycles never are)
     return 0
 
 

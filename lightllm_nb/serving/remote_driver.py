@@ -26,7 +26,7 @@ import zmq.asyncio
 
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..telemetry.hub import Demand, EventHub, EventSubscription
-from .engine_core import event_address, unbounded
+from .engine_core import EVENT_SOCKET_BACKLOG, event_address, unbounded
 from .event_wire import unpack
 from .request_handle import RequestHandle, wake_readers
 
@@ -44,6 +44,7 @@ class RemoteDriver:
         self._socket.connect(address)
         self._event_socket = self._context.socket(zmq.SUB)  # subscribed to a topic while readers want events
         self._event_socket.setsockopt(zmq.LINGER, 0)
+        self._event_socket.setsockopt(zmq.RCVHWM, EVENT_SOCKET_BACKLOG)
         self._event_socket.connect(event_address(address))
         self._last_sequence: int | None = None  # of the last event received: a gap is events lost
         self._keys = itertools.count()

@@ -115,7 +115,7 @@ class EventSubscription:
                 batch.append(await asyncio.wait_for(self._mailbox.aget(), self._gap))
             except MailboxClosed:
                 pass
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 batch[-1] = self._with_map_now(batch[-1])
         return self._view(self._latest(batch)[0])
 
