@@ -150,10 +150,13 @@ class UpstreamRequest(asyncio.Protocol):
 
     def relay(self, sink: Callable[[bytes], None]) -> None:
         """From now on every piece of the body goes to `sink` (what came with the head at once)."""
-        self._sink = sink
         if self._early_body:
             early, self._early_body = self._early_body, b""
             sink(early)
+        # A body that has ended already (a short answer that came whole with its head, or a broken
+        # one) has nothing more to send: keeping the sink would leave the cycle _fail explains.
+        if not self.body_done.done():
+            self._sink = sink
 
     def pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
