@@ -22,6 +22,7 @@ from ..scheduling.decisions import Decision
 from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .embedded_api import EmbeddedAPI
+from .step_outputs import StepOutputs
 from .grammar import GrammarCompiler, RequestGrammar
 from .engine_setup import (choose_batch_limits, cpu_threads_per_rank, limit_cpu_threads, resolve_device, resolve_dtype,
                            size_kv_tokens)
@@ -35,18 +36,18 @@ from ..scheduling.policies import make_policy
 from ..models.config import ModelConfig
 from ..models.weights import build_model
 from .prompt_checks import PromptEncoder, check_fits, check_user_and_priority, prompt_ids, sampling_params
-from ..scheduling.request import Completion, Request, RequestOutput, request_metrics
+from ..scheduling.request import Request, RequestOutput
 from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.timeline import TimelineRecorder
-from ..telemetry.events import BatchRow, KVHolder, StepEvent
+from ..telemetry.events import BatchRow
 from ..telemetry.hub import EventHub
 
 log = logging.getLogger(__name__)
 
 
-class Engine(EmbeddedAPI):
+class Engine(EmbeddedAPI, StepOutputs):
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int | None = None,
                  max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
@@ -337,65 +338,3 @@ class Engine(EmbeddedAPI):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine is closed: create a new one")
-
-    def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
-                      decisions: list[Decision]) -> RequestOutput:
-        """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
-        token = req.token_ids[index]
-        req.sampler.observe(token)
-        if req.grammar is not None:
-            req.grammar.accept(token)  # noted; the next mask's threads advance the matcher
-        if sampled is not None and sampled.logprobs[i] is not None:
-            req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
-                                 "top": sampled.top_logprobs[i]})
-        if req.first_token_time is None:
-            req.first_token_time = now
-            req.queue_time_before_first_token = req.queue_time
-            self.scheduler.timelines.first_token(req)
-        p = req.sampling
-        reason = None
-        if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
-                req.grammar is not None and req.grammar.terminated):
-            reason = "stop"
-        detok = self._detokenizers.get(req.request_id)
-        if detok is not None and reason is None and detok.add(token):
-            reason = "stop"
-        if reason is None and index + 1 - req.num_prompt >= p.max_tokens:
-            reason = "length"
-        delta = detok.take_delta(final=reason is not None) if detok is not None else ""
-        out = RequestOutput(req.request_id, [token], delta, reason is not None, reason)
-        if reason is None:
-            return out
-        req.drop_tokens_after(index)  # a token the next overlapped step already asked for
-        decisions.append(self.scheduler.finish(req, reason))
-        return self._retire(out)
-
-    def _retire(self, out: RequestOutput) -> RequestOutput:
-        """Forget a finished request, attaching its Completion to its last output."""
-        req = self._requests.pop(out.request_id)
-        detok = self._detokenizers.pop(out.request_id, None)
-        ids = req.known_output_ids
-        if detok is not None:
-            text = detok.text
-        else:
-            # A stop token ends the output but is not part of its text.
-            shown = ids[:-1] if ids and req.finish_reason == "stop" else ids
-            text = self.tokenizer.decode(shown, skip_special_tokens=True)
-        out.completion = Completion(req.request_id, text, ids, req.finish_reason, req.num_prompt,
-                                    request_metrics(req), req.logprobs or None, timeline=req.timeline)
-        return out
-
-    def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:
-        self._step += 1
-        if not self._events:
-            return
-        pool = self.pool
-        self._events.publish(
-            StepEvent(step=self._step, time=started - self._start, duration=time.perf_counter() - started,
-                      rows=rows, decisions=decisions, kv_capacity=pool.capacity,
-                      kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
-                      running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                      page_size=pool.page_size,
-                      kv_holders=[KVHolder(r.row, r.request_id, r.user, r.num_computed)
-                                  for r in self.scheduler.running if r.row is not None]),
-            page_owner=lambda: pool.page_owner)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections import deque
 
 from ...telemetry.events import StepEvent
 
 
-class RecentItems:
+class RecentItems(ABC):
     """The newest `limit` items made from events, oldest first."""
 
     def __init__(self, limit: int):
@@ -19,8 +20,9 @@ class RecentItems:
         self.items.extend(new)
         return len(new)
 
+    @abstractmethod
     def items_of(self, event: StepEvent) -> list[dict]:
-        raise NotImplementedError
+        """The items one event adds (each kind of history says which)."""
 
     def clear(self) -> None:
         self.items.clear()
