@@ -111,8 +111,9 @@ def freeze_startup_heap() -> None:
     """Moves every object the server's start-up made out of the garbage collector's sight.
 
     The server's heap (Jupyter and its extensions; `lightllm_nb` imports no torch here) is tens of
-    thousands of objects that live as long as the process (~340k when torch came with it). Requests that leave reference cycles (each
-    proxied one did, ~66 objects; Jupyter's own handlers may) set off a full collection every few
+    thousands of objects that live as long as the process (~340k when torch came with it).
+    Requests that leave reference cycles (each proxied one did, ~66 objects; Jupyter's own
+    handlers may) set off a full collection every few
     seconds under a burst of streams, and each walked that whole heap: 0.2-1.3 s on this 2-core
     box, the server's one thread, so every request and stream, stalled meanwhile (issue 9).
     Frozen, a full collection walks only what came after. One collection first, so that

@@ -112,9 +112,6 @@ class PrefixCache:
             # The walk stops by its own condition where no child goes on: it cannot stay in place.
             while pos < stop and (child := node.children.get((scope, tuple(token_ids[pos:pos + p])))) is not None:
                 common = self._common_pages(child.tokens, token_ids, pos, stop)
-                if common == 0:  # found by its first page's tokens, so that page is common: a bug
-                    raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
-                                       "shares no page with it; splitting it at 0 would loop for ever")
                 if common < len(child.pages):
                     child = self._split(child, common)
                 self._touch(child, now)
@@ -222,9 +219,6 @@ class PrefixCache:
                     node, pos = child, stop
                     break
                 common = self._common_pages(child.tokens, token_ids, pos, stop)
-                if common == 0:  # found by its first page's tokens, so that page is common: a bug
-                    raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
-                                       "shares no page with it; splitting it at 0 would loop for ever")
                 if common < len(child.pages):
                     child = self._split(child, common)
                 first = pos // p
@@ -276,6 +270,9 @@ class PrefixCache:
             common = n
         else:
             common = next(i for i in range(n) if token_ids[pos + i] != node_tokens[i])
+        if common < self.page_size:  # the node was found by its first page's tokens: a bug
+            raise RuntimeError(f"prefix cache: the node keyed by the prompt's page at token {pos} "
+                               "shares no page with it; splitting it at 0 would loop for ever")
         return common // self.page_size
 
     def _split(self, node: _Node, num_pages: int) -> _Node:
