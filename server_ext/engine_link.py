@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import getpass
 import time
 
 from jupyter_server._tz import utcnow
 from tornado.ioloop import PeriodicCallback
 
 from .supervisor import EngineSupervisor
+from .upstream_pool import UpstreamPool
 
 # Idle culling looks at the server's last activity; while a stream runs we refresh ours this often,
 # so a long prefill with no output yet still counts as activity.
@@ -23,6 +25,10 @@ class EngineLink:
         self.supervisor = supervisor
         self.url = supervisor.url if supervisor is not None else url.rstrip("/")
         self.token = supervisor.proxy_token if supervisor is not None else token
+        self.upstream = UpstreamPool(self.url)
+        # The account this server runs as: the engine user of Jupyter's own token login (proxy.py).
+        # Asked once: without $USER or $LOGNAME in the environment it is a passwd lookup.
+        self.server_account = getpass.getuser()
         self.ready_timeout_s = ready_timeout_s
         self.active_streams = 0
         self.served = 0
@@ -36,6 +42,7 @@ class EngineLink:
 
     async def stop(self) -> None:
         self._activity.stop()
+        self.upstream.close()
         if self.supervisor is not None:
             await self.supervisor.stop()
 

@@ -1,7 +1,7 @@
 """`/lightllm/...` handlers: authenticated, authorized proxies to the engine host, as the Jupyter user.
 
-HTTP requests (native API, OpenAI API, stats, abort) go to the engine host each on a connection of
-its own (`upstream.py`), and a streamed body is passed on read by read, each read (one or more
+HTTP requests (native API, OpenAI API, stats, abort) go to the engine host on kept connections
+(`upstream_pool.py`), and a streamed body is passed on read by read, each read (one or more
 events, never parsed) in one write and one flush, so a stream reaches the browser or kernel as the
 engine produces it; a caller that goes away (kernel interrupt, restart, closed tab) drops the
 upstream connection, and the engine host aborts the request at once. The event stream is a
@@ -12,7 +12,6 @@ host's `proxy` role and the `X-LightLLM-User` header.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
 from urllib.parse import quote
 
@@ -24,7 +23,7 @@ from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web, websocket
 from tornado.httpclient import HTTPRequest
 
-from .upstream import UpstreamError, UpstreamRequest, open_request, request_bytes
+from .upstream import UpstreamError, UpstreamRequest, request_bytes
 
 AUTH_RESOURCE = "lightllm"
 # Headers that describe one hop of the connection, not the message: never forwarded.
@@ -36,17 +35,6 @@ RESPONSE_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "conten
                         "content-encoding", "etag"}
 
 
-def engine_user(handler: JupyterHandler) -> str:
-    """The name the engine host knows this caller by."""
-    if isinstance(handler.identity_provider, PasswordIdentityProvider):
-        # Jupyter's own token/password login makes up a fresh anonymous user for every
-        # token-authenticated request: a shared token names nobody. Whoever holds it is this
-        # server's owner, so the engine sees the owner's account: one name for all of its kernels,
-        # whose requests it may then watch, limit and abort together.
-        return getpass.getuser()
-    return handler.current_user.username  # JupyterHub (or another identity provider) names the user
-
-
 class _EngineMixin(ExtensionHandlerMixin):
     auth_resource = AUTH_RESOURCE
 
@@ -55,8 +43,18 @@ class _EngineMixin(ExtensionHandlerMixin):
         """The extension's `EngineLink`: where the engine host is and how to speak to it."""
         return self.settings["lightllm_engine"]
 
+    def engine_user(self) -> str:
+        """The name the engine host knows this caller by."""
+        if isinstance(self.identity_provider, PasswordIdentityProvider):
+            # Jupyter's own token/password login makes up a fresh anonymous user for every
+            # token-authenticated request: a shared token names nobody. Whoever holds it is this
+            # server's owner, so the engine sees the owner's account: one name for all of its
+            # kernels, whose requests it may then watch, limit and abort together.
+            return self.engine.server_account
+        return self.current_user.username  # JupyterHub (or another identity provider) names the user
+
     def upstream_headers(self) -> dict[str, str]:
-        return self.engine.auth_headers(engine_user(self))
+        return self.engine.auth_headers(self.engine_user())
 
 
 class EngineProxyHandler(_EngineMixin, APIHandler):
@@ -65,6 +63,9 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
     _upstream: UpstreamRequest | None = None
     _caller_left = False
     _streamed = True
+    # The engine link reports our activity (`lightllm_last_activity`, refreshed while a stream
+    # runs); jupyter_server's own record for API requests would parse the query again at finish.
+    _track_activity = False
 
     @web.authenticated
     @authorized
@@ -92,7 +93,7 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
     async def _relay(self, target: str, headers: dict[str, str]) -> None:
         try:
             request = request_bytes(self.request.method, self.engine.url, target, headers, self.request.body or b"")
-            self._upstream = await open_request(self.engine.url, request)
+            self._upstream = await self.engine.upstream.send(request)
             if self._caller_left:
                 self._upstream.close()
                 return

@@ -1,24 +1,27 @@
-"""One HTTP/1.1 request to the engine host on a connection of its own, its body handed on as it arrives.
+"""One HTTP/1.1 request to the engine host, its body handed on as it arrives.
 
 The relay runs on the Jupyter server's one tornado thread and is paid per request and per chunk
 the engine host sends (one per streamed event, thousands a second on a GPU). Here the per-chunk path
 is an asyncio protocol's `data_received`: no task, future or parser object per chunk, only the
-chunked framing undone with a few `find`s (the payload is never decoded), and no pool to keep: one
-connection per request (sent `Connection: close`), so that closing it is the abort the engine host
-sees at once. httpx, used before, cost ~4x the CPU per stream (bench/RESULTS.md, issue 9), most of
-it its connection pool's bookkeeping, which scans every connection for each request.
+chunked framing undone with a few `find`s (the payload is never decoded). httpx, used before, cost
+~4x the CPU per stream (bench/RESULTS.md, issue 9), most of it its connection pool's bookkeeping,
+which scans every connection for each request. The connection comes from `upstream_pool.py` and
+goes back there when the response has ended cleanly; closing it mid-body stays the abort the
+engine host sees at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tornado.httputil import HTTPHeaders, ResponseStartLine, parse_response_start_line
 
-CONNECT_TIMEOUT_S = 10.0
+if TYPE_CHECKING:
+    from .upstream_pool import UpstreamPool
+
 MAX_HEAD_BYTES = 65536  # a response head this long is not from our engine host
 MAX_SIZE_LINE_BYTES = 1024
 
@@ -32,10 +35,12 @@ class ChunkedDecoder:
     (parts of a chunk included, so nothing waits for the rest of a chunk)."""
 
     def __init__(self):
-        self.pending = b""  # an incomplete chunk-size line
+        self.pending = b""  # an incomplete chunk-size (or trailer) line
         self.payload_left = 0  # bytes of the current chunk's payload still to come
         self.crlf_left = 0  # bytes of the CRLF after that payload still to come
-        self.done = False
+        self.in_trailers = False  # the last chunk has come: trailer lines (never relayed), then an empty one
+        self.done = False  # the empty line after the last chunk has come: the body is whole
+        self.surplus = False  # bytes came after the body: the connection cannot carry another response
 
     def feed(self, data: bytes) -> bytes:
         data = self.pending + data if self.pending else data
@@ -55,18 +60,25 @@ class ChunkedDecoder:
                 line_end = data.find(b"\r\n", pos)
                 if line_end < 0:
                     break
-                size_field = data[pos:line_end].split(b";", 1)[0].strip()
-                try:
-                    size = int(size_field, 16)
-                except ValueError:
-                    raise UpstreamError(f"the engine host sent a bad chunk size {size_field[:40]!r}") from None
+                if self.in_trailers:
+                    self.done = line_end == pos
+                else:
+                    self.payload_left = self._chunk_size(data[pos:line_end])
+                    self.in_trailers = self.payload_left == 0
                 pos = line_end + 2
-                self.payload_left = size
-                self.done = size == 0  # trailers, if any, say nothing we relay
+        self.surplus = self.done and pos < end
         self.pending = data[pos:] if not self.done else b""
         if len(self.pending) > MAX_SIZE_LINE_BYTES:
             raise UpstreamError("the engine host sent a chunk-size line of over 1 KB")
         return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+
+    @staticmethod
+    def _chunk_size(line: bytes) -> int:
+        size_field = line.split(b";", 1)[0].strip()
+        try:
+            return int(size_field, 16)
+        except ValueError:
+            raise UpstreamError(f"the engine host sent a bad chunk size {size_field[:40]!r}") from None
 
 
 class _BodyFraming:
@@ -75,6 +87,7 @@ class _BodyFraming:
     def __init__(self, headers: HTTPHeaders, status: int):
         self.chunked = None
         self.length_left = None
+        self.surplus = False  # bytes came after the body (see ChunkedDecoder)
         if status in (204, 304):
             self.length_left = 0
         elif headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -86,8 +99,11 @@ class _BodyFraming:
 
     def feed(self, data: bytes) -> bytes:
         if self.chunked is not None:
-            return self.chunked.feed(data)
+            data = self.chunked.feed(data)
+            self.surplus = self.chunked.surplus
+            return data
         if self.length_left is not None:
+            self.surplus = len(data) > self.length_left
             data = data[:self.length_left]
             self.length_left -= len(data)
         return data
@@ -103,14 +119,23 @@ class _BodyFraming:
 
 class UpstreamRequest(asyncio.Protocol):
     """One request: `head` resolves to the status line and headers, then `relay(sink)` hands every
-    piece of the body to `sink` as it arrives and `body_done` resolves when the body is whole."""
+    piece of the body to `sink` as it arrives and `body_done` resolves when the body is whole.
 
-    def __init__(self, request: bytes):
+    Its connection is `pool`'s: one kept from an earlier response (`reused`) or a new one. A
+    response that ends cleanly gives it back; anything else closes it."""
+
+    def __init__(self, request: bytes, pool: UpstreamPool | None = None, *, reused: bool = False):
         loop = asyncio.get_running_loop()
         self.request = request
         self.head: asyncio.Future[tuple[ResponseStartLine, HTTPHeaders]] = loop.create_future()
         self.body_done: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
+        self._pool = pool
+        self._reused = reused
+        self._heard_back = False  # any byte of the response yet
+        self._keep_alive = False  # the response's head lets the connection carry another request
+        self._dropped = False  # the caller or an error closed the request: no connection may carry it again
+        self._resending: asyncio.Task | None = None
         self._head_bytes = b""
         self._framing: _BodyFraming | None = None
         self._early_body = b""  # body bytes that came with the head, before `relay`
@@ -119,10 +144,14 @@ class UpstreamRequest(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:
+        if self._dropped:  # the caller left while a new connection was being made for a resend
+            transport.abort()
+            return
         self.transport = transport
         transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
+        self._heard_back = True
         try:
             if self._framing is None:
                 data = self._read_head(data)
@@ -140,11 +169,17 @@ class UpstreamRequest(asyncio.Protocol):
             self._finish()
 
     def connection_lost(self, exc) -> None:
+        self.transport = None
+        if self._reused and not self._heard_back and not self._dropped:
+            # A kept connection that the engine host closed as the request went out (an idle
+            # timeout, a restart): it answered nothing, so the request goes again on a new one, once.
+            self._reused = False
+            self._resending = asyncio.ensure_future(self._resend())
+            return
         if self._framing is not None and self._framing.ends_with_connection:
             self._finish()
         reason = f": {exc}" if exc else ""
         self._fail(UpstreamError(f"the engine host closed the connection before the response was complete{reason}"))
-        self.transport = None
 
     # --- the caller's side ----------------------------------------------------------------------------
 
@@ -168,6 +203,7 @@ class UpstreamRequest(asyncio.Protocol):
 
     def close(self) -> None:
         """Drops the connection now: the engine host sees its caller leave and aborts the request."""
+        self._dropped = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -194,6 +230,10 @@ class UpstreamRequest(asyncio.Protocol):
             self._framing = _BodyFraming(headers, start_line.code)
         except ValueError:
             raise UpstreamError(f"the engine host sent a bad Content-Length {headers['Content-Length']!r}") from None
+        # An error may come before the engine host read the whole request (a body too large), and
+        # then the rest of it would be taken for the next request: only a success keeps the connection.
+        self._keep_alive = (start_line.version == "HTTP/1.1" and start_line.code < 400
+                            and "close" not in headers.get("Connection", "").lower())
         if not self.head.done():  # (a caller that stopped waiting has cancelled it)
             self.head.set_result((start_line, headers))
         return rest
@@ -202,8 +242,23 @@ class UpstreamRequest(asyncio.Protocol):
         if not self.body_done.done():
             self.body_done.set_result(None)
         self._sink = None  # (see _fail)
-        if self.transport is not None:
-            self.transport.close()
+        # From here the connection is the pool's (another request's, soon) or closed: never this one's.
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        if (self._pool is not None and self._keep_alive and not self._framing.surplus and not self._dropped
+                and not transport.is_closing() and not transport.get_write_buffer_size()):
+            self._pool.keep(transport)
+        else:
+            transport.close()
+
+    async def _resend(self) -> None:
+        try:
+            await self._pool.connect(self)
+        except UpstreamError as err:
+            self._fail(err)
+        finally:
+            self._resending = None  # (the task holds this request: no cycle left behind)
 
     def _fail(self, err: UpstreamError) -> None:
         for future in (self.head, self.body_done):
@@ -221,27 +276,9 @@ def request_bytes(method: str, url: str, target: str, headers: dict[str, str], b
     """The request as sent: `target` (path and query, already percent-encoded) under `url`'s path."""
     parts = urlsplit(url)
     lines = [f"{method} {parts.path.rstrip('/')}{target} HTTP/1.1", f"Host: {parts.netloc}",
-             "Connection: close", f"Content-Length: {len(body)}"]
+             f"Content-Length: {len(body)}"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
             raise UpstreamError(f"header {name!r} has a line break; it cannot be sent to the engine host")
         lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-async def open_request(url: str, request: bytes) -> UpstreamRequest:
-    """Connects to the engine host at `url` (http or https) and sends `request`."""
-    parts = urlsplit(url)
-    tls = ssl.create_default_context() if parts.scheme == "https" else None
-    port = parts.port or (443 if tls else 80)
-    upstream = UpstreamRequest(request)
-    connecting = asyncio.get_running_loop().create_connection(lambda: upstream, parts.hostname, port, ssl=tls)
-    try:
-        if hasattr(asyncio, "timeout"):  # Python 3.11+: no task of its own (wait_for's costs ~20 us a request)
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await connecting
-        else:
-            await asyncio.wait_for(connecting, CONNECT_TIMEOUT_S)
-    except (OSError, asyncio.TimeoutError) as err:
-        raise UpstreamError(f"cannot connect to the engine host at {parts.netloc} ({type(err).__name__})") from None
-    return upstream

@@ -1,12 +1,14 @@
 """The proxy's timing, against a stub engine host that writes only when the test says so, behind a
 real `jupyter server` (`c.LightLLM.engine_url`): the response head reaches the caller while the
-engine host is still prefilling, and each event reaches it before the next one is produced."""
+engine host is still prefilling, each event reaches it before the next one is produced, and a
+caller that reads slowly holds the engine host back instead of filling the Jupyter server's memory."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
 import threading
+import time
 
 import httpx
 import pytest
@@ -23,8 +25,11 @@ class StubEngineHost:
     """`POST /api/generate` sends its head at once, as the engine host does on submit, then one
     event per item the test puts in `produce` (None ends the stream). Runs on a thread of its own."""
 
+    FLOOD_BYTES = 128 << 20  # far more than the sockets between here and the caller can hold
+
     def __init__(self):
         self.produce: queue.Queue = queue.Queue()
+        self.flooded = 0  # bytes of `/api/flood` the connection to the Jupyter server has taken so far
         [sock] = bind_sockets(0, "127.0.0.1")
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self._loop = asyncio.new_event_loop()
@@ -44,7 +49,18 @@ class StubEngineHost:
                     self.write(f"data: {event}\n\n".encode())
                     await self.flush()
 
-        HTTPServer(web.Application([(r"/api/generate", Generate)])).add_sockets([sock])
+        host = self
+
+        class Flood(web.RequestHandler):
+            async def post(self):
+                self.set_header("Content-Type", "text/event-stream")
+                piece = b"x" * (64 << 10)
+                for _ in range(host.FLOOD_BYTES // len(piece)):
+                    self.write(piece)
+                    await self.flush()
+                    host.flooded += len(piece)
+
+        HTTPServer(web.Application([(r"/api/generate", Generate), (r"/api/flood", Flood)])).add_sockets([sock])
         self._loop.run_forever()
 
     def stop(self) -> None:
@@ -78,3 +94,13 @@ def test_the_head_arrives_before_the_first_token_and_each_event_before_the_next_
             assert next(line for line in lines if line) == f'data: {{"token_ids": [{i}]}}'
         host.produce.put(None)
         assert [line for line in lines if line] == []
+
+
+def test_a_caller_that_does_not_read_holds_the_engine_host_back(proxied):
+    server, host = proxied
+    with httpx.stream("POST", f"{server.url}/lightllm/api/flood", json={}, headers=server.auth,
+                      timeout=30) as response:
+        assert response.status_code == 200
+        time.sleep(2)  # not reading: what the engine host could write is what the sockets hold
+        assert host.flooded < host.FLOOD_BYTES // 2, "the proxy read on into its own memory"
+        assert sum(len(piece) for piece in response.iter_bytes()) == host.FLOOD_BYTES

@@ -1,6 +1,7 @@
-"""The extension's upstream client (server_ext/upstream.py) against a real tornado server in this
-process: bodies come out whole and as they are produced, a broken stream is an error, and closing
-the connection is seen by the engine host at once. No Jupyter server and no model: fast."""
+"""The extension's upstream client (server_ext/upstream.py, upstream_pool.py) against a real tornado
+server in this process: bodies come out whole and as they are produced, a broken stream is an
+error, closing the connection is seen by the engine host at once, and a connection is used again
+only after a response that ended cleanly. No Jupyter server and no model: fast."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import contextlib
 import gc
 import random
+import re
 import socket
 import weakref
 
@@ -17,7 +19,8 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
-from lightllm_nb.server_ext.upstream import ChunkedDecoder, UpstreamError, UpstreamRequest, open_request, request_bytes
+from lightllm_nb.server_ext.upstream import ChunkedDecoder, UpstreamError, UpstreamRequest, request_bytes
+from lightllm_nb.server_ext.upstream_pool import UpstreamPool
 
 
 def chunked(payloads: list[bytes], rng: random.Random) -> bytes:
@@ -50,11 +53,22 @@ def test_chunked_decoder_refuses_a_bad_size_line():
         ChunkedDecoder().feed(b"1" * 2000)
 
 
+def test_chunked_decoder_skips_trailers_and_notes_bytes_after_the_body():
+    # A kept connection carries the next response after this one: the body ends with the empty
+    # line after the last chunk (and its trailers), and anything after it is not ours to relay.
+    decoder = ChunkedDecoder()
+    assert decoder.feed(b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\n") == b"abc" and not decoder.done
+    assert decoder.feed(b"\r\n") == b"" and decoder.done and not decoder.surplus
+    decoder = ChunkedDecoder()
+    decoder.feed(b"0\r\n\r\nHTTP/1.1 200 OK")
+    assert decoder.done and decoder.surplus
+
+
 def test_request_bytes_puts_the_target_under_the_urls_path_and_refuses_line_breaks():
     wire = request_bytes("POST", "http://hub:8081/services/lightllm/", "/api/generate?x=1", {"X-A": "b"}, b"{}")
     head, body = wire.split(b"\r\n\r\n")
     assert head.split(b"\r\n")[0] == b"POST /services/lightllm/api/generate?x=1 HTTP/1.1"
-    assert b"Host: hub:8081" in head and b"Connection: close" in head and b"Content-Length: 2" in head
+    assert b"Host: hub:8081" in head and b"Content-Length: 2" in head and b"Connection" not in head
     assert body == b"{}"
     with pytest.raises(UpstreamError, match="line break"):
         request_bytes("GET", "http://h", "/", {"X-LightLLM-User": "alice\r\nX-Evil: 1"}, b"")
@@ -66,16 +80,21 @@ class _Host:
     def __init__(self):
         self.go = asyncio.Queue()
         self.closed = asyncio.Event()
+        self.peers = []  # the caller's end of the connection each request came on
         host = self
 
         class Stream(web.RequestHandler):
             async def post(self):
+                host.peers.append(self.request.connection.stream.socket.getpeername())
                 self.set_header("Content-Type", "text/event-stream")
                 self.flush()  # the head at once, as the engine host sends it
                 try:
                     while (piece := await host.go.get()) is not None:
                         if piece == b"die":
                             self.request.connection.stream.close()  # mid-body, as a SIGKILL would
+                            return
+                        if piece.startswith(b"end:"):  # a last piece that arrives with the body's end
+                            self.write(piece[4:])
                             return
                         self.write(piece)
                         await self.flush()
@@ -87,12 +106,19 @@ class _Host:
 
         class Whole(web.RequestHandler):
             def post(self):
+                host.peers.append(self.request.connection.stream.socket.getpeername())
                 self.set_status(201)
                 self.write({"echo": self.request.body.decode(), "user": self.request.headers["X-User"]})
 
+        class Refuse(Whole):
+            def post(self):
+                host.peers.append(self.request.connection.stream.socket.getpeername())
+                self.set_status(429)
+                self.write({"error": "too many waiting"})
+
         [sock] = bind_sockets(0, "127.0.0.1")
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = HTTPServer(web.Application([(r"/stream", Stream), (r"/whole", Whole)]))
+        self.server = HTTPServer(web.Application([(r"/stream", Stream), (r"/whole", Whole), (r"/refuse", Refuse)]))
         self.server.add_sockets([sock])
 
 
@@ -106,8 +132,9 @@ def run_with_host(scenario):
     asyncio.run(main())
 
 
-async def _open(host, path, headers=None, body=b"{}"):
-    upstream = await open_request(host.url, request_bytes("POST", host.url, path, headers or {}, body))
+async def _open(host, path, headers=None, body=b"{}", pool=None):
+    pool = pool or UpstreamPool(host.url)
+    upstream = await pool.send(request_bytes("POST", host.url, path, headers or {}, body))
     start_line, response_headers = await upstream.head
     return upstream, start_line, response_headers
 
@@ -175,7 +202,100 @@ def test_an_engine_host_that_is_not_there_is_an_upstream_error():
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening: refused
         with pytest.raises(UpstreamError, match="cannot connect"):
-            asyncio.run(open_request(url, request_bytes("GET", url, "/", {}, b"")))
+            asyncio.run(UpstreamPool(url).send(request_bytes("GET", url, "/", {}, b"")))
+
+
+async def _whole(host, pool, path="/whole") -> int:
+    upstream, start_line, _ = await _open(host, path, {"X-User": "bob"}, pool=pool)
+    upstream.relay(lambda piece: None)
+    await upstream.body_done
+    return start_line.code
+
+
+def test_a_connection_is_used_again_after_a_clean_response_and_never_after_an_abort_or_an_error():
+    async def scenario(host):
+        pool = UpstreamPool(host.url)
+        assert [await _whole(host, pool), await _whole(host, pool)] == [201, 201]
+        upstream, _, _ = await _open(host, "/stream", pool=pool)
+        upstream.relay(lambda piece: None)
+        await host.go.put(b"data: 0\n\n")
+        await host.go.put(None)
+        await upstream.body_done  # a stream that ended cleanly
+        await _whole(host, pool)
+        assert len(host.peers) == 4 and len(set(host.peers)) == 1, "one connection carried all four"
+
+        upstream, _, _ = await _open(host, "/stream", pool=pool)
+        upstream.relay(lambda piece: None)
+        await host.go.put(b"data: 0\n\n")
+        await asyncio.sleep(0.05)
+        upstream.close()  # the caller left: the abort the engine host sees is this connection closing
+        await asyncio.wait_for(host.closed.wait(), 2)
+        await _whole(host, pool)
+        assert host.peers[-1] != host.peers[0], "an aborted request's connection is never used again"
+
+        assert await _whole(host, pool, "/refuse") == 429
+        await _whole(host, pool)
+        assert host.peers[-1] != host.peers[-2], "nor one that carried an error"
+        assert len(set(host.peers)) == 3
+    run_with_host(scenario)
+
+
+def test_a_connection_paused_for_a_slow_caller_as_its_body_ended_is_kept_reading():
+    async def scenario(host):
+        pool = UpstreamPool(host.url)
+        upstream, _, _ = await _open(host, "/stream", pool=pool)
+        pieces = []
+
+        def slow_caller(piece):
+            pieces.append(piece)
+            upstream.pause()  # as the proxy does while its caller's socket is full
+
+        upstream.relay(slow_caller)
+        await host.go.put(b"end:data: 0\n\n")
+        await upstream.body_done
+        assert pieces == [b"data: 0\n\n"]
+        # The next request goes on the same connection, and its answer is read.
+        assert await asyncio.wait_for(_whole(host, pool), 5) == 201
+        assert len(set(host.peers)) == 1
+    run_with_host(scenario)
+
+
+def test_a_kept_connection_closed_unanswered_by_the_engine_host_is_replaced_and_the_request_sent_again():
+    # The engine host may close an idle kept connection just as a request goes out on it: nothing
+    # was answered, so the request is sent once more on a new connection instead of failing.
+    async def main():
+        served, connections = [], []  # the number of the connection each request came on; the connections
+
+        async def serve(reader, writer):
+            connection = len(connections)
+            connections.append(writer)
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                await reader.readexactly(int(re.search(rb"Content-Length: (\d+)", head)[1]))
+                served.append(connection)
+                if served == [0, 0]:  # the second request on the first connection: closed unanswered
+                    break
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = UpstreamPool(url)
+        try:
+            for _ in range(2):
+                upstream = await asyncio.wait_for(pool.send(request_bytes("POST", url, "/", {}, b"{}")), 5)
+                start_line, _ = await asyncio.wait_for(upstream.head, 5)
+                pieces = []
+                upstream.relay(pieces.append)
+                await asyncio.wait_for(upstream.body_done, 5)
+                assert start_line.code == 200 and pieces == [b"ok"]
+            assert served == [0, 0, 1]
+        finally:
+            server.close()
+    asyncio.run(main())
 
 
 class _Relaying:
