@@ -4,6 +4,7 @@ host directly and through `/lightllm/` on a Jupyter server, alternating, on one 
     python bench/proxy.py --device cpu --streams 64 --max-tokens 32        # the demo model on CPU
     python bench/proxy.py --device cuda --model /path/to/Llama-3.2-1B --streams 64 --max-tokens 256
     python bench/proxy.py --device cuda --shape llama-1b --tokenizer DIR --streams 64 --max-tokens 256
+    python bench/proxy.py --stub-step-ms 3 --streams 64 --max-tokens 256      # the proxy alone, no model
 
 Starts `jupyter server` with the extension (which starts `lightllm-nb serve`), then runs `--rounds`
 pairs (direct, proxied) of `--streams` concurrent SSE streams and prints, for each path (median and
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import secrets
 import socket
@@ -47,6 +49,61 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_stub_engine_host(sock: socket.socket, step_ms: float) -> None:
+    """`POST /api/generate` as the engine host streams it (head at once, then `max_tokens` events of
+    one token each), every stream's next event written on one shared tick every `step_ms`."""
+    from tornado import web
+    from tornado.httpserver import HTTPServer
+
+    streaming: set[web.RequestHandler] = set()
+
+    class Generate(web.RequestHandler):
+        async def post(self) -> None:
+            self.left = json.loads(self.request.body)["sampling"]["max_tokens"]
+            self.ended = asyncio.get_running_loop().create_future()
+            self.set_header("Content-Type", "text/event-stream")
+            self.set_header("X-Request-Id", secrets.token_hex(8))
+            self.flush()
+            streaming.add(self)
+            await self.ended
+
+        def on_connection_close(self) -> None:
+            streaming.discard(self)
+            if not self.ended.done():
+                self.ended.set_result(None)
+
+    async def step() -> None:
+        while True:
+            await asyncio.sleep(step_ms / 1000)
+            for stream in list(streaming):
+                stream.left -= 1
+                event = {"text": "x", "token_ids": [stream.left], "finished": not stream.left}
+                stream.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if stream.left:
+                    stream.flush()
+                else:
+                    streaming.discard(stream)
+                    stream.finish()
+                    stream.ended.set_result(None)
+
+    async def serve() -> None:
+        HTTPServer(web.Application([(r"/api/generate", Generate)])).add_sockets([sock])
+        await step()
+
+    asyncio.run(serve())
+
+
+def start_stub_engine_host(step_ms: float) -> tuple[multiprocessing.Process, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1024)
+        sock.setblocking(False)
+        process = multiprocessing.get_context("fork").Process(target=run_stub_engine_host, args=(sock, step_ms),
+                                                              daemon=True)
+        process.start()  # (the child has its own copy of the listening socket)
+        return process, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def start_jupyter(workdir: Path, args) -> tuple[subprocess.Popen, str, str]:
     token, port = secrets.token_hex(16), free_port()
     config_dir = workdir / "config"
@@ -59,8 +116,11 @@ def start_jupyter(workdir: Path, args) -> tuple[subprocess.Popen, str, str]:
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(workdir / "runtime"), "JUPYTER_CONFIG_DIR": str(config_dir)}
     command = [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--ip=127.0.0.1",
                f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}",
-               f"--LightLLM.model={args.model}", f"--LightLLM.device={args.device}",
                "--ServerApp.log_level=WARN"]
+    if args.stub_url:
+        command += [f"--LightLLM.engine_url={args.stub_url}", "--LightLLM.engine_token=stub"]
+    else:
+        command += [f"--LightLLM.model={args.model}", f"--LightLLM.device={args.device}"]
     log = open(workdir / "jupyter.log", "w")
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{port}", token
 
@@ -74,7 +134,7 @@ def wait_ready(url: str, token: str, process: subprocess.Popen, log: Path, timeo
             sys.exit(f"jupyter server exited:\n{log.read_text()[-4000:]}")
         try:
             status = httpx.get(f"{url}/lightllm/status", headers={"Authorization": f"token {token}"}).json()
-            if status["state"] == "ready":
+            if status["state"] in ("ready", "external"):  # (external: the stub engine host)
                 return status
             if status["state"] == "crashed":  # the supervisor would retry for ever; a bench should not
                 break
@@ -141,6 +201,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def direct_path(url: str, token: str, process: subprocess.Popen, workdir: Path, args) -> tuple[str, dict]:
+    """Where and how the bench calls the engine host without the extension."""
+    status = wait_ready(url, token, process, workdir / "jupyter.log")
+    if args.stub_url:
+        return f"{args.stub_url}/api/generate", {}
+    tokens_file = next((workdir / "runtime").glob("lightllm-tokens-*.json"))
+    proxy_token = next(iter(json.loads(tokens_file.read_text())))
+    user = httpx.get(f"{url}/lightllm/api/stats", headers={"Authorization": f"token {token}"}).json()["user"]
+    # The same engine user both ways, so both see the same prefix-cache scope and limits.
+    return (f"{status['engine_url']}/api/generate",
+            {"Authorization": f"Bearer {proxy_token}", "X-LightLLM-User": user["name"]})
+
+
 def timed_batch(path: tuple[str, dict], args, jupyter_pid: int) -> dict:
     """One batch of streams, plus the Jupyter server's CPU time per stream: a cost of the proxy that
     a loaded machine does not blur (its wall-clock share of the cores is what it cannot control)."""
@@ -176,24 +249,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--probes", type=int, default=16, help="lone streams per path for the per-request latency")
+    parser.add_argument("--stub-step-ms", type=float, default=None, metavar="MS",
+                        help="a stub engine host that writes every stream's next event each MS ms, instead of a model")
     args = parser.parse_args()
+    args.stub_url = None
     if args.shape and (not args.tokenizer or args.device == "cpu"):
         parser.error("--shape needs --tokenizer DIR and a CUDA device (its random weights are made on the GPU)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.shape:
             args.model = random_model_folder(args.shape, args.tokenizer, Path(tmp))
+        stub = None
+        if args.stub_step_ms is not None:
+            stub, args.stub_url = start_stub_engine_host(args.stub_step_ms)
         process, url, token = start_jupyter(Path(tmp), args)
         try:
-            status = wait_ready(url, token, process, Path(tmp) / "jupyter.log")
-            tokens_file = next((Path(tmp) / "runtime").glob("lightllm-tokens-*.json"))
-            proxy_token = next(iter(json.loads(tokens_file.read_text())))
-            user = httpx.get(f"{url}/lightllm/api/stats", headers={"Authorization": f"token {token}"}).json()["user"]
-            paths = {
-                # The same engine user both ways, so both see the same prefix-cache scope and limits.
-                "direct": (f"{status['engine_url']}/api/generate",
-                           {"Authorization": f"Bearer {proxy_token}", "X-LightLLM-User": user["name"]}),
-                "extension": (f"{url}/lightllm/api/generate", {"Authorization": f"token {token}"}),
-            }
+            paths = {"direct": direct_path(url, token, process, Path(tmp), args),
+                     "extension": (f"{url}/lightllm/api/generate", {"Authorization": f"token {token}"})}
             for target, headers in paths.values():  # warm-up: first-call costs, caches, connection pools
                 asyncio.run(run_batch(target, headers, args.streams, 4))
             runs = {name: [] for name in paths}
@@ -206,8 +277,12 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(60)
-    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, model {args.shape or args.model} on "
-          f"{args.device}, {args.rounds} rounds each, interleaved (median [min-max] of rounds)")
+            if stub is not None:
+                stub.terminate()
+    engine = (f"a stub engine host, one event per stream every {args.stub_step_ms} ms" if stub is not None
+              else f"model {args.shape or args.model} on {args.device}")
+    print(f"{args.streams} concurrent streams x {args.max_tokens} tokens, {engine}, {args.rounds} rounds each, "
+          "interleaved (median [min-max] of rounds)")
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     for name, rs in runs.items():
         print(f"  {name:9s}  head p50 {spread(rs, 'head_p50_ms')} ms  TTFT p50 {spread(rs, 'ttft_p50_ms')} ms  "
