@@ -19,7 +19,11 @@ batch's mask is built (matchers advanced, rows filled), the engine's way against
 baseline, the way the engine did it before (accept_token row by row on the step thread, a fresh
 torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) threads).
 --host-only times just that (and the compiles) with a tokenizer, no model: --vocab pads the
-logits' width as a model does (128256 for the Llama-3.2-1B shape). Prints JSON lines, and a table last.
+logits' width as a model does (128256 for the Llama-3.2-1B shape); it also gives xgrammar's cost
+per row on one thread (accept, fill), the process CPU time per mask (CPU / wall says how many
+threads really ran at once), and with --sweep the mask at each mask-thread count and chunk size.
+--string free times a JSON string without minLength (a real schema's case: its fill costs ~10x).
+Prints JSON lines, and a table last.
 """
 
 from __future__ import annotations
@@ -41,11 +45,14 @@ from structured_schemas import SCHEMAS  # noqa: E402  (the schemas the CPU tests
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar  # noqa: E402
+from lightllm_nb.engine.mask_fill import ROWS_PER_CHUNK  # noqa: E402
 from lightllm_nb.loading import load_checkpoint  # noqa: E402
 from lightllm_nb.scheduling.request import Request  # noqa: E402
 
 LONG_TEXT = {"type": "object", "properties": {"text": {"type": "string", "minLength": 3000}},
              "required": ["text"]}
+FREE_TEXT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+STRINGS = {"long": LONG_TEXT, "free": FREE_TEXT}
 
 
 def compile_times(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device) -> dict:
@@ -68,17 +75,12 @@ def compile_times(tokenizer, vocab_size: int, stop_token_ids: list[int], device:
     return result
 
 
-def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device,
-                    batch: int, rounds: int = 30) -> dict:
-    """Median host time of a constrained step's grammar work, every row inside LONG_TEXT's string
-    taking one more token: the engine's (note the tokens, build the mask) and the baseline's."""
-    import xgrammar as xgr
-
-    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device)
-    sampling = SamplingParams(json_schema=LONG_TEXT)
+def inside_a_string(tokenizer, compiler: GrammarCompiler, schema: dict, batch: int):
+    """`batch` requests whose grammars are inside the schema's "text" string, the tokens that took
+    them there, a token that takes each one word further, and the compiled grammar."""
+    sampling = SamplingParams(json_schema=schema)
     compiled = compiler.compile(sampling.constraint)
     prefix = tokenizer.encode('{"text": "Once upon', add_special_tokens=False)
-    word = tokenizer.encode(" time", add_special_tokens=False)[0]
     requests = []
     for i in range(batch):
         req = Request(f"mask-{i}", prefix, sampling)
@@ -86,8 +88,21 @@ def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], devic
         for t in prefix:
             req.grammar.accept(t)
         requests.append(req)
-    compiler.mask(requests)
-    matchers = [xgr.GrammarMatcher(compiled.result()) for _ in range(batch)]
+    compiler.mask(requests)  # the matchers consume the prefix
+    return requests, prefix, tokenizer.encode(" time", add_special_tokens=False)[0], compiled.result().grammar
+
+
+def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device,
+                    batch: int, rounds: int = 30, schema: dict = LONG_TEXT, mask_threads: int | None = None,
+                    rows_per_chunk: int = ROWS_PER_CHUNK, baseline: bool = True) -> dict:
+    """Median host time of a constrained step's grammar work, every row inside the schema's string
+    taking one more token: the engine's (note the tokens, build the mask; its wall and process CPU
+    time) and the baseline's."""
+    import xgrammar as xgr
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device, mask_threads, rows_per_chunk)
+    requests, prefix, word, compiled = inside_a_string(tokenizer, compiler, schema, batch)
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch if baseline else 0)]
     for matcher in matchers:
         assert all(matcher.accept_token(t) for t in prefix)
     xgrammar_batch = xgr.BatchGrammarMatcher(max(1, min(8, torch.get_num_threads())))
@@ -97,20 +112,48 @@ def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], devic
             req.grammar.accept(word)
         compiler.mask(requests)
 
-    def baseline():
+    def baseline_way():
         assert all(matcher.accept_token(word) for matcher in matchers)
         bitmask = torch.full(xgr.get_bitmask_shape(batch, vocab_size), -1, dtype=torch.int32,
                              pin_memory=device.type == "cuda")
         xgrammar_batch.batch_fill_next_token_bitmask(matchers, bitmask, list(range(batch)))
 
-    times = {"engine": [], "baseline": []}
+    ways = (("engine", engine_way), ("baseline", baseline_way)) if baseline else (("engine", engine_way),)
+    times: dict[str, list[float]] = {"engine_cpu": []}
     for _ in range(rounds):  # interleaved, so a busy moment of the machine hits both
-        for name, way in (("engine", engine_way), ("baseline", baseline)):
-            t = time.perf_counter()
+        for name, way in ways:
+            cpu, t = time.process_time(), time.perf_counter()
             way()
-            times[name].append(time.perf_counter() - t)
+            times.setdefault(name, []).append(time.perf_counter() - t)
+            if name == "engine":
+                times["engine_cpu"].append(time.process_time() - cpu)
     compiler.close()
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def row_costs_us(tokenizer, vocab_size: int, stop_token_ids: list[int], schema: dict, rows: int = 64,
+                 rounds: int = 20) -> dict:
+    """xgrammar's own cost per row on one thread, inside the schema's string: accepting a token by
+    id (the baseline's way) and by text (the engine's), filling a bitmask row."""
+    import xgrammar as xgr
+
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, torch.device("cpu"), mask_threads=1)
+    requests, _, word, _ = inside_a_string(tokenizer, compiler, schema, rows)
+    matchers = [r.grammar.matcher for r in requests]
+    text = compiler._token_texts[word]
+    bitmask = xgr.allocate_token_bitmask(rows, vocab_size)
+    one_thread = xgr.BatchGrammarMatcher(1)
+    times: dict[str, list[float]] = {"accept_by_id_us": [], "accept_by_text_us": [], "fill_us": []}
+    for _ in range(rounds):
+        for name, way in (("accept_by_id_us", lambda: all(m.accept_token(word) for m in matchers)),
+                          ("accept_by_text_us", lambda: all(m.accept_string(text) for m in matchers)),
+                          ("fill_us", lambda: one_thread.batch_fill_next_token_bitmask(
+                              matchers, bitmask, list(range(rows))) is None)):
+            t = time.perf_counter()
+            assert way()
+            times[name].append(time.perf_counter() - t)
+    compiler.close()
+    return {name: statistics.median(ts) / rows * 1e6 for name, ts in times.items()}
 
 
 def host_only(args: argparse.Namespace) -> None:
@@ -121,20 +164,48 @@ def host_only(args: argparse.Namespace) -> None:
     else:
         tokenizer = load_checkpoint("demo").tokenizer
     vocab = args.vocab or len(tokenizer)
-    stop, cpu = [tokenizer.eos_token_id], torch.device("cpu")
-    log = {"host": "cpu", "torch_threads": torch.get_num_threads(), "vocab": vocab, "date": time.strftime("%Y-%m-%d"),
-           "compile": compile_times(tokenizer, vocab, stop, cpu)}
+    stop, cpu, schema = [tokenizer.eos_token_id], torch.device("cpu"), STRINGS[args.string]
+    log = {"host": "cpu", "torch_threads": torch.get_num_threads(), "vocab": vocab, "string": args.string,
+           "date": time.strftime("%Y-%m-%d"), "compile": compile_times(tokenizer, vocab, stop, cpu),
+           "per_row_one_thread": row_costs_us(tokenizer, vocab, stop, schema)}
     print(json.dumps(log), flush=True)
-    rows = [dict(batch=batch, **grammar_host_ms(tokenizer, vocab, stop, cpu, batch)) for batch in args.batches]
+    rows = [dict(batch=batch, **grammar_host_ms(tokenizer, vocab, stop, cpu, batch, schema=schema))
+            for batch in args.batches]
     for row in rows:
         print(json.dumps(row), flush=True)
-    print(f"\nhost side of a constrained step, vocabulary {vocab}, {log['torch_threads']} torch threads")
-    print("batch | engine | baseline (before) | engine / baseline")
-    for r in rows:
-        print(f"{r['batch']:5d} | {r['engine']:7.3f} ms | {r['baseline']:7.3f} ms | {r['engine'] / r['baseline']:5.2f}")
     log["host_side"] = rows
+    per_row = log["per_row_one_thread"]
+    print(f"\nhost side of a constrained step, vocabulary {vocab}, {args.string} string, "
+          f"{log['torch_threads']} torch threads; one thread, per row: accept by id / by text "
+          f"{per_row['accept_by_id_us']:.1f} / {per_row['accept_by_text_us']:.1f} us, fill {per_row['fill_us']:.1f} us")
+    print("batch | engine | its CPU / wall | baseline (before) | engine / baseline")
+    for r in rows:
+        print(f"{r['batch']:5d} | {r['engine']:7.3f} ms | {r['engine_cpu'] / r['engine']:4.1f} | "
+              f"{r['baseline']:7.3f} ms | {r['engine'] / r['baseline']:5.2f}")
+    if args.sweep:
+        log["sweep"] = sweep(tokenizer, vocab, stop, schema, args.batches)
     if args.out:
         Path(args.out).write_text(json.dumps(log, indent=1))
+
+
+def sweep(tokenizer, vocab: int, stop: list[int], schema: dict, batches: list[int]) -> list[dict]:
+    """The engine's mask at each mask-thread count and chunk size: what to set on this host."""
+    rows = []
+    print("\nmask threads x rows per chunk: engine ms (CPU / wall) per batch", batches)
+    for threads in (1, 2, 4, 8, 12):
+        for chunk in (4, 8, 16, 32):
+            if threads == 1 and chunk != ROWS_PER_CHUNK:
+                continue  # one thread takes the whole batch as one chunk
+            row = {"mask_threads": threads, "rows_per_chunk": chunk}
+            for batch in batches:
+                ms = grammar_host_ms(tokenizer, vocab, stop, torch.device("cpu"), batch, schema=schema,
+                                     mask_threads=threads, rows_per_chunk=chunk, baseline=False)
+                row[f"b{batch}_ms"], row[f"b{batch}_cpu_ms"] = ms["engine"], ms["engine_cpu"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            print(f"{threads:3d} x {chunk:3d} | " + " | ".join(
+                f"{row[f'b{b}_ms']:7.3f} ms ({row[f'b{b}_cpu_ms'] / row[f'b{b}_ms']:3.1f})" for b in batches))
+    return rows
 
 
 def main() -> None:
@@ -145,6 +216,9 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--host-only", action="store_true", help="time the host side only, with a tokenizer")
     parser.add_argument("--vocab", type=int, default=None, help="--host-only: the logits' width (default: the tokenizer's)")
+    parser.add_argument("--string", choices=sorted(STRINGS), default="long",
+                        help="--host-only: inside a string with minLength (the GPU run's) or a free one")
+    parser.add_argument("--sweep", action="store_true", help="--host-only: every mask-thread count and chunk size")
     args = parser.parse_args()
     if args.host_only:
         host_only(args)

@@ -1,6 +1,7 @@
 """The host side of a constrained step (engine/mask_fill.py, engine/grammar.py): matchers advanced
-and bitmask rows filled in chunks on several threads give the masks of one matcher at a time; the
-reused bitmask buffer allows every token in the rows no grammar fills; a refused token is an error."""
+and bitmask rows filled in chunks on several threads give the masks of one matcher at a time; a
+JSON schema's or regex's matcher moved by token texts gives the masks it gives moved by token ids;
+the reused bitmask buffer allows every token in the rows no grammar fills; a refused token is an error."""
 
 import concurrent.futures
 import random
@@ -11,9 +12,11 @@ import pytest
 import torch
 
 from lightllm_nb import SamplingParams
-from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar
-from lightllm_nb.engine.mask_fill import ROWS_PER_THREAD, BitmaskBuffer, MaskFiller
+from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar, token_texts
+from lightllm_nb.engine.mask_fill import ROWS_PER_CHUNK, BitmaskBuffer, MaskFiller
 from lightllm_nb.scheduling.request import Request
+
+from structured_schemas import SCHEMAS
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -49,9 +52,9 @@ def random_walk(compiled, steps: int, rng: random.Random) -> list[int]:
 
 
 def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
-    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result()
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
     rng = random.Random(0)
-    rows = 3 * ROWS_PER_THREAD + 5  # four chunks: the caller's and three helpers'
+    rows = 5 * ROWS_PER_CHUNK + 5  # six chunks over four threads: some take two
     walks = [random_walk(compiled, rng.randrange(0, 14), rng) for _ in range(rows)]
     # Each matcher is behind its walk by 0, 1 or 2 tokens, which the filler accepts first.
     behind = [rng.randrange(0, min(3, len(w) + 1)) for w in walks]
@@ -61,7 +64,7 @@ def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
         assert all(matcher.accept_token(t) for t in walk[:len(walk) - k])
         matchers.append(matcher)
     filler = MaskFiller(max_threads=4)
-    assert filler.threads_for(rows) == 3 and filler.threads_for(ROWS_PER_THREAD) == 1
+    assert len(filler.chunks_for(rows)) == 6 and MaskFiller(max_threads=1).chunks_for(rows) == [range(rows)]
     placed = rng.sample(range(rows + 7), rows)  # rows land anywhere in a wider batch
     bitmask = torch.zeros(xgr.get_bitmask_shape(rows + 7, VOCAB), dtype=torch.int32)
     refused = filler.run(matchers, [w[len(w) - k:] for w, k in zip(walks, behind)], bitmask, placed)
@@ -77,13 +80,71 @@ def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
 
 
 def test_a_refused_token_is_reported_and_its_row_left_alone(compiler):
-    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result()
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
     digit = compiler._tokenizer.encode("7", add_special_tokens=False)[0]
     paren = compiler._tokenizer.encode("(", add_special_tokens=False)[0]
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(2)]
     bitmask = torch.zeros(xgr.get_bitmask_shape(2, VOCAB), dtype=torch.int32)
     assert MaskFiller(max_threads=1).run(matchers, [[paren], [digit]], bitmask, [0, 1]) == [1]
     assert bitmask[0].any() and not bitmask[1].any()
+
+
+@pytest.mark.parametrize("constraint", [SamplingParams(json_schema=schema).constraint for schema in SCHEMAS.values()]
+                         + [SamplingParams(json_schema={}).constraint, SamplingParams(regex=PHONE).constraint,
+                            SamplingParams(json_schema={"type": "object", "properties": {"t": {"type": "string",
+                                           "minLength": 20, "maxLength": 40}}}).constraint],
+                         ids=list(SCHEMAS) + ["any-object", "phone", "bounded-string"])
+def test_a_text_level_matcher_moved_by_token_texts_gives_the_masks_of_token_ids(compiler, constraint):
+    """What makes accepting by text exact: at every step of random walks both matchers allow the
+    same tokens (also the end), though accept_token does more work (xgrammar 0.2.9)."""
+    compiled = compiler.compile(constraint).result()
+    assert compiled.text_level
+    texts = compiler._token_texts
+    rng = random.Random(len(constraint[1]))
+    by_id_mask, by_text_mask = (xgr.allocate_token_bitmask(1, VOCAB) for _ in range(2))
+    for _ in range(4):
+        by_id, by_text = xgr.GrammarMatcher(compiled.grammar), xgr.GrammarMatcher(compiled.grammar)
+        for _ in range(80):
+            by_id.fill_next_token_bitmask(by_id_mask)
+            by_text.fill_next_token_bitmask(by_text_mask)
+            assert torch.equal(by_id_mask, by_text_mask)
+            allowed = sorted(allowed_ids(by_id_mask[0]) - set(by_id.stop_token_ids))
+            if not allowed:
+                break
+            token = rng.choice(allowed)
+            assert by_id.accept_token(token) and by_text.accept_string(texts[token] or b"")
+        if by_id.is_completed():
+            assert by_text.accept_token(by_id.stop_token_ids[0]) and by_text.is_terminated()
+
+
+def test_ebnf_matchers_go_by_id_and_ids_without_plain_text_have_none(compiler, demo_tokenizer):
+    """EBNF can name tokens (xgrammar's token-level elements), which only accept_token matches; a
+    special or stop id must reach accept_token too (its text would be accepted as characters)."""
+    choice = compiler.compile(SamplingParams(choice=["yes", "no"]).constraint).result()
+    assert not choice.text_level
+    info = xgr.TokenizerInfo.from_huggingface(demo_tokenizer, vocab_size=VOCAB,
+                                              stop_token_ids=[demo_tokenizer.eos_token_id])
+    texts = token_texts(info)
+    assert len(texts) == VOCAB and texts[demo_tokenizer.eos_token_id] is None and texts[VOCAB - 1] is None
+    word = demo_tokenizer.encode(" time", add_special_tokens=False)[0]
+    assert bytes(texts[word]) == b" time"
+
+
+def test_refusals_among_threaded_chunks_name_their_rows(compiler):
+    """Each chunk asks xgrammar once whether any of its matchers refused; the ones that did are
+    found by index wherever they sit, and only their rows stay as they were."""
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
+    digit = compiler._tokenizer.encode("7", add_special_tokens=False)[0]
+    paren = compiler._tokenizer.encode("(", add_special_tokens=False)[0]
+    rows = 3 * ROWS_PER_CHUNK
+    wrong = {1, ROWS_PER_CHUNK + 3, rows - 1}  # in the first, second and last chunk
+    tokens = [[digit] if i in wrong else [paren] for i in range(rows)]
+    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
+    filler = MaskFiller(max_threads=3)
+    refused = filler.run([xgr.GrammarMatcher(compiled) for _ in range(rows)], tokens, bitmask, list(range(rows)))
+    filler.close()
+    assert sorted(refused) == sorted(wrong)
+    assert [bool(bitmask[i].any()) for i in range(rows)] == [i not in wrong for i in range(rows)]
 
 
 def test_mask_consumes_noted_tokens_and_a_refused_one_names_its_request(compiler):
@@ -148,8 +209,8 @@ def test_allowed_counts_are_each_rows_allowed_tokens(vocab):
 def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
     """A helper that gets no core for a while must not hold up the step: its chunk goes to whoever
     is free, the caller included. Here the only helper is busy for the whole call."""
-    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result()
-    rows = 2 * ROWS_PER_THREAD
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
+    rows = 2 * ROWS_PER_CHUNK
     filler = MaskFiller(max_threads=2)
     release = threading.Event()
     filler._helpers = concurrent.futures.ThreadPoolExecutor(1)

@@ -95,7 +95,7 @@ def test_max_tokens_ends_on_a_valid_prefix(engine):
     params = SamplingParams(json_schema=PERSON, temperature=0.8, seed=3, max_tokens=7)
     completion = engine.generate("A person as JSON:", params)[0]
     assert completion.finish_reason == "length" and len(completion.token_ids) == 7
-    matcher = xgr.GrammarMatcher(engine.grammars.compile(params.constraint).result())
+    matcher = xgr.GrammarMatcher(engine.grammars.compile(params.constraint).result().grammar)
     assert all(matcher.accept_token(t) for t in completion.token_ids)
     assert not matcher.is_terminated()
     with pytest.raises(json.JSONDecodeError):
@@ -107,7 +107,7 @@ def test_any_json_object(engine):
 
     params = [SamplingParams(json_schema=schema, temperature=0.8, seed=1, max_tokens=24) for schema in ({}, True)]
     assert params[0].constraint == params[1].constraint
-    compiled = engine.grammars.compile(params[0].constraint).result()
+    compiled = engine.grammars.compile(params[0].constraint).result().grammar
     for c in engine.generate(["JSON:", "A JSON object:"], params):
         if c.finish_reason == "stop":
             assert isinstance(json.loads(c.text), dict)

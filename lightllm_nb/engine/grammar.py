@@ -7,6 +7,10 @@ threads (mask_fill.py). With overlapped steps that happens after this step's for
 and the previous tokens are read back, while the GPU computes; the sampling is queued behind the
 mask's upload.
 
+A JSON schema's or a regex's matcher is advanced by each token's text, not its id: xgrammar's
+accept_token also tries the token as an atomic grammar element (which only EBNF can have) and
+costs ~15 us where accepting the text costs ~1 us, for the same state.
+
 A constrained request waits in the scheduler's queue until its grammar is compiled (`ready`), so a
 slow compile never holds a batch row. Equal constraints share one compile: the cache is keyed by
 the constraint's canonical text and belongs to one engine, hence to one tokenizer.
@@ -20,34 +24,57 @@ import concurrent.futures
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..sampling_params import xgrammar_grammar
-from .mask_fill import BitmaskBuffer, MaskFiller
+from .mask_fill import ROWS_PER_CHUNK, BitmaskBuffer, MaskFiller
 
 MAX_CACHED_GRAMMARS = 256
+# Kinds whose grammars xgrammar builds from characters only: no token-level elements, so accepting
+# a token's text gives exactly the state accepting the token does (tests/test_mask_fill.py checks).
+TEXT_LEVEL_KINDS = ("json", "regex")
+
+
+class CompiledConstraint(NamedTuple):
+    grammar: object  # xgrammar's CompiledGrammar
+    text_level: bool  # its matchers may accept a token's text in place of the token
+
+
+def token_texts(info) -> list:
+    """Token id -> its bytes (xgrammar's decoded vocabulary), None for the ids only accept_token
+    handles right: special ids (padding included), which it refuses, and stop ids, which end it."""
+    texts = list(info.decoded_vocab)
+    for t in list(info.special_token_ids) + list(info.stop_token_ids):
+        texts[t] = None
+    return texts
 
 
 class GrammarCompiler:
     """Compiles constraints for one tokenizer on a worker thread (results are cached futures), and
     builds each step's mask from its requests' matchers."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device,
+                 mask_threads: int | None = None, rows_per_chunk: int = ROWS_PER_CHUNK):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
         self.device = torch.device(device)
+        # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
+        self.mask_threads = mask_threads or max(1, min(8, torch.get_num_threads()))
+        self.rows_per_chunk = rows_per_chunk
         self._filler: MaskFiller | None = None  # built with the first mask (it imports xgrammar)
         self._bitmask: BitmaskBuffer | None = None
         self._tokenizer = tokenizer
         self._stop_token_ids = sorted(stop_token_ids)
         self._xgr_compiler = None  # built on the worker: TokenizerInfo reads the whole vocabulary
+        self._token_texts: list | None = None  # token_texts(), built with it (0.2 s at a 128k vocabulary)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: OrderedDict[tuple[str, str], concurrent.futures.Future] = OrderedDict()
         self._lock = threading.Lock()  # add_request may run on a caller's thread
 
     def compile(self, constraint: tuple[str, str]) -> concurrent.futures.Future:
-        """A future of the compiled grammar for (kind, text), started now unless cached."""
+        """A future of the CompiledConstraint for (kind, text), started now unless cached."""
         with self._lock:
             future = self._cache.get(constraint)
             if future is None:
@@ -60,14 +87,16 @@ class GrammarCompiler:
             self._cache.move_to_end(constraint)
             return future
 
-    def _compile(self, kind: str, text: str):
+    def _compile(self, kind: str, text: str) -> CompiledConstraint:
         import xgrammar as xgr
 
         if self._xgr_compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=self._stop_token_ids)
+            self._token_texts = token_texts(info)
             self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2)
-        return self._xgr_compiler.compile_grammar(xgrammar_grammar(kind, text))
+        return CompiledConstraint(self._xgr_compiler.compile_grammar(xgrammar_grammar(kind, text)),
+                                  kind in TEXT_LEVEL_KINDS)
 
     def mask(self, requests: Sequence, rows: Sequence = ()) -> TokenMask | None:
         """The mask of a step's sampling rows (Requests), None when none is constrained: unconstrained
@@ -79,13 +108,14 @@ class GrammarCompiler:
         if not constrained:
             return None
         if self._filler is None:
-            # Its "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
-            self._filler = MaskFiller(max(1, min(8, torch.get_num_threads())))
+            self._filler = MaskFiller(self.mask_threads, self.rows_per_chunk)
             self._bitmask = BitmaskBuffer(words_per_row(self.vocab_size), pinned=self.device.type == "cuda")
         mask = TokenMask(self._bitmask, self._bitmask.rows(len(requests), constrained), constrained, self.vocab_size)
         grammars = [requests[i].grammar for i in constrained]
-        tokens = [g.take_unaccepted() for g in grammars]
-        refused = self._filler.run([g.matcher for g in grammars], tokens, mask.bitmask, constrained)
+        matchers = [g.matcher for g in grammars]
+        texts = self._token_texts  # set before any grammar was ready
+        tokens = [g.take_inputs(texts) for g in grammars]
+        refused = self._filler.run(matchers, tokens, mask.bitmask, constrained)
         if refused:
             i = refused[0]
             raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {tokens[i]} passed the "
@@ -123,6 +153,7 @@ class RequestGrammar:
     def __init__(self, compiled: concurrent.futures.Future):
         self._compiled = compiled
         self._matcher = None
+        self._text_level = False  # its CompiledConstraint's, known with the matcher
         self._stop_token_ids: frozenset[int] = frozenset()
         self._unaccepted: list[int] = []
         self.terminated = False  # the grammar accepted a stop token: nothing may follow
@@ -136,7 +167,9 @@ class RequestGrammar:
         if self._matcher is None:
             import xgrammar as xgr
 
-            self._matcher = xgr.GrammarMatcher(self._compiled.result())
+            compiled = self._compiled.result()
+            self._matcher = xgr.GrammarMatcher(compiled.grammar)
+            self._text_level = compiled.text_level
             self._stop_token_ids = frozenset(self._matcher.stop_token_ids)
         return self._matcher
 
@@ -157,6 +190,12 @@ class RequestGrammar:
         """The tokens noted since the last call, for the caller to feed to the matcher."""
         tokens, self._unaccepted = self._unaccepted, []
         return tokens
+
+    def take_inputs(self, texts: list) -> list[int | bytes]:
+        """take_unaccepted, each token as its text (texts: token_texts()) where the matcher is
+        text-level and the token has one; an id otherwise (special, stop, empty text)."""
+        tokens = self.take_unaccepted()
+        return [texts[t] or t for t in tokens] if self._text_level and tokens else tokens
 
 
 class TokenMask:

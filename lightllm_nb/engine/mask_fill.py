@@ -4,15 +4,18 @@ into one host buffer reused every step.
 
 Why not xgrammar's BatchGrammarMatcher with several threads: in 0.2.9 every
 batch_fill_next_token_bitmask call starts a new thread pool and joins it (a fixed cost per step,
-paid at batch 1 too), and accepting tokens stays serial on the calling thread although it costs
-more than a fill (here ~25 us a token inside a JSON string against ~12-18 us a row). xgrammar
-releases the GIL inside each call, so chunks of rows on Python threads run in parallel; a chunk is
-one accept call and one fill call, whatever its size. Handing a chunk over costs tens of
-microseconds, so a thread gets at least ROWS_PER_THREAD rows and small batches stay on the caller.
+paid at batch 1 too), and accepting stays serial on the calling thread. Per row, on one core of
+the CPU box at a 128k vocabulary inside a JSON string: accepting the token ~15 us by id, ~1 us by
+its text (grammar.py says when that is exact); filling the row ~9 us in a string with a minLength,
+~105 us in a free one. xgrammar releases the GIL inside each call, so chunks of rows on Python
+threads run in parallel.
 
-The caller never waits for a helper that has not started: chunks are taken from a shared queue,
-and the caller takes them too, so a helper that finds no free core (the scheduler can keep a woken
-thread off the CPU for a whole slice, ~4 ms on a 16-core host) leaves its chunk to the others.
+A chunk is three xgrammar calls whatever its size (accept, "did any refuse?", fill), so it takes
+the GIL three times, not twice per row more as xgrammar's accept wrappers would. Its own cost is a
+few microseconds, so chunks are small and outnumber the threads: whoever is free takes the next
+one, the caller included, so a helper that finds no free core (the scheduler can keep a woken
+thread off the CPU for a whole slice, ~4 ms on a 16-core host) delays nothing but leaves its
+chunks to the others.
 """
 
 from __future__ import annotations
@@ -25,40 +28,45 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-ROWS_PER_THREAD = 16
+ROWS_PER_CHUNK = 8  # ~0.08 ms of xgrammar work in a minLength string, ~0.9 ms in a free one; ~3 us its own
 
 
 class MaskFiller:
     """Advances matchers and fills bitmask rows, on up to `max_threads` threads (the caller's included)."""
 
-    def __init__(self, max_threads: int):
+    def __init__(self, max_threads: int, rows_per_chunk: int = ROWS_PER_CHUNK):
         import xgrammar as xgr
+        from xgrammar.base import _core  # the binding xgrammar's wrappers call (see _chunk)
 
         self.max_threads = max_threads
-        self._xgr = xgr
+        self.rows_per_chunk = rows_per_chunk
+        self._accept_ids = _core.BatchGrammarMatcher.batch_accept_token
+        self._accept_texts = _core.BatchGrammarMatcher.batch_accept_string
         self._serial = xgr.BatchGrammarMatcher(1)  # one thread: xgrammar loops on the calling thread
         self._helpers: concurrent.futures.ThreadPoolExecutor | None = None  # started for the first big batch
 
-    def threads_for(self, rows: int) -> int:
-        return max(1, min(self.max_threads, rows // ROWS_PER_THREAD))
+    def chunks_for(self, rows: int) -> list[range]:
+        if self.max_threads == 1:
+            return [range(rows)]  # one thread: one chunk, the fewest calls
+        return [range(a, min(a + self.rows_per_chunk, rows)) for a in range(0, rows, self.rows_per_chunk)]
 
-    def run(self, matchers: Sequence, tokens: Sequence[Sequence[int]], bitmask: torch.Tensor,
+    def run(self, matchers: Sequence, tokens: Sequence[Sequence[int | bytes]], bitmask: torch.Tensor,
             rows: Sequence[int]) -> list[int]:
-        """Matcher i accepts tokens[i], then fills bitmask row rows[i]. Returns the indices i whose
-        matcher refused one of its tokens (their rows are left as they were)."""
-        threads = self.threads_for(len(matchers))
-        bounds = [len(matchers) * t // threads for t in range(threads + 1)]
-        chunks = [range(bounds[t], bounds[t + 1]) for t in range(threads)]
+        """Matcher i accepts tokens[i] (each an id, or a text where that gives the same state: see
+        grammar.py), then fills bitmask row rows[i]. Returns the indices i whose matcher refused one
+        of its tokens (their rows are left as they were)."""
+        chunks = self.chunks_for(len(matchers))
+        threads = min(self.max_threads, len(chunks))
         if threads == 1:
-            return self._chunk(matchers, tokens, bitmask, rows, chunks[0])
+            return [i for chunk in chunks for i in self._chunk(matchers, tokens, bitmask, rows, chunk)]
         if self._helpers is None:
             self._helpers = concurrent.futures.ThreadPoolExecutor(self.max_threads - 1,
                                                                   thread_name_prefix="grammar-mask")
         free = queue.SimpleQueue()
-        for c in range(threads):
+        for c in range(len(chunks)):
             free.put(c)
-        results: list = [None] * threads
-        done = [threading.Event() for _ in range(threads)]
+        results: list = [None] * len(chunks)
+        done = [threading.Event() for _ in chunks]
 
         def work() -> None:
             while True:
@@ -77,7 +85,7 @@ class MaskFiller:
             self._helpers.submit(work)
         work()
         refused = []
-        for c in range(threads):
+        for c in range(len(chunks)):
             done[c].wait()  # only chunks a helper is running are not done by now
             if isinstance(results[c], BaseException):
                 raise results[c]
@@ -85,19 +93,24 @@ class MaskFiller:
         return refused
 
     def _chunk(self, matchers, tokens, bitmask, rows, chunk: range) -> list[int]:
-        refused = []
+        refused: set[int] = set()
         # A matcher normally has one new token per step (none before its first); accept the k-th
-        # tokens of every matcher that has one in one call.
+        # tokens of every matcher that has one in one call per kind (ids, texts), then ask the
+        # result (an FFI array) once whether any refused instead of reading it row by row.
         for k in range(max((len(tokens[i]) for i in chunk), default=0)):
             batch = [i for i in chunk if len(tokens[i]) > k and i not in refused]
-            accepted = self._xgr.BatchGrammarMatcher.batch_accept_token(
-                [matchers[i] for i in batch], [tokens[i][k] for i in batch])
-            refused += [i for i, ok in zip(batch, accepted) if not ok]
+            by_id = [i for i in batch if isinstance(tokens[i][k], int)]
+            by_text = [i for i in batch if not isinstance(tokens[i][k], int)]
+            for accept, taking in ((self._accept_ids, by_id), (self._accept_texts, by_text)):
+                if taking:
+                    accepted = accept([matchers[i]._handle for i in taking], [tokens[i][k] for i in taking], False)
+                    if 0 in accepted:  # a bug, reported by the caller
+                        refused.update(i for i, ok in zip(taking, accepted) if not ok)
         filling = [i for i in chunk if i not in refused]
         if filling:
             self._serial.batch_fill_next_token_bitmask([matchers[i] for i in filling], bitmask,
                                                        [rows[i] for i in filling])
-        return refused
+        return sorted(refused)
 
     def close(self) -> None:
         if self._helpers is not None:
