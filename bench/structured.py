@@ -22,7 +22,10 @@ torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) th
 logits' width as a model does (128256 for the Llama-3.2-1B shape); it also gives xgrammar's cost
 per row on one thread (accept, fill), the process CPU time per mask (CPU / wall says how many
 threads really ran at once), and with --sweep the mask at each mask-thread count and chunk size.
---string free times a JSON string without minLength (a real schema's case: its fill costs ~10x).
+--string free times a JSON string without minLength (a real schema's case). xgrammar's costs grow
+with the ids past the tokenizer (each is a special id to it): the 1B shape pads the demo tokenizer's
+49k ids to 128k, which makes accept_token ~15x and a free string's fill ~40x dearer than a real
+Llama-3 tokenizer would.
 Prints JSON lines, and a table last.
 """
 

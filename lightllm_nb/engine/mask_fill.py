@@ -5,10 +5,10 @@ into one host buffer reused every step.
 Why not xgrammar's BatchGrammarMatcher with several threads: in 0.2.9 every
 batch_fill_next_token_bitmask call starts a new thread pool and joins it (a fixed cost per step,
 paid at batch 1 too), and accepting stays serial on the calling thread. Per row, on one core of
-the CPU box at a 128k vocabulary inside a JSON string: accepting the token ~15 us by id, ~1 us by
-its text (grammar.py says when that is exact); filling the row ~9 us in a string with a minLength,
-~105 us in a free one. xgrammar releases the GIL inside each call, so chunks of rows on Python
-threads run in parallel.
+the CPU box, the demo tokenizer padded to a 128k vocabulary, inside a JSON string: accepting the
+token ~15 us by id, ~1 us by its text (grammar.py says why and when that is exact); filling the row
+~8 us in a string with a minLength, ~200 us in a free one (~6 and ~5 us without the padding ids).
+xgrammar releases the GIL inside each call, so chunks of rows on Python threads run in parallel.
 
 A chunk is three xgrammar calls whatever its size (accept, "did any refuse?", fill), so it takes
 the GIL three times, not twice per row more as xgrammar's accept wrappers would. Its own cost is a
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-ROWS_PER_CHUNK = 8  # ~0.08 ms of xgrammar work in a minLength string, ~0.9 ms in a free one; ~3 us its own
+ROWS_PER_CHUNK = 8  # ~0.08 ms of xgrammar work in a minLength string; a chunk's own cost is ~3 us
 
 
 class MaskFiller:
