@@ -91,3 +91,29 @@ def test_a_mailbox_hands_over_all_it_holds_at_once_and_drops_the_oldest_when_ful
     assert mailbox.get_all() == ["last"]  # closed: what is left first, then the end
     with pytest.raises(MailboxClosed):
         mailbox.get_all()
+
+
+def test_rows_and_holders_read_long_after_their_step_describe_that_step(tiny_model):
+    """The step thread leaves an event's rows and KV holders for its reader to build (issue 10): a
+    reader that takes every event only after the last step still gets each step's own numbers."""
+    folder, _ = tiny_model("llama")
+    prompts = {20: 11, 33: 12, 9: 13}  # prompt length: its token
+    with Engine(str(folder), device="cpu", progress=False, kv_tokens=512, max_batch_tokens=16, seed=0) as engine:
+        late = engine.driver().subscribe(maxsize=10_000)
+        done = engine.client().generate(prompt_token_ids=[[token] * n for n, token in prompts.items()],
+                                        sampling=SamplingParams(max_tokens=7, temperature=0, ignore_eos=True))
+        late.close()
+        events = list(late)
+    assert all(type(e.rows) is list and type(e.kv_holders) is list for e in events)  # built, nothing lazy left
+    prompt_of = {c.request_id: c.prompt_tokens for c in done}
+    context = {}
+    for event in events:
+        holders = {h.request_id: h.tokens for h in event.kv_holders}
+        for row in event.rows:
+            before = context.get(row.request_id, 0)
+            assert row.context == before + row.tokens, (event.step, row)
+            assert row.phase == ("prefill" if before < prompt_of[row.request_id] else "decode"), (event.step, row)
+            assert holders.get(row.request_id, row.context) == row.context, (event.step, row)  # gone once finished
+            context[row.request_id] = row.context
+    # The last token sampled is never computed: a request ends at prompt + max_tokens - 1.
+    assert context == {rid: n + 7 - 1 for rid, n in prompt_of.items()}

@@ -41,7 +41,7 @@ from .sampler import RequestSampler, Sampler
 from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.timeline import TimelineRecorder
-from ..telemetry.events import BatchRow
+from ..telemetry.step_rows import batch_rows
 from ..telemetry.hub import EventHub
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,8 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._batch = batch.items
         decisions = self._carried_decisions + batch.decisions
         self._carried_decisions = []
-        # Rows are described only for listeners: at batch 256 this is measurable host time.
-        rows = [BatchRow(r.request_id, r.user, "decode" if r.is_decoding else "prefill", n, r.num_computed + n)
-                for r, n in batch.items] if self._events else []
+        # Rows are described only for listeners, and built only when one reads them (step_rows.py).
+        rows = batch_rows(batch.items) if self._events else []
         inflight = None
         if batch:
             logits, sampling_reqs, sample_rows = self.runner.run(batch.items)

@@ -4,10 +4,12 @@ and the step's event for subscribers. Mixed into Engine (engine.py), which owns 
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 from ..scheduling.decisions import Decision
 from ..scheduling.request import Completion, Request, RequestOutput, request_metrics
-from ..telemetry.events import BatchRow, KVHolder, StepEvent
+from ..telemetry.events import BatchRow, StepEvent
+from ..telemetry.step_rows import kv_holders
 
 
 class StepOutputs:
@@ -61,7 +63,7 @@ class StepOutputs:
                                     request_metrics(req), req.logprobs or None, timeline=req.timeline)
         return out
 
-    def _publish(self, started: float, rows: list[BatchRow], decisions: list[Decision]) -> None:
+    def _publish(self, started: float, rows: Sequence[BatchRow], decisions: list[Decision]) -> None:
         self._step += 1
         if not self._events:
             return
@@ -72,6 +74,5 @@ class StepOutputs:
                       kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
                       running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                       page_size=pool.page_size,
-                      kv_holders=[KVHolder(r.row, r.request_id, r.user, r.num_computed)
-                                  for r in self.scheduler.running if r.row is not None]),
-            page_owner=lambda: pool.page_owner)
+                      kv_holders=kv_holders(self.scheduler.running)),
+            page_owner=pool.page_map)

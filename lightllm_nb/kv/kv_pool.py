@@ -8,6 +8,7 @@ is the only indexing the attention kernels know.
 `page_owner` says who holds each page, for panels and leak checks: a request's row of
 `req_to_token` for pages it alone uses (its own, or cached ones only it holds), FREE, CACHED for
 prefix-cache pages no request uses (reclaimable), or SHARED for cached pages several requests use.
+Every change to it marks the page's block, so that `page_map()` copies only what changed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from ..models.kv_buffers import KVBuffers
+from ..telemetry.page_maps import BLOCK_SHIFT, PageMap, PageMapCopier
 
 FREE = -1
 CACHED = -2  # holds prefix-cache tokens that no running request uses: reclaimable
@@ -51,7 +53,9 @@ class KVPool:
         self.req_to_token[self.dummy_row].fill_(self.dummy_slot)
         self._free_pages = list(range(self.num_pages - 1, -1, -1))  # a stack: pop() hands out page 0 first
         self._free_rows = list(range(max_requests - 1, -1, -1))
-        self.page_owner = np.full(self.num_pages, FREE, dtype=np.int32)  # as subscribers get it: copied, not converted
+        self.page_owner = np.full(self.num_pages, FREE, dtype=np.int32)  # only the methods below write it
+        self._page_maps = PageMapCopier(self.page_owner)
+        self._marks = self._page_maps.marks  # one byte a block, written after each change of `page_owner`
 
     # ---- pages -----------------------------------------------------------------------------
     @property
@@ -72,9 +76,11 @@ class KVPool:
         if count == 1:  # every decode step of every request, at page_size 1: keep it cheap
             page = self._free_pages.pop()
             self.page_owner[page] = owner
+            self._marks[page >> BLOCK_SHIFT] = 1
             return [page]
         pages = [self._free_pages.pop() for _ in range(count)]
         self.page_owner[pages] = owner
+        self._page_maps.mark(pages)
         return pages
 
     def free_pages(self, pages: list[int]) -> None:
@@ -84,10 +90,18 @@ class KVPool:
         if (owners == FREE).any():
             raise RuntimeError(f"double free of KV pages {[p for p, o in zip(pages, owners) if o == FREE]}")
         self.page_owner[pages] = FREE
+        self._page_maps.mark(pages)
         self._free_pages.extend(pages)
 
     def set_owner(self, pages: list[int], owner: int) -> None:
         self.page_owner[pages] = owner
+        self._page_maps.mark(pages)
+
+    def page_map(self) -> PageMap:
+        """A read-only copy of `page_owner` as it is now, for readers on other threads. It shares the
+        blocks nobody changed with the previous copy, so it costs what changed since then (issue 10).
+        Thread-safe; a copy taken while the owner thread changes pages may show part of that change."""
+        return self._page_maps.take()
 
     def slots(self, pages: list[int], start: int, end: int) -> np.ndarray:
         """Slot index of positions [start, end) of a sequence whose pages are `pages`."""

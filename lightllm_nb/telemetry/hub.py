@@ -3,7 +3,10 @@ bounded mailboxes; redaction, callbacks and trace writing happen on the readers'
 
 A slow reader loses its oldest events (counted in `dropped`), it never slows a step. The page map
 is copied (int32, one entry per page) at most once per step, only when a subscriber asked for it,
-and for a rate-capped one only once per gap (see `EventSubscription.takes_pages`).
+and for a rate-capped one only once per gap (see `EventSubscription.takes_pages`); an engine's copy
+takes only the blocks of pages that changed (page_maps.py). What an event leaves for readers to
+build (its rows and KV holders: step_rows.py; the joined page map) is built on the thread of the
+first reader that takes it, into the event, for every reader.
 
 A front-end process (`serve --api-server-count N`) keeps a hub of its own, fed by one raw
 subscription in the engine's process that carries what its subscribers together ask for (`demand`):
@@ -23,6 +26,8 @@ import numpy as np
 
 from .events import StepEvent
 from .mailbox import Mailbox, MailboxClosed
+from .page_maps import PageMap
+from .step_rows import BuiltOnRead
 
 
 class EventSubscription:
@@ -182,6 +187,7 @@ class EventSubscription:
         return True
 
     def _view(self, event: StepEvent) -> StepEvent:
+        _build(event)
         return event if self.user is None else event.redacted_for(self.user, self._aliases)
 
 
@@ -282,24 +288,24 @@ class EventHub:
         return Demand(pages=any(s.pages for s in subscriptions),
                       max_rate=None if None in rates else max(rates))
 
-    def publish(self, event: StepEvent, page_owner: Callable[[], np.ndarray | None]) -> None:
-        """`page_owner` is called at most once, and only if a subscriber asked for pages (None: this
-        step has no map, e.g. a front end's upstream that does not carry pages yet)."""
+    def publish(self, event: StepEvent, page_owner: Callable[[], PageMap | np.ndarray | None]) -> None:
+        """`page_owner` is called at most once, and only if a subscriber asked for pages: a copy
+        (PageMap) or the map itself (an array, copied here); None: this step has no map, e.g. a
+        front end's upstream that does not carry pages yet. It must also be safe to call from a
+        reader's thread (see `current_page_map`)."""
         self._page_owner = page_owner
         with_pages = None
         for subscription in self._subscriptions:
             if subscription.pages and subscription.takes_pages(event):
                 if with_pages is None:
-                    owners = page_owner()
-                    with_pages = replace(event, page_owner=None if owners is None else owners.astype(np.int32))
+                    with_pages = replace(event, page_owner=_copied(page_owner()))
                 subscription._put(with_pages)
             else:
                 subscription._put(event)
 
-    def current_page_map(self) -> np.ndarray | None:
+    def current_page_map(self) -> PageMap | np.ndarray | None:
         """A copy of the page map as the newest step's `page_owner` gives it now, on the caller's thread."""
-        owners = self._page_owner()
-        return None if owners is None else owners.astype(np.int32)
+        return _copied(self._page_owner())
 
     def report_lost(self, count: int) -> None:
         """`count` events never reached this hub (its upstream fell behind): every reader is told."""
@@ -331,3 +337,19 @@ class EventHub:
     def _changed(self) -> None:
         if self._on_change is not None:
             self._on_change()
+
+
+def _copied(owners: PageMap | np.ndarray | None) -> PageMap | np.ndarray | None:
+    """A map the step hands out: a PageMap is a copy already; an array is copied (as int32)."""
+    return owners if owners is None or isinstance(owners, PageMap) else owners.astype(np.int32)
+
+
+def _build(event: StepEvent) -> None:
+    """Build into `event` what its step left to readers: its rows, its KV holders, its page map as one
+    array. The first reader builds them; later readers of the same event find them built."""
+    if isinstance(event.rows, BuiltOnRead):
+        event.rows = event.rows.items()
+    if isinstance(event.kv_holders, BuiltOnRead):
+        event.kv_holders = event.kv_holders.items()
+    if isinstance(event.page_owner, PageMap):
+        event.page_owner = event.page_owner.array()
