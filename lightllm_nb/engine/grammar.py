@@ -62,9 +62,8 @@ class GrammarCompiler:
                  mask_threads: int | None = None, rows_per_chunk: int = ROWS_PER_CHUNK):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
         self.device = torch.device(device)
-        # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
-        self.mask_threads = mask_threads or max(1, min(8, torch.get_num_threads()))
-        self.rows_per_chunk = rows_per_chunk
+        self._mask_threads = mask_threads  # None: from torch's thread count at the first mask
+        self._rows_per_chunk = rows_per_chunk
         self._filler: MaskFiller | None = None  # built with the first mask (it imports xgrammar)
         self._bitmask: BitmaskBuffer | None = None
         self._tokenizer = tokenizer
@@ -110,7 +109,9 @@ class GrammarCompiler:
         if not constrained:
             return None
         if self._filler is None:
-            self._filler = MaskFiller(self.mask_threads, self.rows_per_chunk)
+            # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
+            threads = self._mask_threads or max(1, min(8, torch.get_num_threads()))
+            self._filler = MaskFiller(threads, self._rows_per_chunk)
             self._bitmask = BitmaskBuffer(words_per_row(self.vocab_size), pinned=self.device.type == "cuda")
         mask = TokenMask(self._bitmask, self._bitmask.rows(len(requests), constrained), constrained, self.vocab_size)
         grammars = [requests[i].grammar for i in constrained]
