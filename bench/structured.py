@@ -24,8 +24,8 @@ per row on one thread (accept, fill), the process CPU time per mask (CPU / wall 
 threads really ran at once), and with --sweep the mask at each mask-thread count and chunk size.
 --string free times a JSON string without minLength (a real schema's case). xgrammar's costs grow
 with the ids past the tokenizer (each is a special id to it): the 1B shape pads the demo tokenizer's
-49k ids to 128k, which makes accept_token ~15x and a free string's fill ~40x dearer than a real
-Llama-3 tokenizer would.
+49k ids to 128k, which makes accept_token ~15x and a free string's fill ~40x dearer than at the
+tokenizer's own width (a model's real 128k tokenizer has no such padding).
 Prints JSON lines, and a table last.
 """
 
