@@ -22,6 +22,7 @@ from jupyter_server.base.websocket import WebSocketMixin
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web, websocket
 from tornado.httpclient import HTTPRequest
+from tornado.iostream import StreamClosedError
 
 from .upstream import UpstreamError, UpstreamRequest, request_bytes
 
@@ -115,7 +116,7 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
         if self._streamed:
             self.request.connection.stream.set_nodelay(True)
             self.flush()
-        self._upstream.relay(self._send)
+        self._upstream.relay(self._send, self._send_framed if self._chunked_to_caller() else None)
         try:
             await self._upstream.body_done
         except UpstreamError as err:
@@ -127,6 +128,9 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
             if not self._headers_written:  # a body of known length, held back: nothing has gone yet
                 self.clear()
                 self._error(502, reason)
+                return
+            if self._upstream.ended_mid_chunk:  # an event now would land inside that chunk: only closing is clear
+                self.request.connection.stream.close()
                 return
             # The status line has gone already: the stream's last event carries the error.
             event = {"error": {"message": reason, "type": "engine_unavailable", "param": None, "code": 502}}
@@ -143,6 +147,25 @@ class EngineProxyHandler(_EngineMixin, APIHandler):
         if not flushed.done():  # our caller reads slower than the engine host writes: wait for it
             self._upstream.pause()
             flushed.add_done_callback(self._flushed)
+
+    def _chunked_to_caller(self) -> bool:
+        """Whether the head that went to our caller announced a chunked body, as it came from the
+        engine host (tornado says so in the headers it wrote; no transform such as gzip re-encodes it)."""
+        return (self._streamed and self._headers.get("Transfer-Encoding") == "chunked"
+                and "Content-Encoding" not in self._headers)
+
+    def _send_framed(self, framed: bytes) -> None:
+        """Chunks of the upstream body, framed as they came, straight onto our caller's connection:
+        `_send` less tornado's unframing and framing again of each piece (~10% of the server's CPU
+        per stream, bench/proxy.py --stub-step-ms 3)."""
+        try:
+            written = self.request.connection.stream.write(framed)
+        except StreamClosedError:  # our caller left; its on_connection_close has yet to run
+            self._upstream.close()
+            return
+        if not written.done():  # our caller reads slower than the engine host writes: wait for it
+            self._upstream.pause()
+            written.add_done_callback(self._flushed)
 
     def _flushed(self, future) -> None:
         if not future.cancelled():

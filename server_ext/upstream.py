@@ -32,9 +32,11 @@ class UpstreamError(Exception):
 
 class ChunkedDecoder:
     """Undoes HTTP/1.1 chunked framing as bytes arrive: `feed` returns the payload bytes they complete
-    (parts of a chunk included, so nothing waits for the rest of a chunk)."""
+    (parts of a chunk included, so nothing waits for the rest of a chunk). With `keep_framing` it
+    returns them still framed, up to the last chunk, which it keeps back (see `UpstreamRequest.relay`)."""
 
     def __init__(self):
+        self.keep_framing = False
         self.pending = b""  # an incomplete chunk-size (or trailer) line
         self.payload_left = 0  # bytes of the current chunk's payload still to come
         self.crlf_left = 0  # bytes of the CRLF after that payload still to come
@@ -45,6 +47,7 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         data = self.pending + data if self.pending else data
         payloads, pos, end = [], 0, len(data)
+        framed_end = None  # with keep_framing: where the last chunk begins, if in these bytes
         while pos < end and not self.done:
             if self.payload_left:
                 take = min(self.payload_left, end - pos)
@@ -65,12 +68,22 @@ class ChunkedDecoder:
                 else:
                     self.payload_left = self._chunk_size(data[pos:line_end])
                     self.in_trailers = self.payload_left == 0
+                    if self.in_trailers:
+                        framed_end = pos
                 pos = line_end + 2
         self.surplus = self.done and pos < end
         self.pending = data[pos:] if not self.done else b""
         if len(self.pending) > MAX_SIZE_LINE_BYTES:
             raise UpstreamError("the engine host sent a chunk-size line of over 1 KB")
+        if self.keep_framing:
+            # Whole size lines only (a "0" may be the start of the last chunk's); after it, nothing.
+            return data[:framed_end if framed_end is not None else (pos if not self.in_trailers else 0)]
         return payloads[0] if len(payloads) == 1 else b"".join(payloads)
+
+    @property
+    def mid_chunk(self) -> bool:
+        """Inside a chunk's payload or its closing CRLF: what was passed on framed ends mid-chunk."""
+        return bool(self.payload_left or self.crlf_left)
 
     @staticmethod
     def _chunk_size(line: bytes) -> int:
@@ -183,8 +196,19 @@ class UpstreamRequest(asyncio.Protocol):
 
     # --- the caller's side ----------------------------------------------------------------------------
 
-    def relay(self, sink: Callable[[bytes], None]) -> None:
-        """From now on every piece of the body goes to `sink` (what came with the head at once)."""
+    def relay(self, sink: Callable[[bytes], None], framed_sink: Callable[[bytes], None] | None = None) -> None:
+        """From now on every piece of the body goes to `sink` (what came with the head at once).
+
+        Or, given `framed_sink`, a chunked body goes to it as it came, in its chunked framing, less
+        its last chunk: for a caller's connection that is chunked too, whose server writes its own
+        last chunk, so that no piece is unframed and framed again on the way (issue 9). Only from a
+        chunk boundary: what came with the head is passed on as one chunk."""
+        decoder = self._framing.chunked if self._framing is not None else None
+        if framed_sink is not None and decoder is not None and not decoder.mid_chunk:
+            decoder.keep_framing = True
+            sink = framed_sink
+            if self._early_body:
+                self._early_body = b"%x\r\n%b\r\n" % (len(self._early_body), self._early_body)
         if self._early_body:
             early, self._early_body = self._early_body, b""
             sink(early)
@@ -192,6 +216,12 @@ class UpstreamRequest(asyncio.Protocol):
         # one) has nothing more to send: keeping the sink would leave the cycle _fail explains.
         if not self.body_done.done():
             self._sink = sink
+
+    @property
+    def ended_mid_chunk(self) -> bool:
+        """The body broke off inside a chunk that went on framed: the caller holds part of a chunk."""
+        decoder = self._framing.chunked if self._framing is not None else None
+        return decoder is not None and decoder.keep_framing and decoder.mid_chunk
 
     def pause(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import socket
 import threading
 import time
 
@@ -60,7 +61,17 @@ class StubEngineHost:
                     await self.flush()
                     host.flooded += len(piece)
 
-        HTTPServer(web.Application([(r"/api/generate", Generate), (r"/api/flood", Flood)])).add_sockets([sock])
+        class BrokenOff(web.RequestHandler):
+            async def post(self):
+                stream = self.detach()  # as a SIGKILL would leave it: one event, then half of one
+                await stream.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\n")
+                await asyncio.sleep(0.2)  # the head on its own, as the engine host sends it on submit
+                await stream.write(b"b\r\ndata: one\n\n\r\nb\r\ndata: t")
+                stream.close()
+
+        HTTPServer(web.Application([(r"/api/generate", Generate), (r"/api/flood", Flood),
+                                    (r"/api/broken", BrokenOff)])).add_sockets([sock])
         self._loop.run_forever()
 
     def stop(self) -> None:
@@ -104,3 +115,18 @@ def test_a_caller_that_does_not_read_holds_the_engine_host_back(proxied):
         time.sleep(2)  # not reading: what the engine host could write is what the sockets hold
         assert host.flooded < host.FLOOD_BYTES // 2, "the proxy read on into its own memory"
         assert sum(len(piece) for piece in response.iter_bytes()) == host.FLOOD_BYTES
+
+
+def test_a_stream_that_breaks_off_inside_an_event_is_cut_there_for_the_caller_too(proxied):
+    # The proxy passes chunks on framed as they came: after a chunk cut short, an error event
+    # would land inside it, garbled, so the caller's connection is closed at the same byte instead.
+    server, _ = proxied
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"POST /lightllm/api/broken HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                     f"Authorization: token {server.token}\r\nContent-Length: 2\r\n\r\n{{}}".encode())
+        received = b""
+        while piece := sock.recv(65536):
+            received += piece
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"b\r\ndata: one\n\n\r\nb\r\ndata: t"

@@ -46,6 +46,20 @@ def test_chunked_decoder_returns_every_payload_byte_however_the_bytes_are_split(
     assert b"".join(out) == b"".join(payloads)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_chunked_decoder_keeping_the_framing_returns_the_bytes_as_they_came_less_the_last_chunk(seed):
+    # The caller's server writes its own last chunk: ours going on too would end the body twice.
+    rng = random.Random(seed)
+    wire = chunked([rng.randbytes(rng.choice([1, 9, 200, 5000])) for _ in range(rng.randint(1, 40))], rng)
+    decoder, out, pos = ChunkedDecoder(), [], 0
+    decoder.keep_framing = True
+    while pos < len(wire):
+        step = rng.choice([1, 2, 3, 7, 64, 1000, len(wire)])
+        out.append(decoder.feed(wire[pos:pos + step]))
+        pos += step
+    assert decoder.done and b"".join(out) == wire[:-len(b"0\r\n\r\n")]
+
+
 def test_chunked_decoder_refuses_a_bad_size_line():
     with pytest.raises(UpstreamError, match="bad chunk size"):
         ChunkedDecoder().feed(b"zz\r\nhello\r\n")
@@ -296,6 +310,41 @@ def test_a_kept_connection_closed_unanswered_by_the_engine_host_is_replaced_and_
         finally:
             server.close()
     asyncio.run(main())
+
+
+def _relaying_framed(with_head: bytes, *then: bytes):
+    """A chunked response whose head came with `with_head`, relayed asking for the framing, then
+    `then`; returns it and what went to the unframed and the framed sink."""
+    upstream = UpstreamRequest(b"")
+    upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n" + with_head)
+    decoded, framed = [], []
+    upstream.relay(decoded.append, framed.append)
+    for data in then:
+        upstream.data_received(data)
+    return upstream, decoded, framed
+
+
+def test_a_framed_relay_passes_chunks_on_as_they_came_and_what_came_with_the_head_as_one_chunk():
+    async def scenario():
+        upstream, decoded, framed = _relaying_framed(b"5\r\nhello\r\n2", b"\r\nhi\r\n3\r\nabc", b"\r\n0\r\n\r\n")
+        assert upstream.body_done.done() and decoded == []
+        assert b"".join(framed) == b"5\r\nhello\r\n2\r\nhi\r\n3\r\nabc\r\n"
+        assert not upstream.ended_mid_chunk
+    asyncio.run(scenario())
+
+
+def test_a_framed_relay_starts_only_on_a_chunk_boundary_and_says_when_it_broke_off_inside_one():
+    async def scenario():
+        # The head came with half a chunk: that one has gone on unframed, so the rest does too.
+        _, decoded, framed = _relaying_framed(b"5\r\nhel", b"lo\r\n0\r\n\r\n")
+        assert decoded == [b"hel", b"lo"] and framed == []
+        # Framed from a boundary, then the connection breaks inside a chunk: the caller holds part of it.
+        upstream, _, framed = _relaying_framed(b"", b"5\r\nhel")
+        upstream.connection_lost(None)
+        assert framed == [b"5\r\nhel"] and upstream.ended_mid_chunk
+        assert isinstance(upstream.body_done.exception(), UpstreamError)
+    asyncio.run(scenario())
 
 
 class _Relaying:
