@@ -2,6 +2,7 @@
 
     python bench/panels.py [--model demo] [--device cpu] [--batch 8] [--context 64] [--kv-tokens N]
     python bench/panels.py --device cuda --shape llama-1b --tokenizer DIR --batch 128 --context 512
+    python bench/panels.py --host-only --batch 128 --context 512 --kv-tokens 3740555
 
 Median decode-step time on the driver-loop thread with no panel and with a Dashboard following
 the engine (KV grid with pages, batch bars, decisions, sparklines), interleaved rounds, best of
@@ -12,26 +13,40 @@ the GIL).
 Comm messages are recorded in process instead of going to a kernel's iopub socket, so the send
 itself costs a little less here than in a notebook. On the GPU, leave --kv-tokens out: the pool is
 then sized from free memory (millions of token slots for the 1B shape).
+
+--host-only: no model. The step as the host sees it when the GPU step is host-bound: a real KVPool
+(page size 1, tiny K/V) whose requests take a page each a step, --host-work ms of Python standing
+in for the step's launches and bookkeeping, then the engine's own event hand-over; step time with
+no panel and with a Dashboard, the hand-over's own time, and the full GC collections during each.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import statistics
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import comm
 import numpy as np
+import torch
 from comm.base_comm import BaseComm
 
-from lightllm_nb import Engine
+from lightllm_nb import Engine, SamplingParams
+from lightllm_nb.engine.step_outputs import StepOutputs
+from lightllm_nb.kv.kv_pool import KVPool
 from lightllm_nb.notebook.panels import Dashboard
 from lightllm_nb.notebook.panels.parts import KVPart
+from lightllm_nb.scheduling.request import Request
 from lightllm_nb.telemetry.events import StepEvent
+from lightllm_nb.telemetry.hub import EventHub
+from lightllm_nb.telemetry.step_rows import batch_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_timing import add_model_options, bench_engine, decode_latency  # noqa: E402
@@ -134,6 +149,81 @@ def synthetic_render_cost(slots: int, repeats: int = 10, decode: bool = False) -
     return sorted(times)[len(times) // 2]
 
 
+class HostOnlyEngine(StepOutputs):
+    """An engine's step without a model: `batch` requests each take a page of a real KVPool a step
+    (one in 64 is replaced by a new request of `context` tokens once it has decoded 200), `work`
+    seconds of Python stand in for the rest of the step's host time, and the events are handed over
+    as Engine._run_step and StepOutputs._publish do."""
+
+    def __init__(self, pages: int, batch: int, context: int):
+        self.pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=1, num_tokens=pages, page_size=1,
+                           max_requests=batch, max_context=context + 4096, dtype=torch.float16,
+                           device=torch.device("cpu"))
+        self.scheduler = SimpleNamespace(running=[], waiting=[], reclaimable_tokens=0,
+                                         pool_view=lambda: SimpleNamespace(free=self.pool.free_tokens))
+        self._events, self._step, self._start = EventHub(), 0, time.perf_counter()
+        self.context, self._admitted = context, 0
+        self.scheduler.running = [self._admit(self.pool.alloc_row()) for _ in range(batch)]
+
+    def _admit(self, row: int) -> Request:
+        self._admitted += 1
+        req = Request(f"req-{self._admitted}", list(range(self.context)), SamplingParams(max_tokens=10**6))
+        req.row, req.pages, req.num_computed = row, self.pool.alloc_pages(self.context, row), self.context
+        return req
+
+    def step(self, work: float) -> tuple[float, float]:
+        """Seconds of the whole step and of its event hand-over."""
+        started = time.perf_counter()
+        running = self.scheduler.running
+        items = [(req, 1) for req in running]
+        rows = batch_rows(items) if self._events else []
+        handover = time.perf_counter() - started
+        while time.perf_counter() < started + work:
+            sum(range(50))
+        for req in running:
+            req.pages += self.pool.alloc_pages(1, req.row)
+            req.num_computed += 1
+        slot = self._step % 64
+        if running[slot].num_computed >= self.context + 200:
+            self.pool.free_pages(running[slot].pages)
+            running[slot] = self._admit(running[slot].row)
+        before_publish = time.perf_counter()
+        self._publish(started, rows, [])
+        now = time.perf_counter()
+        return now - started, handover + now - before_publish
+
+
+def host_only(args: argparse.Namespace) -> None:
+    engine = HostOnlyEngine(args.kv_tokens or 3_740_555, args.batch, args.context)
+    full_gcs = []
+    gc.callbacks.append(lambda phase, info: full_gcs.append(1) if phase == "stop" and info["generation"] == 2 else None)
+    results = {"no panel": [], "Dashboard": []}
+    for round_ in range(args.rounds):  # interleaved, best of each
+        for name in results if round_ % 2 == 0 else reversed(results):
+            dashboard = Dashboard(engine._events) if name == "Dashboard" else None
+            for _ in range(100):  # its first render (every cell) before the timing
+                engine.step(args.host_work / 1e3)
+            time.sleep(1.0)
+            full_gcs.clear()
+            times = [engine.step(args.host_work / 1e3) for _ in range(args.steps)]
+            results[name].append(([t for t, _ in times], [h for _, h in times], len(full_gcs)))
+            if dashboard is not None:
+                dashboard.close()
+    print(f"\nhost only, {engine.pool.num_pages:,} KV pages, batch {args.batch}, {args.host_work} ms of host work a "
+          f"step, {args.steps} steps a round, best of {args.rounds} rounds")
+    base = {"median": None, "mean": None}
+    for name, rounds in results.items():
+        median = min(statistics.median(steps) for steps, _, _ in rounds)
+        mean = min(statistics.fmean(steps) for steps, _, _ in rounds)
+        base = base if base["median"] else {"median": median, "mean": mean}
+        handover = min(statistics.median(h) for _, h, _ in rounds)
+        handover_mean = min(statistics.fmean(h) for _, h, _ in rounds)
+        print(f"  {name:<10} step median {median * 1e3:.3f} ms ({100 * (median / base['median'] - 1):+.1f}%), "
+              f"mean {mean * 1e3:.3f} ms ({100 * (mean / base['mean'] - 1):+.1f}%); hand-over median "
+              f"{handover * 1e6:.1f} us, mean {handover_mean * 1e6:.1f} us; full GCs a round "
+              f"{[gcs for _, _, gcs in rounds]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_options(parser, default_model="demo")
@@ -143,9 +233,13 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--grid-slots", type=int, default=1_000_000, help="pool size of the synthetic render timing")
+    parser.add_argument("--host-only", action="store_true", help="no model: the step's host side (see above)")
+    parser.add_argument("--host-work", type=float, default=1.9, help="--host-only: ms of Python a step")
     args = parser.parse_args()
     front_end = FrontEndLog()
     comm.create_comm = front_end.make_comm  # this script's own process: nothing else uses comms here
+    if args.host_only:
+        return host_only(args)
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp, kv_tokens=args.kv_tokens)
     loop = engine.driver()
