@@ -117,3 +117,19 @@ def test_rows_and_holders_read_long_after_their_step_describe_that_step(tiny_mod
             context[row.request_id] = row.context
     # The last token sampled is never computed: a request ends at prompt + max_tokens - 1.
     assert context == {rid: n + 7 - 1 for rid, n in prompt_of.items()}
+
+
+def test_a_closed_engine_lets_go_of_its_kv_pool_after_a_reader_of_pages(tiny_model):
+    """The hub keeps the newest step's page-map source for a reader that copies the map itself;
+    closing must drop it, or the pool (its K/V buffers: most of a GPU's memory) outlives the engine."""
+    import gc
+    import weakref
+
+    folder, _ = tiny_model("llama")
+    engine = Engine(str(folder), device="cpu", progress=False, kv_tokens=256)
+    engine.subscribe(lambda event: None, pages=True)
+    engine.generate(["hello"], SamplingParams(max_tokens=3))
+    pool = weakref.ref(engine.pool)
+    engine.close()
+    gc.collect()
+    assert pool() is None

@@ -324,6 +324,7 @@ class EventHub:
             subscription._mailbox.close()
         with self._lock:
             self._subscriptions, self._callbacks = (), ()
+        self._page_owner = lambda: None  # it holds the engine's pool: let it go with the engine
 
     def _remove(self, subscription: EventSubscription) -> None:
         with self._lock:
