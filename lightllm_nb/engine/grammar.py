@@ -117,11 +117,12 @@ class GrammarCompiler:
         grammars = [requests[i].grammar for i in constrained]
         matchers = [g.matcher for g in grammars]
         texts = self._token_texts  # set before any grammar was ready
-        tokens = [g.take_inputs(texts) for g in grammars]
-        refused = self._filler.run(matchers, tokens, mask.bitmask, constrained)
+        token_ids = [g.take_unaccepted() for g in grammars]  # kept for the error: inputs may be texts
+        inputs = [g.matcher_inputs(ids, texts) for g, ids in zip(grammars, token_ids)]
+        refused = self._filler.run(matchers, inputs, mask.bitmask, constrained)
         if refused:
             i = refused[0]
-            raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {tokens[i]} passed the "
+            raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {token_ids[i]} passed the "
                                "grammar's mask but the grammar refused it: this is a bug")
         if rows:
             allowed = mask.allowed_counts()
@@ -194,11 +195,10 @@ class RequestGrammar:
         tokens, self._unaccepted = self._unaccepted, []
         return tokens
 
-    def take_inputs(self, texts: list) -> list[int | bytes]:
-        """take_unaccepted, each token as its text (texts: token_texts()) where the matcher is
-        text-level and the token has one; an id otherwise (special, stop, empty text)."""
-        tokens = self.take_unaccepted()
-        return [texts[t] or t for t in tokens] if self._text_level and tokens else tokens
+    def matcher_inputs(self, token_ids: list[int], texts: list) -> list[int | bytes]:
+        """What the matcher is given for `token_ids`: each token's text (texts: token_texts()) where
+        the matcher is text-level and the token has one; its id otherwise (special, stop, empty text)."""
+        return [texts[t] or t for t in token_ids] if self._text_level and token_ids else token_ids
 
 
 class TokenMask:
