@@ -6,6 +6,7 @@ the reused bitmask buffer allows every token in the rows no grammar fills; a ref
 import concurrent.futures
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -226,3 +227,31 @@ def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
     release.set()
     filler.close()
     assert result == [[]] and bitmask.any(dim=1).all()
+
+
+def test_a_failed_chunk_is_raised_only_once_no_helper_writes_to_the_bitmask_anymore():
+    """The host bitmask is the next step's too: a helper still filling a row after run() raised
+    could write it while that step's rows are being filled. The first chunk fails while a helper
+    still fills a later one; run() must raise only after every chunk is done."""
+    rows = 3 * ROWS_PER_CHUNK
+    filler = MaskFiller(max_threads=3)
+    caller = threading.current_thread()
+    all_running = threading.Barrier(3, timeout=5)  # each chunk on a thread of its own
+    written = []
+
+    def chunk(matchers, tokens, bitmask, rows, chunk):
+        all_running.wait()
+        if chunk.start == 0:
+            raise ValueError("a matcher broke")
+        if threading.current_thread() is not caller:
+            time.sleep(0.3)  # a helper's slow fill (at least one of chunks 1 and 2 is a helper's)
+        written.append(chunk)
+        return []
+
+    filler._chunk = chunk
+    with pytest.raises(ValueError, match="a matcher broke"):
+        filler.run([None] * rows, [[]] * rows, torch.zeros((rows, 1), dtype=torch.int32), list(range(rows)))
+    written_when_raised = list(written)
+    time.sleep(0.5)
+    filler.close()
+    assert len(written_when_raised) == 2 and written == written_when_raised

@@ -84,13 +84,14 @@ class MaskFiller:
         for _ in range(threads - 1):
             self._helpers.submit(work)
         work()
-        refused = []
-        for c in range(len(chunks)):
-            done[c].wait()  # only chunks a helper is running are not done by now
-            if isinstance(results[c], BaseException):
-                raise results[c]
-            refused += results[c]
-        return refused
+        # Every chunk first, even after a failure: a helper still filling would write into the
+        # shared host bitmask after we returned, into rows of the next step's mask.
+        for event in done:
+            event.wait()  # only chunks a helper is running are not done by now
+        failed = [result for result in results if isinstance(result, BaseException)]
+        if failed:
+            raise failed[0]
+        return [i for refused in results for i in refused]
 
     def _chunk(self, matchers, tokens, bitmask, rows, chunk: range) -> list[int]:
         refused: set[int] = set()
