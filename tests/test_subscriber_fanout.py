@@ -41,11 +41,12 @@ def test_a_retuned_subscription_changes_from_the_next_step_without_a_gap_or_a_re
     for step in range(1, 7):
         if step == 4:
             upstream.retune(pages=True, max_rate=None)
-        hub.publish(step_event(step), lambda: owners)
+        hub.publish(step_event(step, running=int(step < 6)), lambda: owners)
     hub.close()
     seen = list(upstream)
     assert [e.step for e in seen] == list(range(1, 7))
-    assert [e.page_owner is not None for e in seen] == [False] * 3 + [True] * 3
+    # A map from step 4 on: at once, then not again within 1/PAGE_MAPS_PER_SECOND, but with the last step.
+    assert [e.page_owner is not None for e in seen] == [False] * 3 + [True, False, True]
     assert np.array_equal(seen[-1].page_owner, owners) and seen[-1].page_owner is not owners  # a copy
 
 

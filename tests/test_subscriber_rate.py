@@ -10,7 +10,7 @@ import pytest
 
 from lightllm_nb.scheduling.decisions import Decision
 from lightllm_nb.telemetry.events import BatchRow, StepEvent
-from lightllm_nb.telemetry.hub import EventHub
+from lightllm_nb.telemetry.hub import PAGE_MAPS_PER_SECOND, Demand, EventHub
 
 
 def step_event(step: int, running: int = 1) -> StepEvent:
@@ -66,6 +66,54 @@ def test_a_rate_capped_reader_of_pages_costs_the_step_one_page_map_a_gap():
     assert [d.numbers["step"] for e in seen for d in e.decisions] == list(range(1, 101))
     # One copy per event delivered (each shows its own step's map), at most one more: the last step's.
     assert {e.step for e in seen} <= set(copies) and len(copies) <= len(seen) + 1 < 50
+
+
+@pytest.mark.parametrize("reader", ["of every step", "upstream of a front end"])
+def test_a_reader_of_every_step_and_of_pages_gets_maps_at_a_fixed_rate(reader):
+    """A map a step cost the step thread its copy and the reader's thread a join and an encoding of
+    15 MB at a GPU pool's size, holding the GIL: 8 subscribers made the step 4.8x (issue 8). Every
+    event still comes, most without a map; the last step (nothing running: the engine idles) has one.
+    A front end whose readers are one of every step without pages and one capped with pages asks
+    for pages at every step: that must not be a map a step either."""
+    hub = EventHub()
+    if reader == "of every step":
+        subscription = hub.subscribe(pages=True, maxsize=1000)
+    else:
+        front_end = EventHub()
+        front_end.subscribe(), front_end.subscribe(max_rate=10, pages=True)
+        assert front_end.demand() == Demand(pages=True, max_rate=None)
+        subscription = hub.subscribe(pages=True, max_rate=front_end.demand().max_rate, maxsize=1000)
+    copies = []
+    started = time.monotonic()
+    publish_steps(hub, 200, 0.001, copies)
+    elapsed = time.monotonic() - started
+    seen = list(subscription)
+    assert [e.step for e in seen] == list(range(1, 201)) and subscription.dropped == 0
+    mapped = [e.step for e in seen if e.page_owner is not None]
+    assert mapped[0] == 1 and mapped[-1] == 200
+    assert len(mapped) - 1 <= PAGE_MAPS_PER_SECOND * elapsed + 1, (len(mapped), elapsed)
+    assert copies == mapped  # the step thread copied a map only for a step that delivered one
+
+
+def test_a_capped_reader_of_pages_behind_a_front_end_waits_for_the_step_that_brings_a_map():
+    """A front end's upstream brings a map only some steps (PAGE_MAPS_PER_SECOND): a capped reader
+    due one takes the next step that has it (within a gap), rather than draw a step without."""
+    hub = EventHub()
+    capped = hub.subscribe(max_rate=20, pages=True)
+
+    def publish() -> None:
+        for step in range(1, 101):
+            owners = np.zeros(64, dtype=np.int32) if step % 5 == 0 else None
+            hub.publish(step_event(step, running=int(step < 100)), lambda: owners)
+            time.sleep(0.002)
+        hub.close()
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    seen = list(capped)
+    publisher.join()
+    assert seen[-1].step == 100 and all(e.page_owner is not None for e in seen), [e.step for e in seen]
+    assert [d.numbers["step"] for e in seen for d in e.decisions] == list(range(1, 101))
 
 
 def test_a_step_no_other_follows_reaches_a_capped_reader_of_pages_with_its_map():

@@ -57,7 +57,10 @@ def test_each_user_sees_only_their_own_ids_and_a_capped_reader_every_decision(ho
         mine = {r.request_id for e in events for r in e.rows if r.user == user}
         assert mine == {ids[user]}, name
         assert any(r.user == "other" for e in events for r in e.rows), name  # the other's usage, anonymized
-    assert all(e.page_owner is not None for e in seen["bob"][1:]) and seen["alice"][0].page_owner is None
+    # Bob's maps come at most PAGE_MAPS_PER_SECOND (steps arriving together at a front end share one).
+    maps = [e.page_owner for e in seen["bob"] if e.page_owner is not None]
+    assert len(maps) >= len(seen["bob"]) // 2 and all(len(m) == seen["bob"][0].kv_capacity for m in maps)
+    assert seen["alice"][0].page_owner is None
     # Latest-wins at 1 a second (a demo step takes ~0.1-0.4 s here): fewer events, the same decisions
     # on alice's own request.
     own = {name: [(d.kind, d.code) for e in seen[name] for d in e.decisions if d.request_id == ids["alice"]]

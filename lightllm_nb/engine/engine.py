@@ -42,6 +42,7 @@ from ..sampling_params import InvalidRequestError, SamplingParams
 from ..scheduling.scheduler import Scheduler
 from ..scheduling.timeline import TimelineRecorder
 from ..telemetry.step_rows import batch_rows
+from ..telemetry.step_totals import StepTotals
 from ..telemetry.hub import EventHub
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class Engine(EmbeddedAPI, StepOutputs):
         weakref.finalize(self, self._events.close)  # collected without close(): callback threads end too
         self._step = 0
         self._start = time.perf_counter()
+        self._totals = StepTotals()  # what every StepEvent counts since this start (step_totals.py)
         self._closed = False
         self._owner: int | None = None   # thread id of the driver loop, once one runs
         self._loop = None                # that DriverLoop (lightllm_nb.serving.driver)

@@ -14,7 +14,7 @@ from ..telemetry.step_rows import kv_holders
 
 class StepOutputs:
     """Uses Engine's `scheduler`, `pool`, `tokenizer`, `eos_token_ids`, `_requests`, `_detokenizers`,
-    `_events`, `_step` and `_start`."""
+    `_events`, `_batch`, `_totals`, `_step` and `_start`."""
 
     def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
                       decisions: list[Decision]) -> RequestOutput:
@@ -26,10 +26,12 @@ class StepOutputs:
         if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})
-        if req.first_token_time is None:
+        first = req.first_token_time is None
+        if first:
             req.first_token_time = now
             req.queue_time_before_first_token = req.queue_time
             self.scheduler.timelines.first_token(req)
+        self._totals.token_generated(now - req.arrival_time if first else None)  # request_metrics' TTFT
         p = req.sampling
         reason = None
         if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
@@ -65,6 +67,9 @@ class StepOutputs:
 
     def _publish(self, started: float, rows: Sequence[BatchRow], decisions: list[Decision]) -> None:
         self._step += 1
+        totals = self._totals
+        totals.step_computed(self._batch)
+        first_token_seconds = totals.take_first_token_seconds()
         if not self._events:
             return
         pool = self.pool
@@ -74,5 +79,7 @@ class StepOutputs:
                       kv_free=self.scheduler.pool_view().free, kv_cached=self.scheduler.reclaimable_tokens,
                       running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                       page_size=pool.page_size,
-                      kv_holders=kv_holders(self.scheduler.running)),
+                      kv_holders=kv_holders(self.scheduler.running),
+                      computed_tokens_total=totals.computed_tokens, generated_tokens_total=totals.generated_tokens,
+                      first_token_seconds=first_token_seconds),
             page_owner=pool.page_map)

@@ -54,6 +54,14 @@ class StepEvent:
     page_owner: np.ndarray | None = None
     # Who holds each owner row after the step; None in traces recorded before it existed.
     kv_holders: list[KVHolder] | None = None
+    # Since the engine started: tokens its steps computed (prompt and decode) and tokens it sampled.
+    # A reader that sees only some steps (rate-capped) gets rates from these exactly; None in traces
+    # recorded before they existed.
+    computed_tokens_total: int | None = None
+    generated_tokens_total: int | None = None
+    # Seconds from arrival to first token of each request whose first token came in this step (and,
+    # for a rate-capped reader, in the steps it skipped); None in traces recorded before.
+    first_token_seconds: list[float] | None = None
 
     @property
     def prefill_tokens(self) -> int:

@@ -2,9 +2,10 @@
 bounded mailboxes; redaction, callbacks and trace writing happen on the readers' side.
 
 A slow reader loses its oldest events (counted in `dropped`), it never slows a step. The page map
-is copied (int32, one entry per page) at most once per step, only when a subscriber asked for it,
-and for a rate-capped one only once per gap (see `EventSubscription.takes_pages`); an engine's copy
-takes only the blocks of pages that changed (page_maps.py). What an event leaves for readers to
+is copied (int32, one entry per page) at most once per step, only on steps where a subscriber
+that asked for it is due one: at most PAGE_MAPS_PER_SECOND a reader, and for a rate-capped one once
+per gap (see `EventSubscription.wants_map`); an engine's copy takes only the blocks of pages that
+changed (page_maps.py). What an event leaves for readers to
 build (its rows and KV holders: step_rows.py; the joined page map) is built on the thread of the
 first reader that takes it, into the event, for every reader.
 
@@ -29,6 +30,12 @@ from .mailbox import Mailbox, MailboxClosed
 from .page_maps import PageMap
 from .step_rows import BuiltOnRead
 
+PAGE_MAPS_PER_SECOND = 20
+"""The most page maps one reader gets a second, even a reader of every step: its other events carry
+page_owner=None. Each map is joined (15 MB at a GPU pool's 3.7M pages) and, served, turned into bytes
+on a reader's thread, holding the GIL against the step: a map every step made 8 subscribers' step
+4.8x the step with none on an H200 (issue 8). A KV grid draws at most 10 a second (issue 10)."""
+
 
 class EventSubscription:
     """StepEvents, oldest first: iterate (blocking) or `async for` them; `close()` ends it.
@@ -48,6 +55,8 @@ class EventSubscription:
         self._next_due = 0.0  # time.monotonic() before which a rate-capped reader takes nothing
         self._lost_upstream = 0  # events lost before they reached this hub (a front end's link to the engine)
         self._mapped_for = -1.0  # the `_next_due` whose page map a step has copied (rate-capped readers)
+        self._next_map = 0.0  # time.monotonic() before which no step copies a map for this reader
+        self._due_seen = -1.0  # the `_next_due` that `wants_map` last found due (step thread)
         self.retune(pages=pages, max_rate=max_rate)
 
     def retune(self, *, pages: bool, max_rate: float | None) -> None:
@@ -89,12 +98,16 @@ class EventSubscription:
             raise StopIteration from None
         batch = self._queued(first)
         if self._map_due(batch):
-            try:
-                batch.append(self._mailbox.get(self._gap if deadline is None else min(self._gap, left())))
-            except MailboxClosed:
-                pass
-            except TimeoutError:
-                batch[-1] = self._with_map_now(batch[-1])
+            until = time.monotonic() + self._gap
+            while batch[-1].page_owner is None:  # a front end's upstream may bring its map a step later
+                try:
+                    wait = max(0.0, until - time.monotonic())
+                    batch.append(self._mailbox.get(wait if deadline is None else min(wait, left())))
+                except MailboxClosed:
+                    break
+                except TimeoutError:
+                    batch[-1] = self._with_map_now(batch[-1])
+                    break
         event, taken = self._latest(batch)
         return self._view(event), taken
 
@@ -116,12 +129,15 @@ class EventSubscription:
             raise StopAsyncIteration from None
         batch = self._queued(first)
         if self._map_due(batch):
-            try:
-                batch.append(await asyncio.wait_for(self._mailbox.aget(), self._gap))
-            except MailboxClosed:
-                pass
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                batch[-1] = self._with_map_now(batch[-1])
+            until = time.monotonic() + self._gap
+            while batch[-1].page_owner is None:
+                try:
+                    batch.append(await asyncio.wait_for(self._mailbox.aget(), max(0.0, until - time.monotonic())))
+                except MailboxClosed:
+                    break
+                except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                    batch[-1] = self._with_map_now(batch[-1])
+                    break
         return self._view(self._latest(batch)[0])
 
     def close(self) -> None:
@@ -148,7 +164,7 @@ class EventSubscription:
 
     def _map_due(self, batch: list[StepEvent]) -> bool:
         """A rate-capped reader of pages whose queued steps all came without a map: it is due now, so
-        the next step brings one (see `takes_pages`) if its source has one; wait a gap for that step."""
+        a step brings one (see `wants_map`) if its source has one; wait up to a gap for that step."""
         return self._gap is not None and self.pages and all(event.page_owner is None for event in batch)
 
     def _with_map_now(self, event: StepEvent) -> StepEvent:
@@ -161,8 +177,8 @@ class EventSubscription:
 
     def _latest(self, batch: list[StepEvent]) -> tuple[StepEvent, int]:
         """Rate-capped: the newest step with a page map if the reader asked for pages (the map and
-        its step's numbers agree), else the newest, with the decisions of every step since the last
-        one delivered (none is lost unless the mailbox overflowed, which `dropped` counts), and how
+        its step's numbers agree), else the newest, with the decisions and first-token times of
+        every step since the last one delivered (none is lost unless the mailbox overflowed, which `dropped` counts), and how
         many steps that is."""
         if self._gap is None:
             return batch[0], 1
@@ -171,20 +187,33 @@ class EventSubscription:
             return batch[0], 1
         shown = next((event for event in reversed(batch) if event.page_owner is not None), batch[-1]) \
             if self.pages else batch[-1]
-        return replace(shown, decisions=[d for event in batch for d in event.decisions]), len(batch)
+        merged = replace(shown, decisions=[d for event in batch for d in event.decisions],
+                         first_token_seconds=_first_token_seconds(batch))
+        return merged, len(batch)
 
-    def takes_pages(self, event: StepEvent) -> bool:
-        """Called on the step thread for a reader that asked for pages: whether this step copies the
-        page map for it. A rate-capped reader gets one map a gap (the first step after it is due)
-        and the map of any step that leaves nothing running (the engine may idle after it, and the
-        last state must show). Copying a 3.7M-page map every step cost ~1 ms of a 2 ms step (issue 10)."""
-        if self._gap is None or event.running == 0:
+    def wants_map(self, event: StepEvent, now: float) -> bool:
+        """Called on the step thread for a reader that asked for pages: whether this step's page map
+        goes to it. Any step that leaves nothing running does (the engine may idle after it, and the
+        last state must show); otherwise at most PAGE_MAPS_PER_SECOND, and for a rate-capped reader
+        only the first step after it is due (one map a gap). Copying a 3.7M-page map every step cost
+        ~1 ms of a 2 ms step (issue 10); joining and encoding it on readers' threads, 4.8x (issue 8)."""
+        if event.running == 0:
+            return True
+        if now < self._next_map:
+            return False
+        if self._gap is None:
             return True
         due = self._next_due  # read once: the reader moves it on its own thread
-        if due == self._mapped_for or time.monotonic() < due:
+        if due == self._mapped_for or now < due:
             return False
-        self._mapped_for = due
+        self._due_seen = due
         return True
+
+    def _map_sent(self, now: float) -> None:
+        """A step put a map in this reader's mailbox (not only wanted one: a front end's upstream step
+        may come without, and the reader is still due for the next that has one)."""
+        self._next_map = now + 1.0 / PAGE_MAPS_PER_SECOND
+        self._mapped_for = self._due_seen
 
     def _view(self, event: StepEvent) -> StepEvent:
         _build(event)
@@ -240,7 +269,8 @@ class CallbackSubscriber:
 class Demand:
     """What one upstream subscription must carry to serve every subscriber of a hub: the page map
     if any asks for it; every step if any wants every step, else the fastest rate asked for (a
-    slower reader's own cap merges further)."""
+    slower reader's own cap merges further). Pages at every step cost no map a step: a map reaches
+    any reader at most PAGE_MAPS_PER_SECOND, the upstream too."""
 
     pages: bool
     max_rate: float | None
@@ -289,19 +319,22 @@ class EventHub:
                       max_rate=None if None in rates else max(rates))
 
     def publish(self, event: StepEvent, page_owner: Callable[[], PageMap | np.ndarray | None]) -> None:
-        """`page_owner` is called at most once, and only if a subscriber asked for pages: a copy
+        """`page_owner` is called at most once, and only if a subscriber of pages is due a map: a copy
         (PageMap) or the map itself (an array, copied here); None: this step has no map, e.g. a
         front end's upstream that does not carry pages yet. It must also be safe to call from a
         reader's thread (see `current_page_map`)."""
         self._page_owner = page_owner
+        now = time.monotonic()
         with_pages = None
         for subscription in self._subscriptions:
-            if subscription.pages and subscription.takes_pages(event):
+            if subscription.pages and subscription.wants_map(event, now):
                 if with_pages is None:
                     with_pages = replace(event, page_owner=_copied(page_owner()))
-                subscription._put(with_pages)
-            else:
-                subscription._put(event)
+                if with_pages.page_owner is not None:
+                    subscription._map_sent(now)
+                    subscription._put(with_pages)
+                    continue
+            subscription._put(event)
 
     def current_page_map(self) -> PageMap | np.ndarray | None:
         """A copy of the page map as the newest step's `page_owner` gives it now, on the caller's thread."""
@@ -343,6 +376,13 @@ class EventHub:
 def _copied(owners: PageMap | np.ndarray | None) -> PageMap | np.ndarray | None:
     """A map the step hands out: a PageMap is a copy already; an array is copied (as int32)."""
     return owners if owners is None or isinstance(owners, PageMap) else owners.astype(np.int32)
+
+
+def _first_token_seconds(batch: list[StepEvent]) -> list[float] | None:
+    """Every first-token time of the steps of `batch` (None if its steps predate them)."""
+    if batch[-1].first_token_seconds is None:
+        return None
+    return [seconds for event in batch for seconds in event.first_token_seconds or ()]
 
 
 def _build(event: StepEvent) -> None:

@@ -25,7 +25,10 @@ class KVPart:
         self.latest = None
 
     def consume(self, event: StepEvent) -> None:
-        self.latest = event  # the grid is computed at render time: only the latest state is drawn
+        # The grid is computed at render time: only the latest state is drawn. Most events of a reader
+        # of every step come without a map (hub.PAGE_MAPS_PER_SECOND): the last map and its step stay.
+        if event.page_owner is not None or self.latest is None or self.latest.page_owner is None:
+            self.latest = event
 
     def resend(self) -> None:
         self.grid.resend()
