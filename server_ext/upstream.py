@@ -135,7 +135,8 @@ class UpstreamRequest(asyncio.Protocol):
     piece of the body to `sink` as it arrives and `body_done` resolves when the body is whole.
 
     Its connection is `pool`'s: one kept from an earlier response (`reused`) or a new one. A
-    response that ends cleanly gives it back; anything else closes it."""
+    response that ends cleanly gives it back; anything else closes it. A GET that a kept connection
+    closed unanswered is sent again on a new one (see `_may_resend`)."""
 
     def __init__(self, request: bytes, pool: UpstreamPool | None = None, *, reused: bool = False):
         loop = asyncio.get_running_loop()
@@ -144,7 +145,12 @@ class UpstreamRequest(asyncio.Protocol):
         self.body_done: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self._pool = pool
-        self._reused = reused
+        # A kept connection that the engine host closed as the request went out (an idle timeout, a
+        # restart) answers nothing; a GET is then sent once more on a new connection. Never another
+        # method: the engine host may have read the request before closing (a front end that died
+        # mid-request, its listening socket shared with a sibling that would get the resend), and a
+        # POST is a generation, which would run twice.
+        self._may_resend = reused and request.startswith(b"GET ")
         self._heard_back = False  # any byte of the response yet
         self._keep_alive = False  # the response's head lets the connection carry another request
         self._dropped = False  # the caller or an error closed the request: no connection may carry it again
@@ -183,10 +189,8 @@ class UpstreamRequest(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.transport = None
-        if self._reused and not self._heard_back and not self._dropped:
-            # A kept connection that the engine host closed as the request went out (an idle
-            # timeout, a restart): it answered nothing, so the request goes again on a new one, once.
-            self._reused = False
+        if self._may_resend and not self._heard_back and not self._dropped:
+            self._may_resend = False  # once
             self._resending = asyncio.ensure_future(self._resend())
             return
         if self._framing is not None and self._framing.ends_with_connection:
