@@ -15,8 +15,10 @@ websocket subscribers (other users, one with pages).
 Each subscriber is what the event stream (`GET /api/events`) serves a notebook: a subscription
 through the driver loop, drained on its own thread into its user's view and the stream's record
 (`serving/event_records.py`: made once per view for all readers); one of the 8 also asks for the
-KV page map, as a KV grid does (the step thread copies that map once a step: its cost grows with
-the pool, so leave --kv-tokens out on the GPU to time the pool a server has). The step runs on the
+KV page map, as a KV grid does, without a rate cap: it gets a map at most hub.PAGE_MAPS_PER_SECOND
+(each map is copied by changed blocks on the step thread, then joined and turned into bytes on its
+reader's: that cost grows with the pool, so leave --kv-tokens out on the GPU to time the pool a
+server has, or give a GPU's 3,740,555 on a CPU). The step runs on the
 driver-loop thread, as served: events leave it through bounded queues, so the readers compete with
 it only for the GIL. Rounds are interleaved (every other round in reverse order) and each setting's
 best round is reported, with every round's ratio to 0 subscribers (the same round) and their
