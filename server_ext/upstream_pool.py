@@ -10,6 +10,7 @@ caller left mid-body is closed, as before, since closing it is how the engine ho
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -103,11 +104,25 @@ class UpstreamPool:
         self._drop_expired()
         while self._idle:
             idle = self._idle.pop()
-            if not idle.transport.is_closing():  # (one closing now leaves at its connection_lost)
-                return idle
+            if idle.transport.is_closing():  # (it leaves at its connection_lost)
+                continue
+            if _closed_or_spoken(idle.transport):
+                idle.transport.close()
+                continue
+            return idle
         return None
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
         while self._idle and now - self._idle[0].since >= REUSE_WITHIN_S:
             self._idle.pop(0).transport.close()
+
+
+def _closed_or_spoken(transport: asyncio.Transport) -> bool:
+    """Whether the engine host closed an idle connection (or sent anything on it, which no request
+    asked for) in a way this thread has not read yet, busy as it was. A request sent on it would be
+    lost, and only a GET is sent again (see UpstreamRequest): a zero-timeout poll of the socket is
+    readable at an end-of-file, a byte or an error, each of which means the connection is done."""
+    poller = select.poll()
+    poller.register(transport.get_extra_info("socket").fileno(), select.POLLIN)
+    return bool(poller.poll(0))

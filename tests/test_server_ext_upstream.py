@@ -10,7 +10,9 @@ import contextlib
 import gc
 import random
 import re
+import select
 import socket
+import threading
 import weakref
 
 import pytest
@@ -321,6 +323,51 @@ def test_a_kept_connection_closed_unanswered_sends_a_get_again_but_never_a_post(
         finally:
             server.close()
     asyncio.run(main())
+
+
+def test_a_kept_connection_the_engine_host_closed_while_idle_is_not_used_again():
+    # The engine host closed an idle kept connection and the server's thread has not yet read the
+    # end-of-file (it was busy): the next request must go on a new connection, not fail on that one.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    may_close, closed = threading.Event(), threading.Event()
+
+    def serve():  # each connection: one request answered keep-alive, then closed
+        with listener, contextlib.suppress(OSError):
+            for _ in range(2):
+                connection, _ = listener.accept()
+                with connection:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += connection.recv(65536)
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    may_close.wait(5)
+                closed.set()
+
+    async def ask(pool):
+        upstream = await asyncio.wait_for(pool.send(request_bytes("POST", url, "/", {}, b"")), 5)
+        start_line, _ = await asyncio.wait_for(upstream.head, 5)
+        upstream.relay(lambda piece: None)
+        await asyncio.wait_for(upstream.body_done, 5)
+        return start_line.code
+
+    async def main():
+        pool = UpstreamPool(url)
+        assert await ask(pool) == 200
+        # The engine host closes the kept connection while the server's thread is busy: it does
+        # not run the callback that would read the close.
+        may_close.set()
+        assert closed.wait(5)
+        [kept] = pool._idle
+        assert select.select([kept.transport.get_extra_info("socket")], [], [], 5)[0]  # the close has come
+        assert await ask(pool) == 200  # a POST: on the closed connection it would have failed
+        pool.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    asyncio.run(main())
+    server.join(10)
 
 
 def _relaying_framed(with_head: bytes, *then: bytes):
