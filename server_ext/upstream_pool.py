@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import select
 import ssl
-import time
 from urllib.parse import urlsplit
 
 from .upstream import UpstreamError, UpstreamRequest
@@ -27,17 +26,30 @@ REUSE_WITHIN_S = 4.0
 
 
 class _IdleConnection(asyncio.Protocol):
-    """A kept connection between requests: it leaves the pool when the engine host closes it."""
+    """A kept connection between requests: it leaves the pool when the engine host closes it or,
+    closed by its own timer, when its reuse window ends."""
 
     def __init__(self, pool: UpstreamPool, transport: asyncio.Transport):
         self.pool = pool
         self.transport = transport
-        self.since = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        # Not left to the next request to find expired: after a burst, dozens of idle sockets would
+        # stay open here and on the engine host until traffic came, however long that took.
+        self._expiry = self._loop.call_later(REUSE_WITHIN_S, transport.close)
+
+    @property
+    def expired(self) -> bool:
+        """Past its reuse window (its timer may not have run yet: the loop was busy)."""
+        return self._loop.time() >= self._expiry.when()
+
+    def taken(self) -> None:
+        self._expiry.cancel()
 
     def data_received(self, data: bytes) -> None:
         self.transport.close()  # nothing was asked: what came cannot be an answer to anything
 
     def connection_lost(self, exc) -> None:
+        self._expiry.cancel()
         self.pool.forget(self)
 
 
@@ -79,7 +91,6 @@ class UpstreamPool:
 
     def keep(self, transport: asyncio.Transport) -> None:
         """Takes back the connection of a response that ended cleanly."""
-        self._drop_expired()
         if len(self._idle) >= MAX_IDLE_CONNECTIONS:
             transport.close()
             return
@@ -101,21 +112,16 @@ class UpstreamPool:
 
     def _take_idle(self) -> _IdleConnection | None:
         """The newest idle connection (the least likely to be closed by now), if any."""
-        self._drop_expired()
         while self._idle:
             idle = self._idle.pop()
             if idle.transport.is_closing():  # (it leaves at its connection_lost)
                 continue
-            if _closed_or_spoken(idle.transport):
+            if idle.expired or _closed_or_spoken(idle.transport):
                 idle.transport.close()
                 continue
+            idle.taken()
             return idle
         return None
-
-    def _drop_expired(self) -> None:
-        now = time.monotonic()
-        while self._idle and now - self._idle[0].since >= REUSE_WITHIN_S:
-            self._idle.pop(0).transport.close()
 
 
 def _closed_or_spoken(transport: asyncio.Transport) -> bool:

@@ -22,6 +22,7 @@ from tornado.iostream import StreamClosedError
 from tornado.netutil import bind_sockets
 
 from lightllm_nb.server_ext.upstream import ChunkedDecoder, UpstreamError, UpstreamRequest, request_bytes
+from lightllm_nb.server_ext import upstream_pool
 from lightllm_nb.server_ext.upstream_pool import UpstreamPool
 
 
@@ -368,6 +369,39 @@ def test_a_kept_connection_the_engine_host_closed_while_idle_is_not_used_again()
     server.start()
     asyncio.run(main())
     server.join(10)
+
+
+def test_an_idle_connection_is_closed_when_its_reuse_window_ends_though_no_request_comes(monkeypatch):
+    # After a burst, dozens of idle connections would otherwise stay open (here and on the engine
+    # host) until the next request found them expired.
+    monkeypatch.setattr(upstream_pool, "REUSE_WITHIN_S", 0.2)
+
+    async def main():
+        ended = asyncio.Event()
+
+        async def serve(reader, writer):
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                while True:
+                    await reader.readuntil(b"\r\n\r\n")
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            ended.set()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = UpstreamPool(url)
+        try:
+            upstream = await asyncio.wait_for(pool.send(request_bytes("GET", url, "/", {}, b"")), 5)
+            upstream.relay(lambda piece: None)
+            await asyncio.wait_for(upstream.body_done, 5)
+            assert len(pool._idle) == 1
+            await asyncio.wait_for(ended.wait(), 5)  # the engine host sees it closed, with no traffic
+            await asyncio.sleep(0)
+            assert pool._idle == []
+        finally:
+            pool.close()
+            server.close()
+    asyncio.run(main())
 
 
 def _relaying_framed(with_head: bytes, *then: bytes):
