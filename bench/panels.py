@@ -47,6 +47,7 @@ from lightllm_nb.scheduling.request import Request
 from lightllm_nb.telemetry.events import StepEvent
 from lightllm_nb.telemetry.hub import EventHub
 from lightllm_nb.telemetry.step_rows import batch_rows
+from lightllm_nb.telemetry.step_totals import StepTotals
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_timing import add_model_options, bench_engine, decode_latency  # noqa: E402
@@ -162,6 +163,7 @@ class HostOnlyEngine(StepOutputs):
         self.scheduler = SimpleNamespace(running=[], waiting=[], reclaimable_tokens=0,
                                          pool_view=lambda: SimpleNamespace(free=self.pool.free_tokens))
         self._events, self._step, self._start = EventHub(), 0, time.perf_counter()
+        self._totals, self._batch = StepTotals(), None
         self.context, self._admitted = context, 0
         self.scheduler.running = [self._admit(self.pool.alloc_row()) for _ in range(batch)]
 
@@ -178,6 +180,7 @@ class HostOnlyEngine(StepOutputs):
         items = [(req, 1) for req in running]
         rows = batch_rows(items) if self._events else []
         handover = time.perf_counter() - started
+        self._batch = items  # as Engine._run_step at schedule time (it lets go of the last step's batch here)
         while time.perf_counter() < started + work:
             sum(range(50))
         for req in running:
