@@ -7,7 +7,12 @@ Each size runs `--repeats` times, alternating ours and HF; the table gives media
 spread (slowest run over the median: the issue asks that no run be more than 1.5x the median).
 Beside wall-clock tok/s it gives the process's CPU milliseconds per generated token (all threads,
 the engine's driver thread included): on a machine shared with other jobs, wall time measures the
-load as much as the code, CPU time much less so.
+load as much as the code, CPU time much less so. Each run also gives how long the process's threads
+waited for a CPU that other processes held (Linux schedstat, summed over threads, as a share of the
+run's wall time): a run that waited is no idle-machine figure.
+
+HF's `generate` runs on this (the main) thread, the engine's steps on its driver-loop thread, which
+starts from the same torch thread count (`--threads`).
 """
 
 from __future__ import annotations
@@ -51,31 +56,43 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def ours(engine: Engine, n: int, tokens: int) -> tuple[float, float]:
-    """(tok/s, CPU ms per token)"""
+def cpu_wait_seconds() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (0 where /proc has no schedstat)."""
+    total = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile; no schedstat here
+            pass
+    return total / 1e9
+
+
+def ours(engine: Engine, n: int, tokens: int) -> tuple[float, float, float]:
+    """(tok/s, CPU ms per token, share of the wall time spent waiting for a CPU)"""
     texts = prompts_ids(engine.tokenizer, n)
     ids = [engine.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     sampling = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    t, cpu = time.perf_counter(), process_cpu_seconds()
+    t, cpu, waited = time.perf_counter(), process_cpu_seconds(), cpu_wait_seconds()
     out = engine.generate(prompt_token_ids=ids, sampling=sampling, progress=False)
-    wall, cpu = time.perf_counter() - t, process_cpu_seconds() - cpu
+    wall, cpu, waited = time.perf_counter() - t, process_cpu_seconds() - cpu, cpu_wait_seconds() - waited
     generated = sum(len(c.token_ids) for c in out)
-    return generated / wall, 1e3 * cpu / generated
+    return generated / wall, 1e3 * cpu / generated, waited / wall
 
 
-def hf(model, tokenizer, n: int, tokens: int) -> tuple[float, float]:
-    """(tok/s, CPU ms per token)"""
+def hf(model, tokenizer, n: int, tokens: int) -> tuple[float, float, float]:
+    """(tok/s, CPU ms per token, share of the wall time spent waiting for a CPU)"""
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts_ids(tokenizer, n), return_tensors="pt", padding=True, add_special_tokens=False)
-    t, cpu = time.perf_counter(), process_cpu_seconds()
+    t, cpu, waited = time.perf_counter(), process_cpu_seconds(), cpu_wait_seconds()
     with torch.inference_mode():
         out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
-    wall, cpu = time.perf_counter() - t, process_cpu_seconds() - cpu
+    wall, cpu, waited = time.perf_counter() - t, process_cpu_seconds() - cpu, cpu_wait_seconds() - waited
     generated = (out.shape[1] - batch.input_ids.shape[1]) * n
-    return generated / wall, 1e3 * cpu / generated
+    return generated / wall, 1e3 * cpu / generated, waited / wall
 
 
 def main() -> None:
@@ -98,8 +115,9 @@ def main() -> None:
         # Slowest run's time over the median run's time, per side.
         spread = [a / min(r[0][0] for r in runs), b / min(r[1][0] for r in runs)]
         rows.append((n, a, b, cpu_a, cpu_b, spread))
-        print(f"{n} streams, per run (ours, HF) tok/s | CPU ms/token: "
-              + ", ".join(f"({x[0]:.1f}, {y[0]:.1f} | {x[1]:.1f}, {y[1]:.1f})" for x, y in runs), flush=True)
+        print(f"{n} streams, per run (ours, HF) tok/s | CPU ms/token | waited for a CPU, % of wall: "
+              + ", ".join(f"({x[0]:.1f}, {y[0]:.1f} | {x[1]:.1f}, {y[1]:.1f} | {100 * x[2]:.0f}, {100 * y[2]:.0f})"
+                          for x, y in runs), flush=True)
     print(f"\nSmolLM2-135M (demo, float32) on CPU, {torch.get_num_threads()} threads, {args.tokens} tokens each, "
           f"median of {args.repeats}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"{'streams':>7} {'ours tok/s':>10} {'HF tok/s':>9} {'ratio':>6} {'ours CPU ms/tok':>15} "

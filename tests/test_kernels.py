@@ -5,6 +5,7 @@ interpreter multiplies bfloat16 tl.dot operands as raw 16-bit integers, so the t
 kernels are checked in bfloat16 only by test_kernels_gpu.py; everything else runs all three dtypes.
 """
 
+import importlib
 import math
 
 import pytest
@@ -265,6 +266,38 @@ def test_decode_attention_cpu_matches_the_twin(dtype, case):
     assert out.data_ptr() == step_out.data_ptr()
     torch.testing.assert_close(out.double(), expected.double(), **CPU_ATTENTION_TOL[dtype])
     assert step_out[batch:].isnan().all()
+
+
+@pytest.mark.parametrize("one_thread_elements", [0, 1 << 20])
+def test_decode_attention_cpu_on_either_thread_count_leaves_torchs_count(monkeypatch, one_thread_elements):
+    """Small attention runs on the calling thread alone and gives torch its thread count back; larger
+    attention keeps torch's threads (the threshold lowered to 0 takes that path here); same results."""
+    # The package re-exports the function under the module's name: fetch the module itself.
+    module = importlib.import_module("lightllm_nb.kernels.decode_attention_cpu")
+    monkeypatch.setattr(module, "ONE_THREAD_ELEMENTS", one_thread_elements)
+    threads_inside = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        threads_inside.append(torch.get_num_threads())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    num_q_heads, num_kv_heads, head_dim, kv_lens, _ = DECODE_CASES[1]
+    gen = _gen(190)
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, num_kv_heads, head_dim, torch.float64)
+    _, q, _, _ = _fused_qkv(gen, len(kv_lens), num_q_heads, num_kv_heads, head_dim, torch.float64)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    args = (q, k_cache, v_cache, req_to_token, req_rows, lens, 1 / math.sqrt(head_dim))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        out = module.decode_attention_cpu(*args, max_kv_len=max(kv_lens))
+        assert torch.get_num_threads() == 2
+        assert threads_inside == [1 if one_thread_elements else 2]
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, decode_attention_torch(*args), **CPU_ATTENTION_TOL[torch.float64])
 
 
 @pytest.mark.parametrize("case", range(len(DECODE_CASES)))
