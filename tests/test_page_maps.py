@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from lightllm_nb.kv.kv_pool import CACHED, SHARED, KVPool
-from lightllm_nb.telemetry.page_maps import BLOCK_SHIFT, PageMapCopier
+from lightllm_nb.kv.page_maps import BLOCK_SHIFT, PageMapCopier
 
 BLOCK = 1 << BLOCK_SHIFT
 

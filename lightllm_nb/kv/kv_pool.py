@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..models.kv_buffers import KVBuffers
-from ..telemetry.page_maps import BLOCK_SHIFT, PageMap, PageMapCopier
+from .page_maps import BLOCK_SHIFT, PageMap, PageMapCopier
 
 FREE = -1
 CACHED = -2  # holds prefix-cache tokens that no running request uses: reclaimable

@@ -5,7 +5,7 @@ A slow reader loses its oldest events (counted in `dropped`), it never slows a s
 is copied (int32, one entry per page) at most once per step, only on steps where a subscriber
 that asked for it is due one: at most PAGE_MAPS_PER_SECOND a reader, and for a rate-capped one once
 per gap (see `EventSubscription.wants_map`); an engine's copy takes only the blocks of pages that
-changed (page_maps.py). What an event leaves for readers to
+changed (kv/page_maps.py). What an event leaves for readers to
 build (its rows and KV holders: step_rows.py; the joined page map) is built on the thread of the
 first reader that takes it, into the event, for every reader.
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from .events import StepEvent
 from .mailbox import Mailbox, MailboxClosed
-from .page_maps import PageMap
+from ..kv.page_maps import PageMap
 from .step_rows import BuiltOnRead
 
 PAGE_MAPS_PER_SECOND = 20
