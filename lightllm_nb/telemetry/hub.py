@@ -163,9 +163,12 @@ class EventSubscription:
             return [first]
 
     def _map_due(self, batch: list[StepEvent]) -> bool:
-        """A rate-capped reader of pages whose queued steps all came without a map: it is due now, so
-        a step brings one (see `wants_map`) if its source has one; wait up to a gap for that step."""
-        return self._gap is not None and self.pages and all(event.page_owner is None for event in batch)
+        """A rate-capped reader of pages whose newest queued step came without a map: it is due now, so
+        a step brings one (see `wants_map`) if its source has one; wait up to a gap for that step. Not
+        only when every queued step lacks one: a map for this gap can come on a step that more steps
+        followed before the reader took them, and showing that one leaves the newest state unshown
+        for good when no step follows (a burst that ends)."""
+        return self._gap is not None and self.pages and batch[-1].page_owner is None
 
     def _with_map_now(self, event: StepEvent) -> StepEvent:
         """`event`, the newest step, with the page map as it is now: no step followed it within a gap
