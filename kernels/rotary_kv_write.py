@@ -93,14 +93,15 @@ def rotary_kv_write_torch(q, k, v, positions, cos, sin, k_cache, v_cache, slots)
     # index_select / index_copy_ rather than indexing: on the CPU path (this twin is the kernel there)
     # `cache[slots] = ...` forks an OpenMP region for a few KB, which waits on a sleeping worker
     # (25-44 us a write on 2 threads against 4 us), and the result is the same bits.
-    c = cos.index_select(0, positions.long()).to(compute).unsqueeze(1)
-    s = sin.index_select(0, positions.long()).to(compute).unsqueeze(1)
+    positions = positions.to(cos.device, torch.long)  # index_select, unlike indexing, wants them beside cos
+    c = cos.index_select(0, positions).to(compute).unsqueeze(1)
+    s = sin.index_select(0, positions).to(compute).unsqueeze(1)
 
     def rotated(x):
         x1, x2 = x[..., :half].to(compute), x[..., half:].to(compute)
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
     q.copy_(rotated(q))
-    index = slots.long()
+    index = slots.to(k_cache.device, torch.long)
     k_cache.index_copy_(0, index, rotated(k).to(k_cache.dtype))
     v_cache.index_copy_(0, index, v.to(v_cache.dtype))
