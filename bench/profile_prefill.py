@@ -2,14 +2,18 @@
 alone, the GPU time of its kernels, and how long the host takes to launch them (a forward that
 the host launches slower than the GPU runs it is launch-bound, and a fixed cost per prompt).
 
-    python bench/profile_prefill.py --tokenizer DIR [--shape llama-1b] [--lengths 512 2048 8192]
+    python bench/profile_prefill.py --tokenizer DIR [--shape llama-1b] [--lengths 512 2048 8192] [--cprofile]
 
 CUDA only (GPU time comes from CUDA events and torch.profiler's CUDA activity). Prints a table
-last, then the kernels of the longest prompt's forward by GPU time.
+last, then the kernels of the longest prompt's forward by GPU time. --cprofile adds the host's
+Python profile (cProfile, by own time) of the longest prompt's forward and of its request through
+`engine.generate` (the driver loop's path), which is where a launch-bound prefill's time goes.
 """
 
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -70,9 +74,44 @@ def prefill_parts(engine: Engine, length: int, repeats: int = 5) -> tuple[dict, 
             "launch_ms": med(launch_ms), "kernels_ms": kernels_us / 1e3, "kernels": launches}, prof
 
 
+def host_profile(engine: Engine, length: int, repeats: int = 5) -> None:
+    """Print cProfile's top functions (own time) for the forward alone and for whole requests."""
+    rng = np.random.default_rng(length + 1)
+    rid = engine.add_request(prompt_token_ids=rng.integers(0, 30000, length).tolist(),
+                             sampling=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    batch_t, _, _ = engine.runner.prepare(engine.scheduler.schedule().items)
+    engine.model.forward(batch_t, engine.pool.buffers)
+    torch.cuda.synchronize()
+    forward = cProfile.Profile()
+    for _ in range(repeats):
+        forward.runcall(engine.model.forward, batch_t, engine.pool.buffers)
+        torch.cuda.synchronize()
+    engine.abort(rid)
+    engine.step()
+    one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    prompts = [rng.integers(0, 30000, length).tolist() for _ in range(repeats + 1)]
+    engine.generate(prompt_token_ids=prompts[:1], sampling=one_token, progress=False)
+    # The driver loop's thread runs the engine: its profiler is switched on and off from inside it.
+    caller, driver, loop = cProfile.Profile(), cProfile.Profile(), engine.driver()
+    loop.call(driver.enable).result()
+    walls = []
+    for prompt in prompts[1:]:
+        t = time.perf_counter()
+        caller.runcall(engine.generate, prompt_token_ids=[prompt], sampling=one_token, progress=False)
+        walls.append((time.perf_counter() - t) * 1e3)
+    loop.call(driver.disable).result()
+    print(f"\nengine.generate, one {length}-token prompt, max_tokens=1: " + " ".join(f"{w:.2f}" for w in walls) + " ms")
+    for name, prof in ((f"model.forward, {length} tokens", forward),
+                       (f"engine.generate, {length} tokens: the driver loop's thread", driver),
+                       (f"engine.generate, {length} tokens: the caller's thread", caller)):
+        print(f"\n=== host profile: {name}, {repeats} runs (own time) ===")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     parser = shape_arguments()
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--cprofile", action="store_true", help="also the host's Python profile of the longest prompt")
     args = parser.parse_args()
     engine = random_engine(args, "profile_prefill.py")
     rows, prof = [], None
@@ -80,6 +119,8 @@ def main() -> None:
         parts, prof = prefill_parts(engine, length)
         rows.append((length, parts))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    if args.cprofile:
+        host_profile(engine, max(args.lengths))
     print(f"{torch.cuda.get_device_name()} | {args.shape} | one prompt's prefill, milliseconds (median of 5)")
     print(f"{'tokens':>6} {'request':>8} {'forward':>8} {'GPU':>8} {'kernels':>8} {'launch':>8} {'#kern':>6} {'tok/s':>8}")
     for length, p in rows:
