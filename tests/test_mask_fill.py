@@ -1,7 +1,8 @@
 """The host side of a constrained step (engine/mask_fill.py, engine/grammar.py): matchers advanced
 and bitmask rows filled in chunks on several threads give the masks of one matcher at a time; a
 JSON schema's or regex's matcher moved by token texts gives the masks it gives moved by token ids;
-the reused bitmask buffer allows every token in the rows no grammar fills; a refused token is an error."""
+the reused bitmask buffer flags exactly the rows grammars fill; a padded vocabulary's ids are
+forbidden in constrained rows only; a refused token is an error."""
 
 import concurrent.futures
 import random
@@ -23,6 +24,7 @@ xgr = pytest.importorskip("xgrammar")
 
 PHONE = r"\(\d{3}\) \d{3}-\d{4}( ext\. \d{1,4})?"
 VOCAB = 49152 + 64  # wider than the tokenizer, as a model's padded vocabulary is
+TOKENIZER_VOCAB = 49152  # the demo tokenizer's ids: the grammars' width (grammar_width)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +35,14 @@ def compiler(demo_tokenizer):
 
 
 def allowed_ids(bitmask_row: torch.Tensor) -> set[int]:
-    bits = np.unpackbits(bitmask_row.numpy().view(np.uint8), bitorder="little")[:VOCAB]
+    bits = np.unpackbits(bitmask_row.numpy().view(np.uint8), bitorder="little")[:TOKENIZER_VOCAB]
     return set(np.flatnonzero(bits).tolist())
 
 
 def random_walk(compiled, steps: int, rng: random.Random) -> list[int]:
     """Tokens a matcher accepts, each drawn among those its mask allows."""
     matcher = xgr.GrammarMatcher(compiled)
-    bitmask = xgr.allocate_token_bitmask(1, VOCAB)
+    bitmask = xgr.allocate_token_bitmask(1, TOKENIZER_VOCAB)
     tokens = []
     for _ in range(steps):
         matcher.fill_next_token_bitmask(bitmask)
@@ -50,6 +52,11 @@ def random_walk(compiled, steps: int, rng: random.Random) -> list[int]:
         tokens.append(rng.choice(allowed))
         assert matcher.accept_token(tokens[-1])
     return tokens
+
+
+def test_grammars_cover_the_tokenizers_ids_not_the_padded_logits(compiler):
+    compiler.compile(SamplingParams(regex=PHONE).constraint).result()
+    assert compiler.grammar_vocab == TOKENIZER_VOCAB
 
 
 def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
@@ -67,7 +74,7 @@ def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
     filler = MaskFiller(max_threads=4)
     assert len(filler.chunks_for(rows)) == 6 and MaskFiller(max_threads=1).chunks_for(rows) == [range(rows)]
     placed = rng.sample(range(rows + 7), rows)  # rows land anywhere in a wider batch
-    bitmask = torch.zeros(xgr.get_bitmask_shape(rows + 7, VOCAB), dtype=torch.int32)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(rows + 7, TOKENIZER_VOCAB), dtype=torch.int32)
     refused = filler.run(matchers, [w[len(w) - k:] for w, k in zip(walks, behind)], bitmask, placed)
     filler.close()
 
@@ -75,7 +82,7 @@ def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
     for walk, row in zip(walks, placed):
         alone = xgr.GrammarMatcher(compiled)
         assert all(alone.accept_token(t) for t in walk)
-        expected = xgr.allocate_token_bitmask(1, VOCAB)
+        expected = xgr.allocate_token_bitmask(1, TOKENIZER_VOCAB)
         alone.fill_next_token_bitmask(expected)
         assert torch.equal(bitmask[row], expected[0])
 
@@ -85,7 +92,7 @@ def test_a_refused_token_is_reported_and_its_row_left_alone(compiler):
     digit = compiler._tokenizer.encode("7", add_special_tokens=False)[0]
     paren = compiler._tokenizer.encode("(", add_special_tokens=False)[0]
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(2)]
-    bitmask = torch.zeros(xgr.get_bitmask_shape(2, VOCAB), dtype=torch.int32)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(2, TOKENIZER_VOCAB), dtype=torch.int32)
     assert MaskFiller(max_threads=1).run(matchers, [[paren], [digit]], bitmask, [0, 1]) == [1]
     assert bitmask[0].any() and not bitmask[1].any()
 
@@ -102,7 +109,7 @@ def test_a_text_level_matcher_moved_by_token_texts_gives_the_masks_of_token_ids(
     assert compiled.text_level
     texts = compiler._token_texts
     rng = random.Random(len(constraint[1]))
-    by_id_mask, by_text_mask = (xgr.allocate_token_bitmask(1, VOCAB) for _ in range(2))
+    by_id_mask, by_text_mask = (xgr.allocate_token_bitmask(1, TOKENIZER_VOCAB) for _ in range(2))
     for _ in range(4):
         by_id, by_text = xgr.GrammarMatcher(compiled.grammar), xgr.GrammarMatcher(compiled.grammar)
         for _ in range(80):
@@ -140,7 +147,7 @@ def test_refusals_among_threaded_chunks_name_their_rows(compiler):
     rows = 3 * ROWS_PER_CHUNK
     wrong = {1, ROWS_PER_CHUNK + 3, rows - 1}  # in the first, second and last chunk
     tokens = [[digit] if i in wrong else [paren] for i in range(rows)]
-    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, TOKENIZER_VOCAB), dtype=torch.int32)
     filler = MaskFiller(max_threads=3)
     refused = filler.run([xgr.GrammarMatcher(compiled) for _ in range(rows)], tokens, bitmask, list(range(rows)))
     filler.close()
@@ -157,7 +164,7 @@ def test_mask_consumes_noted_tokens_and_a_refused_one_names_its_request(compiler
     for t in tokenizer.encode("(555) 12", add_special_tokens=False):
         requests[0].grammar.accept(t)
     mask = compiler.mask(requests)
-    assert mask.rows == [0, 1] and (mask.bitmask[2] == -1).all()  # unconstrained: every token
+    assert mask.rows == [0, 1] and mask.flags.tolist() == [1, 1, 0]  # row 2 unconstrained: left alone
     digits = {tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)}
     allowed = allowed_ids(mask.bitmask[0])
     assert digits <= allowed and tokenizer.encode("(", add_special_tokens=False)[0] not in allowed
@@ -182,16 +189,17 @@ def test_a_stop_token_is_consumed_at_once(compiler, demo_tokenizer):
         early.accept(demo_tokenizer.eos_token_id)
 
 
-def test_the_reused_buffer_allows_every_token_outside_the_filled_rows():
+def test_the_reused_buffer_flags_exactly_the_filled_rows_and_keeps_its_layout():
     buffer = BitmaskBuffer(words=5, pinned=False)
-    first = buffer.rows(3, [1])
-    assert (first[[0, 2]] == -1).all()
-    first.zero_()  # as if filled by grammars that allow nothing
-    second = buffer.rows(6, [0, 4])  # grows: a new buffer
-    third = buffer.rows(6, [4])
-    assert (third[[0, 1, 2, 3, 5]] == -1).all() and third.data_ptr() == second.data_ptr()
-    third.zero_()
-    assert (buffer.rows(2, [1])[0] == -1).all() and (buffer.rows(2, [1])[1] == 0).all()
+    whole, flags, bits = buffer.rows(3, [1])
+    assert flags.tolist() == [0, 1, 0] and bits.shape == (3, 5) and whole.numel() == 3 * 6
+    # One region: the flags first, then the rows (one upload carries both).
+    assert flags.data_ptr() == whole.data_ptr() and bits.data_ptr() == whole.data_ptr() + 3 * 4
+    bits.fill_(7)
+    whole2, flags2, bits2 = buffer.rows(6, [0, 4])  # grows: a new buffer
+    assert flags2.tolist() == [1, 0, 0, 0, 1, 0]
+    whole3, flags3, bits3 = buffer.rows(6, [4])  # the same buffer again, old flags cleared
+    assert flags3.tolist() == [0, 0, 0, 0, 1, 0] and whole3.data_ptr() == whole2.data_ptr()
 
 
 @pytest.mark.parametrize("vocab", [100, 128, 130])
@@ -200,13 +208,30 @@ def test_allowed_counts_are_each_rows_allowed_tokens(vocab):
     from lightllm_nb.sampling_params import allowed_token_count
 
     buffer = BitmaskBuffer(words=-(-vocab // 32), pinned=False)
-    bits = buffer.rows(5, [0, 2, 3])
+    mask = TokenMask(buffer, [0, 2, 3], 5, vocab)
+    bits = mask.bitmask
     bits.copy_(torch.randint(-2**31, 2**31, bits.shape, generator=torch.Generator().manual_seed(vocab),
                              dtype=torch.int64).to(torch.int32))
     bits[3] = -1  # every token, and the bits past the vocabulary, set
-    mask = TokenMask(buffer, bits, [0, 2, 3], vocab)
     assert mask.allowed_counts() == {i: allowed_token_count(bits[i], vocab) for i in (0, 2, 3)}
     assert mask.allowed_counts()[3] == vocab
+
+
+def test_a_padded_vocabularys_ids_are_forbidden_in_constrained_rows_only():
+    """The grammar covers the tokenizer's ids; logits wider than that (a padded model) get -inf
+    past it in constrained rows, and unconstrained rows keep every logit, on the CPU path."""
+    from lightllm_nb.engine.grammar import TokenMask
+
+    grammar_vocab, width = 70, 96
+    buffer = BitmaskBuffer(words=-(-grammar_vocab // 32), pinned=False)
+    mask = TokenMask(buffer, [1], 3, grammar_vocab)
+    mask.bitmask[1] = 0
+    mask.bitmask[1, 0] = 0b1010  # ids 1 and 3 allowed
+    mask.bitmask[[0, 2]] = 0  # unconstrained rows: their bits are never read
+    logits = torch.randn(3, width, generator=torch.Generator().manual_seed(1))
+    masked = mask.apply(logits.clone())
+    assert torch.equal(masked[[0, 2]], logits[[0, 2]])
+    assert masked[1].isfinite().nonzero().flatten().tolist() == [1, 3]
 
 
 def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
@@ -218,7 +243,7 @@ def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
     release = threading.Event()
     filler._helpers = concurrent.futures.ThreadPoolExecutor(1)
     filler._helpers.submit(release.wait)  # the helper is stuck until the call is over
-    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, VOCAB), dtype=torch.int32)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, TOKENIZER_VOCAB), dtype=torch.int32)
     result = []
     caller = threading.Thread(target=lambda: result.append(filler.run(
         [xgr.GrammarMatcher(compiled) for _ in range(rows)], [[]] * rows, bitmask, list(range(rows)))))

@@ -62,22 +62,25 @@ def test_unconstrained_rows_keep_their_tokens_and_overlap(engine):
 def test_the_reused_bitmask_reaches_the_mask_kernel_intact():
     """Each step's bitmask is refilled in the same pinned buffer and copied on a stream of its own
     while the compute stream is still busy with earlier steps: every step's mask kernel must see
-    its own step's bits, never a later step's (in the host buffer or in a reused device block)."""
-    import xgrammar as xgr
-
+    its own step's bits and flags, never a later step's (in the host buffer or in a reused device
+    block). The grammar covers 49,152 ids of 128,256 logits (the 1B benchmark shape's padding)."""
+    from lightllm_nb.engine.grammar import TokenMask
     from lightllm_nb.engine.mask_fill import BitmaskBuffer
+    from lightllm_nb.kernels import apply_token_mask_torch
 
-    steps, batch, vocab = 4, 128, 128256
-    buffer = BitmaskBuffer(words=-(-vocab // 32), pinned=True)
+    steps, batch, vocab, grammar_vocab = 4, 128, 128256, 49152
+    buffer = BitmaskBuffer(words=-(-grammar_vocab // 32), pinned=True)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(steps, batch, vocab, generator=gen)
     on_gpu = logits.cuda()
     expected = logits.clone()
     torch.cuda.synchronize()
     for step in range(steps):
-        host = buffer.rows(batch, range(batch))
-        host.copy_(torch.randint(-2**31, 2**31, host.shape, generator=gen, dtype=torch.int64).to(torch.int32))
-        xgr.apply_token_bitmask_inplace(expected[step], host.clone(), vocab_size=vocab)
+        rows = torch.randperm(batch, generator=gen)[:batch // 2 + step].tolist()
+        mask = TokenMask(buffer, rows, batch, grammar_vocab)
+        mask.bitmask.copy_(torch.randint(-2**31, 2**31, mask.bitmask.shape, generator=gen,
+                                         dtype=torch.int64).to(torch.int32))
+        apply_token_mask_torch(expected[step], mask.bitmask.clone(), mask.flags.clone(), grammar_vocab)
         torch.cuda._sleep(20_000_000)  # a long "forward" on the compute stream
-        xgr.apply_token_bitmask_inplace(on_gpu[step], buffer.upload(host, on_gpu.device), vocab_size=vocab)
+        mask.apply(on_gpu[step])
     assert torch.equal(on_gpu.cpu(), expected)

@@ -61,6 +61,8 @@ class GrammarCompiler:
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device,
                  mask_threads: int | None = None, rows_per_chunk: int = ROWS_PER_CHUNK):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
+        # The grammars' width: the tokenizer's ids only (grammar_width), known with the first compile.
+        self.grammar_vocab: int | None = None
         self.device = torch.device(device)
         self._mask_threads = mask_threads  # None: from torch's thread count at the first mask
         self._rows_per_chunk = rows_per_chunk
@@ -92,7 +94,8 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         if self._xgr_compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+            self.grammar_vocab = grammar_width(self._tokenizer, self.vocab_size)
+            info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.grammar_vocab,
                                                       stop_token_ids=self._stop_token_ids)
             self._token_texts = token_texts(info)
             self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2)
@@ -112,8 +115,8 @@ class GrammarCompiler:
             # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
             threads = self._mask_threads or max(1, min(8, torch.get_num_threads()))
             self._filler = MaskFiller(threads, self._rows_per_chunk)
-            self._bitmask = BitmaskBuffer(words_per_row(self.vocab_size), pinned=self.device.type == "cuda")
-        mask = TokenMask(self._bitmask, self._bitmask.rows(len(requests), constrained), constrained, self.vocab_size)
+            self._bitmask = BitmaskBuffer(words_per_row(self.grammar_vocab), pinned=self.device.type == "cuda")
+        mask = TokenMask(self._bitmask, constrained, len(requests), self.grammar_vocab)
         grammars = [requests[i].grammar for i in constrained]
         matchers = [g.matcher for g in grammars]
         texts = self._token_texts  # set before any grammar was ready
@@ -144,6 +147,16 @@ class GrammarCompiler:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._filler is not None:
             self._filler.close()
+
+
+def grammar_width(tokenizer, logits_width: int) -> int:
+    """How many ids the grammars cover: the tokenizer's (its highest id + 1), at most the logits'.
+    Not the logits' width: a padded vocabulary's extra ids are special ids to xgrammar, and every
+    one of them costs each accept and each mask fill (the 1B benchmark shape pads a 49k tokenizer
+    to 128k: ~40x a free string's fill); they are forbidden in constrained rows when the mask is
+    applied instead."""
+    highest = max(tokenizer.get_vocab().values(), default=-1)
+    return min(logits_width, max(len(tokenizer), highest + 1))
 
 
 def words_per_row(vocab_size: int) -> int:
@@ -202,14 +215,16 @@ class RequestGrammar:
 
 
 class TokenMask:
-    """The batch's allowed tokens: one bitmask row per sampling row, filled on the host for the
-    constrained rows only (by GrammarCompiler.mask), applied on the device in one kernel (xgrammar's).
+    """The batch's allowed tokens: a flag per sampling row (constrained or not) and a bitmask row at
+    the grammar's vocabulary width, filled on the host for the constrained rows only (by
+    GrammarCompiler.mask), applied on the device in one kernel (kernels/token_mask.py), which also
+    forbids the ids past the grammar's vocabulary (a padded model's) in constrained rows.
     Valid until the next mask is built: they share one host buffer."""
 
-    def __init__(self, buffer: BitmaskBuffer, bitmask: torch.Tensor, rows: list[int], vocab_size: int):
-        self.vocab_size = vocab_size
+    def __init__(self, buffer: BitmaskBuffer, rows: list[int], batch: int, grammar_vocab: int):
+        self.grammar_vocab = grammar_vocab
         self.rows = rows
-        self.bitmask = bitmask
+        self._whole, self.flags, self.bitmask = buffer.rows(batch, rows)
         self._buffer = buffer
 
     def allowed_counts(self) -> dict[int, int]:
@@ -217,7 +232,7 @@ class TokenMask:
         One popcount over the constrained rows: unpacking bits row by row took 23 ms at batch 128
         and a 128k vocabulary, on the step thread of any engine with a listener."""
         words = self.bitmask.numpy()[self.rows].view(np.uint32)  # a copy: its padding can be cleared
-        tail_bits = self.vocab_size - 32 * (words.shape[1] - 1)
+        tail_bits = self.grammar_vocab - 32 * (words.shape[1] - 1)
         words[:, -1] &= np.uint32((1 << tail_bits) - 1)  # the last word's bits past the vocabulary
         # 64-bit words, where a row has an even number of 32-bit ones, halve the work.
         counts = np.bitwise_count(words.view(np.uint64) if words.shape[1] % 2 == 0 else words).sum(axis=1)
@@ -225,15 +240,17 @@ class TokenMask:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set disallowed logits to -inf, in place on the constrained rows."""
+        if logits.device.type == "cuda":
+            from ..kernels import apply_token_mask
+
+            on_device = self._buffer.upload(self._whole, logits.device)
+            batch = self.flags.shape[0]
+            return apply_token_mask(logits, on_device[batch:].view(batch, -1), on_device[:batch], self.grammar_vocab)
         import xgrammar as xgr
 
-        if logits.device.type == "cuda":
-            # Every row, in one kernel: unconstrained rows' bits are all set, and a list of row
-            # indices would travel from pageable memory, which makes the host wait for the forward.
-            bitmask = self._buffer.upload(self.bitmask, logits.device)
-            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size)
-            return logits
         if logits.dtype != torch.float32:
             logits = logits.float()  # xgrammar's CPU kernel takes float32 only
-        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.vocab_size, indices=self.rows)
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, vocab_size=self.grammar_vocab, indices=self.rows)
+        if logits.shape[1] > self.grammar_vocab:  # a padded vocabulary's ids: never in a grammar
+            logits[self.rows, self.grammar_vocab:] = float("-inf")
         return logits

@@ -119,45 +119,48 @@ class MaskFiller:
 
 
 class BitmaskBuffer:
-    """The host side of each step's bitmask: one buffer, reused step after step, pinned on CUDA so
-    that its upload does not wait for the forward.
+    """The host side of each step's mask: a flag per row (1: constrained) followed by the rows'
+    bitmask, in one buffer reused every step, pinned on CUDA so that its upload (one copy for both)
+    does not wait for the forward. Only constrained rows' bits are ever read: the others are left
+    as they were.
 
     Not a fresh torch.full per step: from 32k words up (a batch of 8 rows at a 128k vocabulary)
     torch fills in parallel on its OpenMP threads, which wakes all of them (16 on the H200 host) and
     leaves them spinning on the cores the mask threads need; on this 2-core box that fill alone
-    took 17 ms for 32 rows. Here numpy resets, on the calling thread, only the rows no grammar fills.
+    took 17 ms for 32 rows.
     """
 
     def __init__(self, words: int, pinned: bool):
         self.words = words
         self.pinned = pinned
-        self._host = torch.empty((0, words), dtype=torch.int32)
+        self._host = torch.empty(0, dtype=torch.int32)
         self._read: torch.cuda.Event | None = None  # recorded behind the latest upload
         self._stream: torch.cuda.Stream | None = None  # the uploads' own (CUDA only)
 
-    def rows(self, batch: int, filled: Sequence[int]) -> torch.Tensor:
-        """A [batch, words] view whose rows other than `filled` allow every token (every bit set);
-        the caller fills the `filled` rows."""
+    def rows(self, batch: int, filled: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(whole, flags [batch], bitmask [batch, words]): views of one region, `whole`; flags set
+        for the `filled` rows, which the caller fills in the bitmask."""
         if self._read is not None:
             self._read.synchronize()  # the previous upload has read the buffer (long done, normally)
-        if batch > len(self._host):
-            self._host = torch.empty((max(batch, 2 * len(self._host)), self.words), dtype=torch.int32,
-                                     pin_memory=self.pinned)
-        view = self._host[:batch]
-        free = np.ones(batch, dtype=bool)
-        free[list(filled)] = False
-        view.numpy()[free] = -1
-        return view
+        size = batch * (self.words + 1)
+        if size > len(self._host):
+            self._host = torch.empty(max(size, 2 * len(self._host)), dtype=torch.int32, pin_memory=self.pinned)
+        whole = self._host[:size]
+        flags = whole[:batch]
+        flags_np = flags.numpy()
+        flags_np[:] = 0
+        flags_np[list(filled)] = 1
+        return whole, flags, whole[batch:].view(batch, self.words)
 
-    def upload(self, view: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """`view` on the CUDA device, for work queued from now on the current stream. The copy runs
+    def upload(self, whole: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """`whole` on the CUDA device, for work queued from now on the current stream. The copy runs
         on a stream of its own, beside the forward already queued (up to 2 MB at batch 128 and a
         128k vocabulary: tens of microseconds on the copy engine instead of in the step)."""
         if self._read is None:
             self._read = torch.cuda.Event()
             self._stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._stream):
-            on_device = view.to(device, non_blocking=True)
+            on_device = whole.to(device, non_blocking=True)
             self._read.record(self._stream)
         computing = torch.cuda.current_stream(device)
         computing.wait_event(self._read)
