@@ -44,18 +44,15 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
         engine.step()
     check_full_batch(engine, batch)
-    parts = {"schedule": [], "prepare": [], "forward": [], "sample": [], "step": [], "overlapped": []}
+    parts = {"schedule": [], "prepare + forward": [], "sample": [], "step": [], "overlapped": []}
     engine.overlap = False  # the breakdown below is of a plain step
     runner = engine.runner
     for _ in range(steps):
         # Instrumented copy of Engine.step's work, each piece synchronized.
         sched, t = timed(engine.scheduler.schedule)
         parts["schedule"].append(t)
-        (batch_t, reqs, _), t = timed(lambda: runner.prepare(sched.items))
-        parts["prepare"].append(t)
-        logits, t = timed(lambda: runner.graphs.run(batch_t)[batch_t.logits_index]
-                          if runner.graphs and runner.graphs.fits(batch_t) else engine.model.forward(batch_t, engine.pool.buffers))
-        parts["forward"].append(t)
+        (logits, reqs, _), t = timed(lambda: runner.run(sched.items))
+        parts["prepare + forward"].append(t)
         sampled, t = timed(lambda: engine.sampler.sample(logits, [r.sampler for r in reqs]))
         parts["sample"].append(t)
         for req, n in sched.items:
@@ -64,9 +61,7 @@ def profile(engine: Engine, batch: int, context: int, steps: int = 20) -> dict:
             req.token_ids.append(sampled.token_ids[i])
         _, t = timed(engine.step)
         parts["step"].append(t)
-    in_graph = runner.graphs and runner.graphs.fits(batch_t)
-    forward_kernels, _, _ = count_kernels(lambda: runner.graphs.run(batch_t) if in_graph
-                                          else engine.model.forward(batch_t, engine.pool.buffers))
+    forward_kernels, _, _ = count_kernels(lambda: runner.run(sched.items))
     step_kernels, _, _ = count_kernels(engine.step)
     engine.overlap = True  # steady-state time of an overlapped step: wall time between steps
     engine.step()
@@ -120,7 +115,7 @@ def random_engine(args: argparse.Namespace, tool: str) -> Engine:
 
 def main() -> None:
     engine = random_engine(shape_arguments().parse_args(), "profile_step.py")
-    columns = ("schedule", "prepare", "forward", "sample", "step", "overlapped", "kernels/step", "kernels/fwd")
+    columns = ("schedule", "prepare + forward", "sample", "step", "overlapped", "kernels/step", "kernels/fwd")
     print("milliseconds per decode step, and device operations per step and per forward "
           f"({engine.config.num_layers} layers)")
     print(f"{'batch':>5} {'ctx':>5} " + " ".join(f"{k:>12}" for k in columns))
@@ -145,10 +140,9 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
         engine.step()
     check_full_batch(engine, batch)
     sched = engine.scheduler.schedule()
-    batch_t, _, _ = engine.runner.prepare(sched.items)
     graphs = engine.runner.graphs
-    run = (lambda: graphs.run(batch_t)) if graphs and graphs.fits(batch_t) else \
-        (lambda: engine.model.forward(batch_t, engine.pool.buffers))
+    in_graph = graphs is not None and graphs.fits(sched.items)
+    run = lambda: engine.runner.run(sched.items)  # noqa: E731  (inputs written and copied, then the forward)
     run()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,7 +153,7 @@ def kernel_table(engine: Engine, batch: int, context: int) -> None:
     torch.cuda.synchronize()
     launches, kernels_us, prof = count_kernels(run)
     print(f"decode forward, batch {batch}, context {context}: {start.elapsed_time(end) / 10 * 1e3:.0f} us per "
-          f"forward ({'graph' if graphs and graphs.fits(batch_t) else 'eager'}), of which kernels "
+          f"forward ({'graph' if in_graph else 'eager'}), of which kernels "
           f"{kernels_us:.0f} us in {launches:.0f} kernels ({launches / engine.config.num_layers:.1f} per layer); "
           "per kernel over 3 forwards:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=16, max_name_column_width=60))

@@ -23,11 +23,12 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             from .cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, pool, max_batch, progress)
+            self.graphs = DecodeGraphs(model, pool, max_batch, self.last_tokens, progress)
 
     def prepare(self, items: list[tuple[Request, int]]) -> tuple[ForwardBatch, list[Request], torch.Tensor]:
-        """Flat tensors for this step, the requests that sample a token after it (in logits order)
-        and their rows of req_to_token (on the device).
+        """Flat tensors for a step run eagerly (prefill, or more rows than the CUDA graphs hold), the
+        requests that sample a token after it (in logits order) and their rows of req_to_token (on
+        the device).
 
         Also maps each new token's position to its slot in req_to_token, on the device, in one
         scatter: the kernels only ever look slots up there.
@@ -80,9 +81,9 @@ class ModelRunner:
 
     def run(self, items: list[tuple[Request, int]]) -> tuple[torch.Tensor, list[Request], torch.Tensor]:
         """Launch the step; returns logits (still being computed), the sampling requests and their rows."""
+        if self.graphs is not None and self.graphs.fits(items):
+            return self.graphs.run(items)
         batch, samplers, sample_rows = self.prepare(items)
-        if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.run(batch)[batch.logits_index], samplers, sample_rows
         return self.model.forward(batch, self.pool.buffers), samplers, sample_rows
 
     def remember_tokens(self, sample_rows: torch.Tensor, tokens: torch.Tensor) -> None:
