@@ -15,8 +15,10 @@ Prints JSON lines, and a table last.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -86,10 +88,10 @@ def gpu_idle_ms(prof, steps: int) -> tuple[float, float]:
 
 
 def measure(engine: Engine, clock: PhaseClock, batch: int, context: int, sampling: SamplingParams,
-            steps: int) -> dict:
+            steps: int, profile_host: bool = False) -> dict:
     rng = np.random.default_rng(batch)
     prefill_steps = -(-batch * context // engine.scheduler.max_batch_tokens) + batch
-    sampling = dataclasses.replace(sampling, max_tokens=prefill_steps + 2 * steps + 60)
+    sampling = dataclasses.replace(sampling, max_tokens=prefill_steps + 3 * steps + 60)
     rids = [engine.add_request(prompt_token_ids=rng.integers(0, 30000, context).tolist(), sampling=sampling)
             for _ in range(batch)]
     while engine.scheduler.waiting or any(r.num_computed < r.num_prompt for r in engine.scheduler.running):
@@ -116,6 +118,14 @@ def measure(engine: Engine, clock: PhaseClock, batch: int, context: int, samplin
                 engine.step()
             torch.cuda.synchronize()
         row["gpu_busy_ms"], row["gpu_idle_ms"] = gpu_idle_ms(prof, steps)
+        if profile_host:
+            print(f"\n=== batch {batch}: torch ops by self CPU time, {steps} steps ===")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
+    if profile_host:
+        host = cProfile.Profile()
+        host.runcall(lambda: [engine.step() for _ in range(steps)])
+        print(f"\n=== batch {batch}: the step's Python by own time (cProfile), {steps} steps ===")
+        pstats.Stats(host).sort_stats("tottime").print_stats(30)
     check_full_batch(engine, batch)
     for rid in rids:
         engine.abort(rid)
@@ -130,6 +140,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--json", action="store_true", help="also time every request under a JSON schema")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="also print each row's torch ops by CPU time and its Python profile (cProfile)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp)
@@ -144,7 +156,7 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         for mode, sampling in modes:
-            row = {"mode": mode, **measure(engine, clock, batch, args.context, sampling, args.steps)}
+            row = {"mode": mode, **measure(engine, clock, batch, args.context, sampling, args.steps, args.profile_host)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     engine.close()
