@@ -91,19 +91,19 @@ def host_profile(engine: Engine, length: int, repeats: int = 5) -> None:
     one_token = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     prompts = [rng.integers(0, 30000, length).tolist() for _ in range(repeats + 1)]
     engine.generate(prompt_token_ids=prompts[:1], sampling=one_token, progress=False)
-    # The driver loop's thread runs the engine: its profiler is switched on and off from inside it.
-    caller, driver, loop = cProfile.Profile(), cProfile.Profile(), engine.driver()
+    # The driver loop's thread runs the engine: its profiler is switched on and off from inside it
+    # (from Python 3.12 cProfile sees every thread, the caller's too; before, that thread only).
+    driver, loop = cProfile.Profile(), engine.driver()
     loop.call(driver.enable).result()
     walls = []
     for prompt in prompts[1:]:
         t = time.perf_counter()
-        caller.runcall(engine.generate, prompt_token_ids=[prompt], sampling=one_token, progress=False)
+        engine.generate(prompt_token_ids=[prompt], sampling=one_token, progress=False)
         walls.append((time.perf_counter() - t) * 1e3)
     loop.call(driver.disable).result()
     print(f"\nengine.generate, one {length}-token prompt, max_tokens=1: " + " ".join(f"{w:.2f}" for w in walls) + " ms")
     for name, prof in ((f"model.forward, {length} tokens", forward),
-                       (f"engine.generate, {length} tokens: the driver loop's thread", driver),
-                       (f"engine.generate, {length} tokens: the caller's thread", caller)):
+                       (f"engine.generate, {length} tokens, the driver loop's thread", driver)):
         print(f"\n=== host profile: {name}, {repeats} runs (own time) ===")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
@@ -119,8 +119,6 @@ def main() -> None:
         parts, prof = prefill_parts(engine, length)
         rows.append((length, parts))
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-    if args.cprofile:
-        host_profile(engine, max(args.lengths))
     print(f"{torch.cuda.get_device_name()} | {args.shape} | one prompt's prefill, milliseconds (median of 5)")
     print(f"{'tokens':>6} {'request':>8} {'forward':>8} {'GPU':>8} {'kernels':>8} {'launch':>8} {'#kern':>6} {'tok/s':>8}")
     for length, p in rows:
@@ -129,6 +127,8 @@ def main() -> None:
     print("request: add_request(max_tokens=1) and steps until it finished; forward: model.forward synchronized; GPU: the same "
           "forward queued behind a sleep (device time only); kernels: sum of kernel times (profiler); launch: "
           "host time to queue the forward")
+    if args.cprofile:
+        host_profile(engine, max(args.lengths))
 
 
 if __name__ == "__main__":

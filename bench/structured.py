@@ -21,7 +21,7 @@ torch.full bitmask, xgrammar's BatchGrammarMatcher with min(8, torch threads) th
 --host-only times just that (and the compiles) with a tokenizer, no model: --vocab pads the
 logits' width as a model does (128256 for the Llama-3.2-1B shape); it also gives xgrammar's cost
 per row on one thread (accept, fill), the process CPU time per mask (CPU / wall says how many
-threads really ran at once), and with --sweep the mask at each mask-thread count and chunk size.
+threads really ran at once), and with --sweep the mask at each mask-thread count and rows per thread.
 --string free times a JSON string without minLength (a real schema's case). xgrammar's costs grow
 with the ids past the tokenizer (each is a special id to it): the 1B shape pads the demo tokenizer's
 49k ids to 128k, which made accept_token ~15x and a free string's fill ~40x dearer than at the
@@ -49,7 +49,7 @@ from structured_schemas import SCHEMAS  # noqa: E402  (the schemas the CPU tests
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar  # noqa: E402
-from lightllm_nb.engine.mask_fill import ROWS_PER_CHUNK  # noqa: E402
+from lightllm_nb.engine.mask_fill import ROWS_PER_THREAD  # noqa: E402
 from lightllm_nb.loading import load_checkpoint  # noqa: E402
 from lightllm_nb.scheduling.request import Request  # noqa: E402
 
@@ -98,13 +98,13 @@ def inside_a_string(tokenizer, compiler: GrammarCompiler, schema: dict, batch: i
 
 def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], device: torch.device,
                     batch: int, rounds: int = 30, schema: dict = LONG_TEXT, mask_threads: int | None = None,
-                    rows_per_chunk: int = ROWS_PER_CHUNK, baseline: bool = True) -> dict:
+                    rows_per_thread: int = ROWS_PER_THREAD, baseline: bool = True) -> dict:
     """Median host time of a constrained step's grammar work, every row inside the schema's string
     taking one more token: the engine's (note the tokens, build the mask; its wall and process CPU
     time) and the baseline's."""
     import xgrammar as xgr
 
-    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device, mask_threads, rows_per_chunk)
+    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, device, mask_threads, rows_per_thread)
     requests, prefix, word, compiled = inside_a_string(tokenizer, compiler, schema, batch)
     matchers = [xgr.GrammarMatcher(compiled) for _ in range(batch if baseline else 0)]
     for matcher in matchers:
@@ -133,30 +133,6 @@ def grammar_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], devic
                 times["engine_cpu"].append(time.process_time() - cpu)
     compiler.close()
     return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-
-
-def native_host_ms(tokenizer, vocab_size: int, stop_token_ids: list[int], batch: int, threads: int,
-                   schema: dict = LONG_TEXT, rounds: int = 30) -> float:
-    """Median ms of the same grammar work done by xgrammar alone: every matcher accepts its token's
-    text in one batch call on this thread, then BatchGrammarMatcher(threads) fills the rows (its C++
-    threads, no Python per chunk) into a reused buffer: the candidate to the engine's chunks."""
-    import xgrammar as xgr
-    from xgrammar.base import _core
-
-    compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids, torch.device("cpu"), mask_threads=1)
-    requests, _, word, _ = inside_a_string(tokenizer, compiler, schema, batch)
-    matchers = [r.grammar.matcher for r in requests]
-    handles, text = [m._handle for m in matchers], compiler._token_texts[word]
-    bitmask = xgr.allocate_token_bitmask(batch, compiler.grammar_vocab)
-    filler, rows = xgr.BatchGrammarMatcher(threads), list(range(batch))
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        assert all(_core.BatchGrammarMatcher.batch_accept_string(handles, [text] * batch, False))
-        filler.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        times.append(time.perf_counter() - t)
-    compiler.close()
-    return statistics.median(times) * 1e3
 
 
 def row_costs_us(tokenizer, vocab_size: int, stop_token_ids: list[int], schema: dict, rows: int = 64,
@@ -217,30 +193,22 @@ def host_only(args: argparse.Namespace) -> None:
 
 
 def sweep(tokenizer, vocab: int, stop: list[int], schema: dict, batches: list[int]) -> list[dict]:
-    """The engine's mask at each mask-thread count and chunk size: what to set on this host."""
+    """The engine's mask at each mask-thread count and rows per thread: what to set on this host."""
     rows = []
-    print("\nmask threads x rows per chunk: engine ms (CPU / wall) per batch", batches)
+    print("\nmask threads x rows per thread: engine ms (CPU / wall) per batch", batches)
     for threads in (1, 2, 4, 8, 12):
-        for chunk in (4, 8, 16, 32):
-            if threads == 1 and chunk != ROWS_PER_CHUNK:
-                continue  # one thread takes the whole batch as one chunk
-            row = {"mask_threads": threads, "rows_per_chunk": chunk}
+        for per_thread in (8, 16, 32, 64):
+            if threads == 1 and per_thread != ROWS_PER_THREAD:
+                continue  # one thread whatever the batch
+            row = {"mask_threads": threads, "rows_per_thread": per_thread}
             for batch in batches:
                 ms = grammar_host_ms(tokenizer, vocab, stop, torch.device("cpu"), batch, schema=schema,
-                                     mask_threads=threads, rows_per_chunk=chunk, baseline=False)
+                                     mask_threads=threads, rows_per_thread=per_thread, baseline=False)
                 row[f"b{batch}_ms"], row[f"b{batch}_cpu_ms"] = ms["engine"], ms["engine_cpu"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-            print(f"{threads:3d} x {chunk:3d} | " + " | ".join(
+            print(f"{threads:3d} x {per_thread:3d} | " + " | ".join(
                 f"{row[f'b{b}_ms']:7.3f} ms ({row[f'b{b}_cpu_ms'] / row[f'b{b}_ms']:3.1f})" for b in batches))
-    print("\nxgrammar alone (batch accept, then BatchGrammarMatcher(threads) fills): ms per batch", batches)
-    for threads in (1, 2, 4, 8, 12):
-        row = {"xgrammar_threads": threads}
-        for batch in batches:
-            row[f"b{batch}_ms"] = native_host_ms(tokenizer, vocab, stop, batch, threads, schema)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        print(f"{threads:3d} threads | " + " | ".join(f"{row[f'b{b}_ms']:7.3f} ms" for b in batches))
     return rows
 
 
@@ -254,7 +222,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=None, help="--host-only: the logits' width (default: the tokenizer's)")
     parser.add_argument("--string", choices=sorted(STRINGS), default="long",
                         help="--host-only: inside a string with minLength (the GPU run's) or a free one")
-    parser.add_argument("--sweep", action="store_true", help="--host-only: every mask-thread count and chunk size")
+    parser.add_argument("--sweep", action="store_true", help="--host-only: every mask-thread count and rows per thread")
     args = parser.parse_args()
     if args.host_only:
         host_only(args)

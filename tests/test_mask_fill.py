@@ -1,13 +1,10 @@
 """The host side of a constrained step (engine/mask_fill.py, engine/grammar.py): matchers advanced
-and bitmask rows filled in chunks on several threads give the masks of one matcher at a time; a
+and bitmask rows filled in batch calls on several threads give the masks of one matcher at a time; a
 JSON schema's or regex's matcher moved by token texts gives the masks it gives moved by token ids;
 the reused bitmask buffer flags exactly the rows grammars fill; a padded vocabulary's ids are
 forbidden in constrained rows only; a refused token is an error."""
 
-import concurrent.futures
 import random
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ import torch
 
 from lightllm_nb import SamplingParams
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar, token_texts
-from lightllm_nb.engine.mask_fill import ROWS_PER_CHUNK, BitmaskBuffer, MaskFiller
+from lightllm_nb.engine.mask_fill import BitmaskBuffer, MaskFiller
 from lightllm_nb.scheduling.request import Request
 
 from structured_schemas import SCHEMAS
@@ -59,10 +56,16 @@ def test_grammars_cover_the_tokenizers_ids_not_the_padded_logits(compiler):
     assert compiler.grammar_vocab == TOKENIZER_VOCAB
 
 
-def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
+def test_threads_follow_the_batch_size():
+    filler = MaskFiller(max_threads=4)
+    assert [filler.threads_for(n) for n in (1, 31, 32, 64, 127, 128, 1000)] == [1, 1, 1, 2, 3, 4, 4]
+    assert MaskFiller(max_threads=1).threads_for(1000) == 1
+
+
+def test_rows_filled_on_threads_are_the_rows_one_matcher_at_a_time_gives(compiler):
     compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
     rng = random.Random(0)
-    rows = 5 * ROWS_PER_CHUNK + 5  # six chunks over four threads: some take two
+    rows = 45  # three threads of 8 rows or more each
     walks = [random_walk(compiled, rng.randrange(0, 14), rng) for _ in range(rows)]
     # Each matcher is behind its walk by 0, 1 or 2 tokens, which the filler accepts first.
     behind = [rng.randrange(0, min(3, len(w) + 1)) for w in walks]
@@ -71,12 +74,11 @@ def test_chunks_on_threads_fill_the_rows_one_matcher_at_a_time_would(compiler):
         matcher = xgr.GrammarMatcher(compiled)
         assert all(matcher.accept_token(t) for t in walk[:len(walk) - k])
         matchers.append(matcher)
-    filler = MaskFiller(max_threads=4)
-    assert len(filler.chunks_for(rows)) == 6 and MaskFiller(max_threads=1).chunks_for(rows) == [range(rows)]
+    filler = MaskFiller(max_threads=3, rows_per_thread=8)
+    assert filler.threads_for(rows) == 3
     placed = rng.sample(range(rows + 7), rows)  # rows land anywhere in a wider batch
     bitmask = torch.zeros(xgr.get_bitmask_shape(rows + 7, TOKENIZER_VOCAB), dtype=torch.int32)
     refused = filler.run(matchers, [w[len(w) - k:] for w, k in zip(walks, behind)], bitmask, placed)
-    filler.close()
 
     assert refused == []
     for walk, row in zip(walks, placed):
@@ -138,19 +140,19 @@ def test_ebnf_matchers_go_by_id_and_ids_without_plain_text_have_none(compiler, d
     assert bytes(texts[word]) == b" time"
 
 
-def test_refusals_among_threaded_chunks_name_their_rows(compiler):
-    """Each chunk asks xgrammar once whether any of its matchers refused; the ones that did are
-    found by index wherever they sit, and only their rows stay as they were."""
+def test_refusals_name_their_rows_wherever_they_sit(compiler):
+    """Each accept call is asked once whether any of its matchers refused; the ones that did are
+    found by index wherever they sit, and only their rows stay as they were (the others are filled
+    on several threads)."""
     compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
     digit = compiler._tokenizer.encode("7", add_special_tokens=False)[0]
     paren = compiler._tokenizer.encode("(", add_special_tokens=False)[0]
-    rows = 3 * ROWS_PER_CHUNK
-    wrong = {1, ROWS_PER_CHUNK + 3, rows - 1}  # in the first, second and last chunk
+    rows = 24
+    wrong = {1, 11, rows - 1}
     tokens = [[digit] if i in wrong else [paren] for i in range(rows)]
     bitmask = torch.zeros(xgr.get_bitmask_shape(rows, TOKENIZER_VOCAB), dtype=torch.int32)
-    filler = MaskFiller(max_threads=3)
+    filler = MaskFiller(max_threads=3, rows_per_thread=4)
     refused = filler.run([xgr.GrammarMatcher(compiled) for _ in range(rows)], tokens, bitmask, list(range(rows)))
-    filler.close()
     assert sorted(refused) == sorted(wrong)
     assert [bool(bitmask[i].any()) for i in range(rows)] == [i not in wrong for i in range(rows)]
 
@@ -232,51 +234,3 @@ def test_a_padded_vocabularys_ids_are_forbidden_in_constrained_rows_only():
     masked = mask.apply(logits.clone())
     assert torch.equal(masked[[0, 2]], logits[[0, 2]])
     assert masked[1].isfinite().nonzero().flatten().tolist() == [1, 3]
-
-
-def test_the_caller_does_the_chunks_of_helpers_that_have_not_started(compiler):
-    """A helper that gets no core for a while must not hold up the step: its chunk goes to whoever
-    is free, the caller included. Here the only helper is busy for the whole call."""
-    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
-    rows = 2 * ROWS_PER_CHUNK
-    filler = MaskFiller(max_threads=2)
-    release = threading.Event()
-    filler._helpers = concurrent.futures.ThreadPoolExecutor(1)
-    filler._helpers.submit(release.wait)  # the helper is stuck until the call is over
-    bitmask = torch.zeros(xgr.get_bitmask_shape(rows, TOKENIZER_VOCAB), dtype=torch.int32)
-    result = []
-    caller = threading.Thread(target=lambda: result.append(filler.run(
-        [xgr.GrammarMatcher(compiled) for _ in range(rows)], [[]] * rows, bitmask, list(range(rows)))))
-    caller.start()
-    caller.join(timeout=10)
-    release.set()
-    filler.close()
-    assert result == [[]] and bitmask.any(dim=1).all()
-
-
-def test_a_failed_chunk_is_raised_only_once_no_helper_writes_to_the_bitmask_anymore():
-    """The host bitmask is the next step's too: a helper still filling a row after run() raised
-    could write it while that step's rows are being filled. The first chunk fails while a helper
-    still fills a later one; run() must raise only after every chunk is done."""
-    rows = 3 * ROWS_PER_CHUNK
-    filler = MaskFiller(max_threads=3)
-    caller = threading.current_thread()
-    all_running = threading.Barrier(3, timeout=5)  # each chunk on a thread of its own
-    written = []
-
-    def chunk(matchers, tokens, bitmask, rows, chunk):
-        all_running.wait()
-        if chunk.start == 0:
-            raise ValueError("a matcher broke")
-        if threading.current_thread() is not caller:
-            time.sleep(0.3)  # a helper's slow fill (at least one of chunks 1 and 2 is a helper's)
-        written.append(chunk)
-        return []
-
-    filler._chunk = chunk
-    with pytest.raises(ValueError, match="a matcher broke"):
-        filler.run([None] * rows, [[]] * rows, torch.zeros((rows, 1), dtype=torch.int32), list(range(rows)))
-    written_when_raised = list(written)
-    time.sleep(0.5)
-    filler.close()
-    assert len(written_when_raised) == 2 and written == written_when_raised

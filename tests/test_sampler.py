@@ -356,3 +356,17 @@ def test_logits_that_do_not_fit_the_batch_are_refused():
         sampler.sample(torch.zeros(2, 10), requests_for(SamplingParams()))
     with pytest.raises(ValueError, match="one row per request"):
         sampler.sample_on_device(torch.zeros(2, 8), requests_for(SamplingParams(), SamplingParams()))
+
+
+def test_a_batch_with_new_params_is_not_sampled_with_the_last_batchs_settings():
+    """The sampler keeps a batch's settings on the device while the same params objects fill the
+    same rows; new params in those rows must be used at once (a tiny temperature, then a huge one:
+    64 rows cannot all pick the argmax again, (1/8)**64)."""
+    sampler = Sampler(8, CPU, torch.Generator().manual_seed(0))
+    logits = torch.zeros(64, 8)
+    logits[:, 3] = 1.0
+    only_best = SamplingParams(temperature=1e-4)
+    assert sampler.sample(logits, requests_for(*[only_best] * 64)).token_ids == [3] * 64
+    any_token = SamplingParams(temperature=1e6)
+    assert set(sampler.sample(logits, requests_for(*[any_token] * 64)).token_ids) != {3}
+    assert sampler.sample(logits, requests_for(*[only_best] * 64)).token_ids == [3] * 64

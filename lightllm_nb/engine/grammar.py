@@ -2,16 +2,17 @@
 batch's token mask (xgrammar's bitmask) applied to the logits before sampling.
 
 A sampled token is only noted when the engine hands it over (`RequestGrammar.accept`); building the
-next mask advances every row's matcher past its noted tokens and fills its row, the rows split over
-threads (mask_fill.py). With overlapped steps that happens after this step's forward is launched
+next mask advances every row's matcher past its noted tokens and fills its row, in xgrammar's batch
+calls (mask_fill.py). With overlapped steps that happens after this step's forward is launched
 and the previous tokens are read back, while the GPU computes; the sampling is queued behind the
 mask's upload.
 
 A JSON schema's or a regex's matcher is advanced by each token's text, not its id: xgrammar 0.2.9's
-accept_token looks the id up in the tokenizer's special ids one by one, and where the logits are
-wider than the tokenizer every padding id is special (79k of them for the demo tokenizer on the 1B
-shape: ~15 us a token; accepting the text ~1 us). The text gives the same state for grammars made
-of characters only; EBNF can also name tokens, so its matchers go by id.
+accept_token looks the id up in the tokenizer's special ids one by one (a model's reserved ids are
+special too: 36 us a token on the H200 host where there were 79k; the text ~3 us). The text gives
+the same state for grammars made of characters only; EBNF can also name tokens, so its matchers go
+by id. The grammars cover the tokenizer's ids only (grammar_width); a padded model's extra ids are
+forbidden in constrained rows by the mask kernel.
 
 A constrained request waits in the scheduler's queue until its grammar is compiled (`ready`), so a
 slow compile never holds a batch row. Equal constraints share one compile: the cache is keyed by
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..sampling_params import xgrammar_grammar
-from .mask_fill import ROWS_PER_CHUNK, BitmaskBuffer, MaskFiller
+from .mask_fill import ROWS_PER_THREAD, BitmaskBuffer, MaskFiller
 
 MAX_CACHED_GRAMMARS = 256
 # Kinds whose grammars xgrammar builds from characters only: no token-level elements, so accepting
@@ -59,13 +60,13 @@ class GrammarCompiler:
     builds each step's mask from its requests' matchers."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int], device: torch.device,
-                 mask_threads: int | None = None, rows_per_chunk: int = ROWS_PER_CHUNK):
+                 mask_threads: int | None = None, rows_per_thread: int = ROWS_PER_THREAD):
         self.vocab_size = vocab_size  # the logits' width: ids past the tokenizer's are never allowed
         # The grammars' width: the tokenizer's ids only (grammar_width), known with the first compile.
         self.grammar_vocab: int | None = None
         self.device = torch.device(device)
         self._mask_threads = mask_threads  # None: from torch's thread count at the first mask
-        self._rows_per_chunk = rows_per_chunk
+        self._rows_per_thread = rows_per_thread
         self._filler: MaskFiller | None = None  # built with the first mask (it imports xgrammar)
         self._bitmask: BitmaskBuffer | None = None
         self._tokenizer = tokenizer
@@ -114,7 +115,7 @@ class GrammarCompiler:
         if self._filler is None:
             # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
             threads = self._mask_threads or max(1, min(8, torch.get_num_threads()))
-            self._filler = MaskFiller(threads, self._rows_per_chunk)
+            self._filler = MaskFiller(threads, self._rows_per_thread)
             self._bitmask = BitmaskBuffer(words_per_row(self.grammar_vocab), pinned=self.device.type == "cuda")
         mask = TokenMask(self._bitmask, constrained, len(requests), self.grammar_vocab)
         grammars = [requests[i].grammar for i in constrained]
@@ -145,8 +146,6 @@ class GrammarCompiler:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._filler is not None:
-            self._filler.close()
 
 
 def grammar_width(tokenizer, logits_width: int) -> int:
