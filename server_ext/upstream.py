@@ -49,28 +49,30 @@ class ChunkedDecoder:
         payloads, pos, end = [], 0, len(data)
         framed_end = None  # with keep_framing: where the last chunk begins, if in these bytes
         while pos < end and not self.done:
-            if self.payload_left:
-                take = min(self.payload_left, end - pos)
-                payloads.append(data[pos:pos + take])
-                pos += take
-                self.payload_left -= take
-                self.crlf_left = 0 if self.payload_left else 2
-            elif self.crlf_left:
-                take = min(self.crlf_left, end - pos)
-                pos += take
-                self.crlf_left -= take
-            else:
-                line_end = data.find(b"\r\n", pos)
-                if line_end < 0:
-                    break
-                if self.in_trailers:
-                    self.done = line_end == pos
-                else:
-                    self.payload_left = self._chunk_size(data[pos:line_end])
-                    self.in_trailers = self.payload_left == 0
-                    if self.in_trailers:
-                        framed_end = pos
+            if self.payload_left or self.crlf_left:  # the rest of a chunk that began in an earlier read
+                pos = self._rest_of_chunk(data, pos, end, payloads)
+                continue
+            line_end = data.find(b"\r\n", pos)
+            if line_end < 0:
+                break
+            if self.in_trailers:
+                self.done = line_end == pos
                 pos = line_end + 2
+                continue
+            size = self._chunk_size(data[pos:line_end])
+            if not size:
+                self.in_trailers = True
+                framed_end = pos
+                pos = line_end + 2
+                continue
+            pos = line_end + 2
+            payload_end = pos + size
+            if payload_end + 2 <= end:  # the whole chunk is here (an event, nearly always): one step
+                if not self.keep_framing:
+                    payloads.append(data[pos:payload_end])
+                pos = payload_end + 2
+            else:
+                self.payload_left = size
         self.surplus = self.done and pos < end
         self.pending = data[pos:] if not self.done else b""
         if len(self.pending) > MAX_SIZE_LINE_BYTES:
@@ -80,6 +82,18 @@ class ChunkedDecoder:
             return data[:framed_end if framed_end is not None else (pos if not self.in_trailers else 0)]
         return payloads[0] if len(payloads) == 1 else b"".join(payloads)
 
+    def _rest_of_chunk(self, data: bytes, pos: int, end: int, payloads: list[bytes]) -> int:
+        if self.payload_left:
+            take = min(self.payload_left, end - pos)
+            if not self.keep_framing:
+                payloads.append(data[pos:pos + take])
+            self.payload_left -= take
+            self.crlf_left = 0 if self.payload_left else 2
+            return pos + take
+        take = min(self.crlf_left, end - pos)
+        self.crlf_left -= take
+        return pos + take
+
     @property
     def mid_chunk(self) -> bool:
         """Inside a chunk's payload or its closing CRLF: what was passed on framed ends mid-chunk."""
@@ -87,11 +101,17 @@ class ChunkedDecoder:
 
     @staticmethod
     def _chunk_size(line: bytes) -> int:
-        size_field = line.split(b";", 1)[0].strip()
         try:
-            return int(size_field, 16)
-        except ValueError:
-            raise UpstreamError(f"the engine host sent a bad chunk size {size_field[:40]!r}") from None
+            size = int(line, 16)  # a bare hex size, nearly always
+        except ValueError:  # a chunk extension (";name=value") or a bad line
+            size_field = line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_field, 16)
+            except ValueError:
+                raise UpstreamError(f"the engine host sent a bad chunk size {size_field[:40]!r}") from None
+        if size < 0:  # int() takes a sign; a chunk size has none
+            raise UpstreamError(f"the engine host sent a bad chunk size {line[:40]!r}")
+        return size
 
 
 class _BodyFraming:

@@ -68,6 +68,10 @@ def test_chunked_decoder_refuses_a_bad_size_line():
         ChunkedDecoder().feed(b"zz\r\nhello\r\n")
     with pytest.raises(UpstreamError, match="over 1 KB"):
         ChunkedDecoder().feed(b"1" * 2000)
+    # int() takes a sign: a "negative" size once walked the decoder backwards over what it had
+    # read, relaying those bytes again as payload.
+    with pytest.raises(UpstreamError, match="bad chunk size"):
+        ChunkedDecoder().feed(b"-5\r\nhello\r\n")
 
 
 def test_chunked_decoder_skips_trailers_and_notes_bytes_after_the_body():
