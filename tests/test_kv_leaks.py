@@ -61,7 +61,7 @@ def test_random_requests_and_aborts_leave_the_pool_whole(engine, requests, seed)
 
 def test_pages_come_out_last_freed_first_and_zero_pages_take_none():
     """alloc_pages hands out the most recently freed pages first (what a stack of pops gives), and
-    asking for none takes none."""
+    asking for none (or fewer) takes none."""
     import torch
 
     from lightllm_nb.kv.kv_pool import KVPool
@@ -69,7 +69,7 @@ def test_pages_come_out_last_freed_first_and_zero_pages_take_none():
     pool = KVPool(num_layers=1, num_kv_heads=1, head_dim=4, num_tokens=16, page_size=1, max_requests=2,
                   max_context=16, dtype=torch.float32, device=torch.device("cpu"))
     free = pool.num_free_pages
-    assert pool.alloc_pages(0, owner=0) == [] and pool.num_free_pages == free
+    assert pool.alloc_pages(0, owner=0) == [] and pool.alloc_pages(-3, owner=0) == [] and pool.num_free_pages == free
     first = pool.alloc_pages(3, owner=0)
     assert len(set(first)) == 3 and pool.num_free_pages == free - 3
     pool.free_pages(first)

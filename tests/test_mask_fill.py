@@ -56,6 +56,16 @@ def test_grammars_cover_the_tokenizers_ids_not_the_padded_logits(compiler):
     assert compiler.grammar_vocab == TOKENIZER_VOCAB
 
 
+def test_a_stop_id_past_the_tokenizer_widens_the_grammars(demo_tokenizer):
+    """xgrammar drops stop ids outside its vocabulary (then no grammar could end): the width takes
+    them in, still at most the logits'."""
+    from lightllm_nb.engine.grammar import grammar_width
+
+    assert grammar_width(demo_tokenizer, VOCAB, [TOKENIZER_VOCAB + 10]) == TOKENIZER_VOCAB + 11
+    assert grammar_width(demo_tokenizer, VOCAB, [VOCAB + 10]) == VOCAB
+    assert grammar_width(demo_tokenizer, VOCAB, [demo_tokenizer.eos_token_id]) == TOKENIZER_VOCAB
+
+
 def test_threads_follow_the_batch_size():
     filler = MaskFiller(max_threads=4)
     assert [filler.threads_for(n) for n in (1, 31, 32, 64, 127, 128, 1000)] == [1, 1, 1, 2, 3, 4, 4]

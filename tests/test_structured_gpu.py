@@ -60,10 +60,9 @@ def test_unconstrained_rows_keep_their_tokens_and_overlap(engine):
 
 
 def test_the_reused_bitmask_reaches_the_mask_kernel_intact():
-    """Each step's bitmask is refilled in the same pinned buffer and copied on a stream of its own
-    while the compute stream is still busy with earlier steps: every step's mask kernel must see
-    its own step's bits and flags, never a later step's (in the host buffer or in a reused device
-    block). The grammar covers 49,152 ids of 128,256 logits (the 1B benchmark shape's padding)."""
+    """Each step's bitmask is refilled in the same pinned buffer and copied into the same device
+    buffer while the compute stream is still busy with earlier steps: every step's mask kernel must
+    see its own step's bits and flags, never a later step's (in the host buffer or the device one). The grammar covers 49,152 ids of 128,256 logits (the 1B benchmark shape's padding)."""
     from lightllm_nb.engine.grammar import TokenMask
     from lightllm_nb.engine.mask_fill import BitmaskBuffer
     from lightllm_nb.kernels import apply_token_mask_torch

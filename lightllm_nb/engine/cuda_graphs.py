@@ -139,6 +139,6 @@ class DecodeGraphs:
         logits = self.outputs[bucket][:size]
         device_rows = self.inputs[3 * bucket:3 * bucket + size]
         if len(samplers) < size:  # a one-token prefill chunk short of its prompt's end: no sample
-            keep = torch.tensor(sampling_rows, device=logits.device)
+            keep = torch.tensor(sampling_rows).pin_memory().to(logits.device, non_blocking=True)
             logits, device_rows = logits[keep], device_rows[keep]
         return logits, samplers, device_rows

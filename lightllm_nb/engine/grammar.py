@@ -95,7 +95,7 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         if self._xgr_compiler is None:
-            self.grammar_vocab = grammar_width(self._tokenizer, self.vocab_size)
+            self.grammar_vocab = grammar_width(self._tokenizer, self.vocab_size, self._stop_token_ids)
             info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.grammar_vocab,
                                                       stop_token_ids=self._stop_token_ids)
             self._token_texts = token_texts(info)
@@ -148,13 +148,15 @@ class GrammarCompiler:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def grammar_width(tokenizer, logits_width: int) -> int:
-    """How many ids the grammars cover: the tokenizer's (its highest id + 1), at most the logits'.
+def grammar_width(tokenizer, logits_width: int, stop_token_ids: Sequence[int] = ()) -> int:
+    """How many ids the grammars cover: the tokenizer's (its highest id + 1, or a stop id's past it:
+    xgrammar drops stop ids outside its vocabulary, and a grammar could then never end), at most
+    the logits'.
     Not the logits' width: a padded vocabulary's extra ids are special ids to xgrammar, and every
     one of them costs each accept and each mask fill (the 1B benchmark shape pads a 49k tokenizer
     to 128k: ~40x a free string's fill); they are forbidden in constrained rows when the mask is
     applied instead."""
-    highest = max(tokenizer.get_vocab().values(), default=-1)
+    highest = max([*tokenizer.get_vocab().values(), *stop_token_ids], default=-1)
     return min(logits_width, max(len(tokenizer), highest + 1))
 
 

@@ -78,7 +78,7 @@ class KVPool:
             self.page_owner[page] = owner
             self._marks[page >> BLOCK_SHIFT] = 1
             return [page]
-        if count == 0:
+        if count <= 0:
             return []
         pages = self._free_pages[-count:][::-1]  # the pages count pops would give, in one slice
         del self._free_pages[-count:]
