@@ -64,8 +64,8 @@ def run_stub_engine_host(sock: socket.socket, step_ms: float, nodelay: bool) -> 
     one token each), every stream's next event written on one shared tick every `step_ms`; the
     first tick comes `step_ms` after a request that finds no stream running (a lone request's
     TTFT is then its head's time plus one step, not plus wherever a free-running tick was).
-    `nodelay`: Nagle's algorithm off for each stream, which the engine host does not do (yet): on a
-    kept connection Nagle holds an event back until the reader acknowledges the last one."""
+    `nodelay`: Nagle's algorithm off for each stream, as the engine host does (generation_routes.py):
+    on a kept connection Nagle holds an event back until the reader acknowledges the last one."""
     from tornado import web
     from tornado.httpserver import HTTPServer
 
@@ -435,8 +435,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=16, help="lone streams per path for the per-request latency")
     parser.add_argument("--stub-step-ms", type=float, default=None, metavar="MS",
                         help="a stub engine host that writes every stream's next event each MS ms, instead of a model")
-    parser.add_argument("--stub-nodelay", action="store_true",
-                        help="the stub engine host turns Nagle's algorithm off for its streams")
+    parser.add_argument("--stub-nagle", action="store_true",
+                        help="the stub engine host leaves Nagle's algorithm on for its streams (as the engine host "
+                             "did before it turned it off)")
     parser.add_argument("--cprofile", default=None, metavar="FILE",
                         help="profile the Jupyter server's thread (thread CPU time) during the extension's batches "
                              "into FILE (pstats) and print its top functions; the timings are then not the proxy's")
@@ -449,7 +450,7 @@ def main() -> None:
             args.model = random_model_folder(args.shape, args.tokenizer, Path(tmp))
         stub = None
         if args.stub_step_ms is not None:
-            stub, args.stub_url = start_stub_engine_host(args.stub_step_ms, args.stub_nodelay)
+            stub, args.stub_url = start_stub_engine_host(args.stub_step_ms, not args.stub_nagle)
         process, url, token = start_jupyter(Path(tmp), args)
         try:
             paths = {"direct": direct_path(url, token, process, Path(tmp), args),
@@ -469,7 +470,7 @@ def main() -> None:
             if stub is not None:
                 stub.terminate()
     engine = (f"a stub engine host, one event per stream every {args.stub_step_ms} ms"
-              + (", Nagle off" if args.stub_nodelay else "") if stub is not None
+              + (", Nagle on" if args.stub_nagle else "") if stub is not None
               else f"model {args.shape or args.model} on {args.device}")
     load = (f"a burst of {args.streams} streams sent at once" if args.mode == "burst" else
             f"{args.streams} clients in a closed loop, {args.warmup_requests} + {args.requests} requests each")
