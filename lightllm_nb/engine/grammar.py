@@ -193,7 +193,7 @@ class RequestGrammar:
 
     def accept(self, token_id: int) -> None:
         """Note a sampled token; the next mask's fill consumes it, together with the batch's other
-        rows, on the mask threads. A stop token ends the request, so it is consumed now: a grammar
+        rows, in its batch calls. A stop token ends the request, so it is consumed now: a grammar
         that refuses to end there (the mask should prevent that) is a bug reported here."""
         self._unaccepted.append(token_id)
         matcher = self.matcher  # built on the first token, with the stop tokens it knows

@@ -72,7 +72,7 @@ class BitmaskBuffer:
 
     Not a fresh torch.full per step: from 32k words up (a batch of 8 rows at a 128k vocabulary)
     torch fills in parallel on its OpenMP threads, which wakes all of them (16 on the H200 host) and
-    leaves them spinning on the cores the mask threads need; on this 2-core box that fill alone
+    leaves them spinning on the cores xgrammar's fill threads need; on this 2-core box that fill alone
     took 17 ms for 32 rows.
     """
 
