@@ -12,7 +12,10 @@ grammar's masks depend on). Three configurations per batch:
   - json, overlapped: every request under a JSON schema whose one string field must run long
     (minLength), so random weights cannot finish it early and the batch stays full while it is
     timed. A constrained batch reads the previous tokens back after launching its forward and
-    fills the mask while the GPU computes; its sampling waits for the mask.
+    fills the mask while the GPU computes (on the mask thread, while the step thread hands the
+    tokens out); its sampling waits for the mask.
+Each configuration runs --repeats times, interleaved, and the table gives the median (one run's
+batch-128 JSON step moved by ~10% between runs of the same code).
 Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
 side of a constrained step per batch: every row takes one token inside its JSON string and the
 batch's mask is built (matchers advanced, rows filled), the engine's way against a same-process
@@ -217,6 +220,8 @@ def main() -> None:
     add_model_options(parser)
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each mode at each batch (interleaved); the table gives their median")
     parser.add_argument("--out", default=None)
     parser.add_argument("--host-only", action="store_true", help="time the host side only, with a tokenizer")
     parser.add_argument("--vocab", type=int, default=None, help="--host-only: the logits' width (default: the tokenizer's)")
@@ -239,10 +244,14 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         row = {"batch": batch}
-        for name, sampling, overlap in (("none_overlap", plain, True), ("none_plain", plain, False),
-                                        ("json", constrained, True)):
-            engine.overlap = overlap
-            row[name + "_ms"] = decode_latency(engine, batch, args.context, sampling=sampling) * 1e3
+        runs = {}
+        for _ in range(args.repeats):  # the modes interleaved, so a slow moment of the host hits all of them
+            for name, sampling, overlap in (("none_overlap", plain, True), ("none_plain", plain, False),
+                                            ("json", constrained, True)):
+                engine.overlap = overlap
+                runs.setdefault(name, []).append(decode_latency(engine, batch, args.context, sampling=sampling) * 1e3)
+        for name, times in runs.items():
+            row[name + "_ms"], row[name + "_runs_ms"] = statistics.median(times), [round(t, 3) for t in times]
         host = grammar_host_ms(engine.tokenizer, engine.config.vocab_size, engine.eos_token_ids, engine.device, batch)
         row["grammar_host_ms"], row["grammar_host_before_ms"] = host["engine"], host["baseline"]
         row["json_vs_none"] = row["json_ms"] / row["none_overlap_ms"] - 1
