@@ -34,29 +34,29 @@ def decode_attention_cpu(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, s
     batch, _, head_dim = q.shape
     check_attention_inputs(q, k_cache, v_cache, req_to_token)
     out = attention_output(q, out)
-    lengths = kv_lens.long()
-    longest = int(max_kv_len) if max_kv_len is not None else int(lengths.max()) if batch else 0
+    longest = int(max_kv_len) if max_kv_len is not None else int(kv_lens.max()) if batch else 0
     if batch == 0 or longest == 0:
         return out.zero_()
     threads = torch.get_num_threads()
     if threads == 1 or batch * longest * k_cache.shape[1] * head_dim > ONE_THREAD_ELEMENTS:
-        return _attend(q, k_cache, v_cache, req_to_token, req_rows, lengths, longest, scale, out)
+        return _attend(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out)
     torch.set_num_threads(1)
     try:
-        return _attend(q, k_cache, v_cache, req_to_token, req_rows, lengths, longest, scale, out)
+        return _attend(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out)
     finally:
         torch.set_num_threads(threads)
 
 
-def _attend(q, k_cache, v_cache, req_to_token, req_rows, lengths, longest, scale, out):
+def _attend(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out):
+    # Few torch calls: each costs a layer microseconds of dispatch, and indexing takes int32
+    # rows, slots and lengths as they come (no int64 copies).
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    group = num_q_heads // num_kv_heads
-    valid = torch.arange(longest, device=q.device)[None, :] < lengths[:, None]        # [B, L]
-    slots = torch.where(valid, req_to_token[req_rows.long(), :longest], 0).view(-1)  # padding reads slot 0
+    valid = torch.arange(longest, device=q.device) < kv_lens[:, None]                 # [B, L]
+    slots = req_to_token[req_rows, :longest].masked_fill_(~valid, 0).view(-1)       # padding reads slot 0
     k = k_cache.index_select(0, slots).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, slots).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
-    qb = q.reshape(batch, num_kv_heads, group, head_dim)
+    qb = q.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     attn = F.scaled_dot_product_attention(qb, k, v, attn_mask=valid[:, None, None, :], scale=scale)
     # A row with no context has every key masked: SDPA gives it zeros, as the contract says (tested).
     return out.copy_(attn.reshape(batch, num_q_heads, head_dim))

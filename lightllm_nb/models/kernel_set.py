@@ -1,5 +1,5 @@
-"""The model's building blocks, chosen once at start: Triton kernels on CUDA, torch references elsewhere
-(and a fused torch decode attention on the CPU)."""
+"""The model's building blocks, chosen once at start: Triton kernels on CUDA, torch equivalents of
+their twins elsewhere (kernels/*_cpu.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def kernels_for(device: torch.device) -> KernelSet:
     if device.type == "cuda":
         return KernelSet("triton", k.rmsnorm, k.add_rmsnorm, k.rotary_kv_write, k.silu_mul,
                          k.decode_attention, k.prefill_attention)
-    # Decode attention is the one op where the twin (written to be read, the Triton kernels' oracle)
-    # costs the CPU path real time: a fused equivalent, tested against the twin, runs instead.
-    return KernelSet("torch", k.rmsnorm_torch, k.add_rmsnorm_torch, k.rotary_kv_write_torch, k.silu_mul_torch,
+    # The twins are written to be read (and to be the Triton kernels' oracles); on the CPU each of
+    # their torch calls costs the step real time, so equivalents with fewer calls, tested against the
+    # twins, run instead (kernels/*_cpu.py). Prefill attention runs once per prompt chunk: the twin.
+    return KernelSet("torch", k.rmsnorm_cpu, k.add_rmsnorm_cpu, k.rotary_kv_write_cpu, k.silu_mul_cpu,
                      k.decode_attention_cpu, k.prefill_attention_torch)

@@ -1,0 +1,92 @@
+"""The CPU path's kernels (kernels/*_cpu.py) against their twins, the oracles, on fresh random inputs:
+the same bits where the twin's own expressions are computed, float32 and float64 (the exactness
+tests' dtype) and bfloat16; decode attention's own tests are in test_kernels.py."""
+
+import pytest
+import torch
+
+from lightllm_nb.kernels import (add_rmsnorm_cpu, add_rmsnorm_torch, rmsnorm_cpu, rmsnorm_torch,
+                                 rotary_kv_write_cpu, rotary_kv_write_torch, silu_mul_cpu, silu_mul_torch)
+from lightllm_nb.models.kernel_set import kernels_for
+# pytest puts tests/ on sys.path, so the kernel tests' input builders are shared, not copied.
+from test_fused_rotary_kv_write import _inputs, _run
+from test_kernels import _gen, _randn
+
+CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+SEEDS = range(3)
+
+
+def _same(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_rmsnorm_cpu_is_the_twin_bit_for_bit(dtype, seed):
+    gen = _gen(500 + seed)
+    hidden = [576, 40, 2048][seed]
+    x = _randn(gen, 1 + 7 * seed, hidden, dtype=dtype) * 3
+    weight = 1 + _randn(gen, hidden, dtype=dtype) * 0.1
+    out = rmsnorm_cpu(x, weight, 1e-5)
+    assert out.dtype == dtype
+    _same(out, rmsnorm_torch(x, weight, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_add_rmsnorm_cpu_is_the_twin_bit_for_bit(dtype, seed):
+    gen = _gen(510 + seed)
+    x = _randn(gen, 5 + seed, 576, dtype=dtype)
+    residual = _randn(gen, 5 + seed, 576, dtype=dtype) * 2
+    weight = 1 + _randn(gen, 576, dtype=dtype) * 0.1
+    expected_residual = residual.clone()
+    expected = add_rmsnorm_torch(x, expected_residual, weight, 1e-6)[0]
+    out, returned = add_rmsnorm_cpu(x, residual, weight, 1e-6)
+    assert returned is residual
+    _same(residual, expected_residual)
+    _same(out, expected)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_silu_mul_cpu_is_the_twin_bit_for_bit(dtype, seed):
+    gen = _gen(520 + seed)
+    gate_up = _randn(gen, 1 + 5 * seed, 2 * [1536, 1030, 8][seed], dtype=dtype) * 2
+    before = gate_up.clone()
+    out = silu_mul_cpu(gate_up)
+    assert out.dtype == dtype
+    _same(out, silu_mul_torch(gate_up))
+    _same(gate_up, before)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(9, 3, 64), (4, 4, 16), (8, 2, 32)])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_rotary_kv_write_cpu_is_the_twin_bit_for_bit(dtype, num_q_heads, num_kv_heads, head_dim, slot_dtype):
+    """q and k as neighbouring slices of one qkv row, as the model passes them (the joint rotation)."""
+    q, k, v, positions, cos, sin, slots, num_slots = _inputs(
+        530 + head_dim + num_q_heads, dtype, num_q_heads, num_kv_heads, head_dim)
+    slots = slots.to(slot_dtype)
+    k_before, v_before = k.clone(), v.clone()
+    expected = _run(rotary_kv_write_torch, q, k, v, positions, cos, sin, slots, num_slots, dtype)
+    out = _run(rotary_kv_write_cpu, q, k, v, positions, cos, sin, slots, num_slots, dtype)
+    for actual, wanted in zip(out, expected):
+        _same(actual, wanted)  # the caches' untouched slots stay NaN in both
+    _same(k, k_before)  # k itself is not rotated, nor is v touched
+    _same(v, v_before)
+
+
+def test_rotary_kv_write_cpu_on_separate_tensors():
+    """q and k that are not slices of one row (a caller's own tensors) still get the twin's result."""
+    q, k, v, positions, cos, sin, slots, num_slots = _inputs(560, torch.float32, 9, 3, 64)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    expected = _run(rotary_kv_write_torch, q, k, v, positions, cos, sin, slots, num_slots, torch.float32)
+    for actual, wanted in zip(_run(rotary_kv_write_cpu, q, k, v, positions, cos, sin, slots, num_slots,
+                                   torch.float32), expected):
+        _same(actual, wanted)
+
+
+def test_the_cpu_kernel_set_uses_them():
+    kernels = kernels_for(torch.device("cpu"))
+    assert (kernels.rmsnorm, kernels.add_rmsnorm, kernels.rotary_kv_write, kernels.silu_mul) == (
+        rmsnorm_cpu, add_rmsnorm_cpu, rotary_kv_write_cpu, silu_mul_cpu)
