@@ -23,7 +23,7 @@ from .arguments import check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .embedded_api import EmbeddedAPI
 from .step_outputs import StepOutputs
-from .grammar import GrammarCompiler, MaskBuild, RequestGrammar
+from .grammar import GrammarCompiler, RequestGrammar
 from .engine_setup import (choose_batch_limits, cpu_threads_per_rank, limit_cpu_threads, resolve_device, resolve_dtype,
                            size_kv_tokens)
 from .inflight import InflightTokens
@@ -113,7 +113,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._pending: list[RequestOutput] = []   # outputs step() has yet to hand out (aborts)
         self._carried_decisions: list[Decision] = []  # decisions made between steps (aborts)
         self._inflight: InflightTokens | None = None  # the previous overlapped step's tokens
-        self._received: list | None = None  # those tokens, read back early in a step (_start_mask_early)
         self._batch: list | None = None  # the running step's (request, tokens), finished with "error" if it raises
         # Overlap only pays where the GPU runs ahead of the host; on the CPU there is nothing to hide.
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
@@ -208,7 +207,6 @@ class Engine(EmbeddedAPI, StepOutputs):
     def _run_step(self, outputs: list[RequestOutput]) -> None:
         started = time.perf_counter()
         self._batch = None
-        early_mask = self._start_mask_early()
         batch = self.scheduler.schedule()
         self._batch = batch.items
         decisions = self._carried_decisions + batch.decisions
@@ -224,17 +222,11 @@ class Engine(EmbeddedAPI, StepOutputs):
             if self.overlap and self.sampler.can_defer(samplers):
                 mask = None
                 if any(r.grammar is not None for r in sampling_reqs):
-                    # The mask needs the previous step's tokens accepted: read them back now (if not
-                    # read before scheduling, with the mask started then), while the GPU runs this
-                    # forward; the mask thread fills it while this thread hands them out, and the
-                    # sampling is queued behind it.
+                    # The mask needs the previous step's tokens accepted: read them back now, while the
+                    # GPU runs this forward; the mask thread fills it while this thread hands them out,
+                    # and the sampling is queued behind it.
                     received = self._receive_inflight()
-                    if early_mask is not None and early_mask.serves(sampling_reqs):
-                        building, early_mask = early_mask, None
-                    else:
-                        self._settle(early_mask)
-                        early_mask = None
-                        building = self.grammars.start_mask(sampling_reqs, in_background=True)
+                    building = self.grammars.start_mask(sampling_reqs, in_background=True)
                     outputs += self._hand_out(received, decisions)
                     mask = building.finish(rows) if building is not None else None
                 tokens = self.sampler.sample_on_device(logits, samplers, mask)
@@ -255,28 +247,8 @@ class Engine(EmbeddedAPI, StepOutputs):
         else:
             outputs += self._take_inflight(decisions)
             self.grammars.wait_for_pending(timeout=0.05)  # nothing to run until a grammar is compiled
-        self._settle(early_mask)
         self._inflight = inflight
         self._publish(started, rows, decisions)
-
-    def _start_mask_early(self) -> MaskBuild | None:
-        """With overlapped steps, a constrained batch whose previous tokens are already back (the
-        host, filling masks, is behind the GPU) reads them now and starts the next mask before
-        this step is scheduled and launched, so the fill runs beside that work too. It is built
-        for the previous step's rows, which a steady batch keeps; where this step's differ, it is
-        settled and a mask for the new rows is started after the launch, as without it. Where the
-        tokens are not back yet (the GPU is behind), nothing waits for them here."""
-        inflight = self._inflight
-        if inflight is None or not inflight.ready() or all(r.grammar is None for r in inflight.requests):
-            return None
-        self._received = self._receive_inflight()
-        return self.grammars.start_mask(inflight.requests, in_background=True)
-
-    @staticmethod
-    def _settle(unused: MaskBuild | None) -> None:
-        """Wait for a mask this step does not use (its matchers' accepts count: a refusal is raised)."""
-        if unused is not None:
-            unused.finish()
 
     def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
         """Read back the previous step's tokens (waiting for the GPU if need be) and hand them out."""
@@ -285,11 +257,7 @@ class Engine(EmbeddedAPI, StepOutputs):
     def _receive_inflight(self) -> list[tuple[Request, int]]:
         """The previous step's tokens, read back (waiting for the GPU if need be) into their requests'
         token lists and noted by their grammars: (request, the token's index) of each request not
-        finished meanwhile (aborted, or stopped a step ago on a token seen late). Those read early
-        in this step (_start_mask_early) are handed over once."""
-        if self._received is not None:
-            received, self._received = self._received, None
-            return received
+        finished meanwhile (aborted, or stopped a step ago on a token seen late)."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
@@ -314,9 +282,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         if self._inflight is not None:
             victims += self._inflight.requests
             self._inflight = None
-        if self._received is not None:
-            victims += [req for req, _ in self._received]
-            self._received = None
         self._batch = None
         message = f"the engine step running this request failed: {type(err).__name__}: {err}"
         decisions = []

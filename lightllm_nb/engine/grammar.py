@@ -137,11 +137,10 @@ class GrammarCompiler:
         ids = [requests[i].request_id for i in constrained]
         if not in_background:
             refused = self._filler.run(matchers, inputs, mask.bitmask, constrained)
-            return MaskBuild(requests, mask, ids, token_ids, lambda: refused)
+            return MaskBuild(mask, ids, token_ids, lambda: refused)
         if self._mask_thread is None:
             self._mask_thread = MaskThread(self._filler)
-        pending = self._mask_thread.start(matchers, inputs, mask.bitmask, constrained)
-        return MaskBuild(requests, mask, ids, token_ids, pending.result)
+        return MaskBuild(mask, ids, token_ids, self._mask_thread.start(matchers, inputs, mask.bitmask, constrained).result)
 
     def wait_for_pending(self, timeout: float) -> None:
         """Block up to `timeout` seconds until a compile in progress finishes (for an engine with
@@ -228,17 +227,12 @@ class RequestGrammar:
 class MaskBuild:
     """A mask whose rows are being filled; `finish` waits for them."""
 
-    def __init__(self, requests: Sequence, mask: TokenMask, request_ids: list[str], token_ids: list[list[int]],
+    def __init__(self, mask: TokenMask, request_ids: list[str], token_ids: list[list[int]],
                  refused: Callable[[], list[int]]):
-        self._requests = requests  # the sampling rows it is built for
         self._mask = mask
         self._request_ids = request_ids  # of the constrained rows, in mask.rows order
         self._token_ids = token_ids  # what each constrained row's matcher was given, for the error
         self._refused = refused
-
-    def serves(self, requests: Sequence) -> bool:
-        """It is built for exactly these sampling rows (the same requests, in the same order)."""
-        return len(requests) == len(self._requests) and all(a is b for a, b in zip(requests, self._requests))
 
     def finish(self, rows: Sequence = ()) -> TokenMask:
         """The filled mask. `rows` (the step's BatchRows, for listeners) are told how many tokens

@@ -23,10 +23,6 @@ class InflightTokens:
         else:
             self._host, self._ready = tokens, None
 
-    def ready(self) -> bool:
-        """The tokens are on the host: tokens() would not wait."""
-        return self._ready is None or self._ready.query()
-
     def tokens(self) -> list[int]:
         if self._ready is not None:
             self._ready.synchronize()
