@@ -2,11 +2,9 @@
 and bitmask rows filled in batch calls on several threads give the masks of one matcher at a time; a
 JSON schema's or regex's matcher moved by token texts gives the masks it gives moved by token ids;
 the reused bitmask buffer flags exactly the rows grammars fill; a padded vocabulary's ids are
-forbidden in constrained rows only; a refused token is an error; a mask filled on the mask thread
-is the one filled in place, and its caller is free while it fills."""
+forbidden in constrained rows only; a refused token is an error."""
 
 import random
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 
 from lightllm_nb import SamplingParams
 from lightllm_nb.engine.grammar import GrammarCompiler, RequestGrammar, token_texts
-from lightllm_nb.engine.mask_fill import BitmaskBuffer, MaskFiller, MaskThread
+from lightllm_nb.engine.mask_fill import BitmaskBuffer, MaskFiller
 from lightllm_nb.scheduling.request import Request
 
 from structured_schemas import SCHEMAS
@@ -246,80 +244,3 @@ def test_a_padded_vocabularys_ids_are_forbidden_in_constrained_rows_only():
     masked = mask.apply(logits.clone())
     assert torch.equal(masked[[0, 2]], logits[[0, 2]])
     assert masked[1].isfinite().nonzero().flatten().tolist() == [1, 3]
-
-
-def constrained_requests(compiler, tokenizer, texts: list[str | None]) -> list[Request]:
-    """A request per text: None unconstrained, else a phone-number one that has noted its tokens."""
-    params = SamplingParams(regex=PHONE)
-    requests = []
-    for i, text in enumerate(texts):
-        request = Request(f"r{i}", [1, 2], params)
-        if text is not None:
-            request.grammar = RequestGrammar(compiler.compile(params.constraint))
-            for t in tokenizer.encode(text, add_special_tokens=False):
-                request.grammar.accept(t)
-        requests.append(request)
-    return requests
-
-
-def test_a_mask_filled_on_the_mask_thread_is_the_one_filled_in_place(compiler):
-    tokenizer = compiler._tokenizer
-    texts = ["(555) 12", None, "(", "(555) 123-4567 ext. 9", "(555) 1"]
-    foreground = compiler.mask(constrained_requests(compiler, tokenizer, texts))
-    expected = (foreground.rows, foreground.flags.clone(), foreground.bitmask.clone())
-    background = compiler.start_mask(constrained_requests(compiler, tokenizer, texts), in_background=True).finish()
-    assert (background.rows, background.flags.tolist()) == (expected[0], expected[1].tolist())
-    for row in background.rows:
-        assert torch.equal(background.bitmask[row], expected[2][row])
-    # A refusal found on the mask thread is raised by finish, naming its request.
-    requests = constrained_requests(compiler, tokenizer, ["(555", "(555"])
-    requests[1].grammar.accept(tokenizer.encode("x", add_special_tokens=False)[0])
-    building = compiler.start_mask(requests, in_background=True)
-    with pytest.raises(RuntimeError, match="r1: one of tokens .* the grammar refused it"):
-        building.finish()
-
-
-def test_a_grammar_ended_by_a_stop_token_gets_no_mask_row(compiler, demo_tokenizer):
-    """Its request finishes when that token is handed out (after the mask is started, with
-    overlapped steps): its row is left unconstrained, its next token dropped."""
-    params = SamplingParams(choice=["yes", "no"])
-    requests = [Request(f"r{i}", [1, 2], params) for i in range(2)]
-    for request in requests:
-        request.grammar = RequestGrammar(compiler.compile(params.constraint))
-        for t in demo_tokenizer.encode("no", add_special_tokens=False):
-            request.grammar.accept(t)
-    requests[0].grammar.accept(demo_tokenizer.eos_token_id)
-    mask = compiler.start_mask(requests, in_background=True).finish()
-    assert mask.rows == [1] and mask.flags.tolist() == [0, 1]
-
-
-class GatedFiller:
-    """A MaskFiller stand-in whose fill waits for the test's go-ahead."""
-
-    def __init__(self):
-        self.go = threading.Event()
-        self.threads = []
-
-    def run(self, matchers, tokens, bitmask, rows, before_fill):
-        self.threads.append(threading.current_thread())
-        before_fill()
-        if not self.go.wait(timeout=30):
-            raise TimeoutError("the caller never let the fill finish")
-        if matchers == ["broken"]:
-            raise ValueError("a matcher broke")
-        return [len(rows)]
-
-
-def test_the_caller_is_free_while_the_mask_thread_fills_and_errors_come_back():
-    filler = GatedFiller()
-    mask_thread = MaskThread(filler)
-    pending = mask_thread.start(["m"], [[1]], None, [0, 1, 2])  # returns while the fill is held
-    assert filler.threads[0] is not threading.current_thread() and not pending.done.is_set()
-    filler.go.set()
-    assert pending.result() == [3]
-    mask_thread.wait_idle()
-    with pytest.raises(ValueError, match="a matcher broke"):
-        mask_thread.start(["broken"], [], None, []).result()
-    worker = filler.threads[0]
-    mask_thread.close()
-    assert not worker.is_alive()

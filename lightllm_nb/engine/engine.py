@@ -222,13 +222,10 @@ class Engine(EmbeddedAPI, StepOutputs):
             if self.overlap and self.sampler.can_defer(samplers):
                 mask = None
                 if any(r.grammar is not None for r in sampling_reqs):
-                    # The mask needs the previous step's tokens accepted: read them back now, while the
-                    # GPU runs this forward; the mask thread fills it while this thread hands them out,
-                    # and the sampling is queued behind it.
-                    received = self._receive_inflight()
-                    building = self.grammars.start_mask(sampling_reqs, in_background=True)
-                    outputs += self._hand_out(received, decisions)
-                    mask = building.finish(rows) if building is not None else None
+                    # The mask needs the previous step's tokens accepted: read them back now, while
+                    # the GPU runs this forward, and queue the sampling behind the mask.
+                    outputs += self._take_inflight(decisions)
+                    mask = self.grammars.mask(sampling_reqs, rows)
                 tokens = self.sampler.sample_on_device(logits, samplers, mask)
                 self.runner.remember_tokens(sample_rows, tokens)
                 inflight = InflightTokens(sampling_reqs, tokens)
@@ -241,8 +238,6 @@ class Engine(EmbeddedAPI, StepOutputs):
                     if req.finished:  # stopped on the previous step's token, read back just now
                         continue
                     req.token_ids.append(sampled.token_ids[i])
-                    if req.grammar is not None:
-                        req.grammar.accept(sampled.token_ids[i])
                     outputs.append(self._accept_token(req, len(req.token_ids) - 1, now, sampled, i, decisions))
         else:
             outputs += self._take_inflight(decisions)
@@ -251,29 +246,19 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._publish(started, rows, decisions)
 
     def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
-        """Read back the previous step's tokens (waiting for the GPU if need be) and hand them out."""
-        return self._hand_out(self._receive_inflight(), decisions)
-
-    def _receive_inflight(self) -> list[tuple[Request, int]]:
-        """The previous step's tokens, read back (waiting for the GPU if need be) into their requests'
-        token lists and noted by their grammars: (request, the token's index) of each request not
-        finished meanwhile (aborted, or stopped a step ago on a token seen late)."""
+        """Read back the previous step's tokens (waiting for the GPU if need be) and handle them."""
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return []
-        received = []
-        for req, index, token in zip(inflight.requests, inflight.indices, inflight.tokens()):
-            if req.finished:
+        tokens = inflight.tokens()
+        now = time.perf_counter()
+        outputs = []
+        for req, index, token in zip(inflight.requests, inflight.indices, tokens):
+            if req.finished:  # aborted, or stopped a step ago on a token seen late
                 continue
             req.fill_pending_token(index, token)
-            if req.grammar is not None:
-                req.grammar.accept(token)
-            received.append((req, index))
-        return received
-
-    def _hand_out(self, received: list[tuple[Request, int]], decisions: list[Decision]) -> list[RequestOutput]:
-        now = time.perf_counter()
-        return [self._accept_token(req, index, now, None, 0, decisions) for req, index in received]
+            outputs.append(self._accept_token(req, index, now, None, 0, decisions))
+        return outputs
 
     def _fail_batch(self, err: Exception, outputs: list[RequestOutput]) -> None:
         """Finish the failed step's requests (all running ones if scheduling itself failed) and

@@ -1,11 +1,11 @@
 """Structured output: grammars compiled off the step thread, one matcher per request, and the
 batch's token mask (xgrammar's bitmask) applied to the logits before sampling.
 
-A sampled token is only noted when the engine has it on the host (`RequestGrammar.accept`); building
-the next mask advances every row's matcher past its noted tokens and fills its row, in xgrammar's
-batch calls (mask_fill.py). With overlapped steps that happens after this step's forward is launched
-and the previous tokens are read back, while the GPU computes, on the mask thread while the step
-thread hands those tokens out; the sampling is queued behind the mask's upload.
+A sampled token is only noted when the engine hands it over (`RequestGrammar.accept`); building the
+next mask advances every row's matcher past its noted tokens and fills its row, in xgrammar's batch
+calls (mask_fill.py). With overlapped steps that happens after this step's forward is launched
+and the previous tokens are read back, while the GPU computes; the sampling is queued behind the
+mask's upload.
 
 A JSON schema's or a regex's matcher is advanced by each token's text, not its id: xgrammar 0.2.9's
 accept_token looks the id up in the tokenizer's special ids one by one (a model's reserved ids are
@@ -26,14 +26,14 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from ..sampling_params import xgrammar_grammar
-from .mask_fill import ROWS_PER_THREAD, BitmaskBuffer, MaskFiller, MaskThread
+from .mask_fill import ROWS_PER_THREAD, BitmaskBuffer, MaskFiller
 
 MAX_CACHED_GRAMMARS = 256
 # Kinds whose grammars xgrammar builds from characters only: no token-level elements, so accepting
@@ -68,7 +68,6 @@ class GrammarCompiler:
         self._mask_threads = mask_threads  # None: from torch's thread count at the first mask
         self._rows_per_thread = rows_per_thread
         self._filler: MaskFiller | None = None  # built with the first mask (it imports xgrammar)
-        self._mask_thread: MaskThread | None = None  # started with the first mask built in the background
         self._bitmask: BitmaskBuffer | None = None
         self._tokenizer = tokenizer
         self._stop_token_ids = sorted(stop_token_ids)
@@ -105,24 +104,14 @@ class GrammarCompiler:
                                   kind in TEXT_LEVEL_KINDS)
 
     def mask(self, requests: Sequence, rows: Sequence = ()) -> TokenMask | None:
-        """The mask of a step's sampling rows (Requests), built on this thread: start_mask and its
-        finish in one."""
-        building = self.start_mask(requests)
-        return building.finish(rows) if building is not None else None
-
-    def start_mask(self, requests: Sequence, in_background: bool = False) -> MaskBuild | None:
-        """Start building the mask of a step's sampling rows (Requests); None when none is
-        constrained: unconstrained batches pay nothing. Each constrained row's matcher first
-        consumes the tokens noted since the last mask. Finished requests, and those whose grammar
-        just ended on a stop token (they finish when that token is handed out), are not masked:
-        their next token is dropped anyway. `in_background`: the accepts and the fill run on the
-        mask thread (mask_fill.MaskThread), and this thread is free until `finish`."""
-        constrained = [i for i, r in enumerate(requests)
-                       if r.grammar is not None and not r.finished and not r.grammar.terminated]
+        """The mask of a step's sampling rows (Requests), None when none is constrained: unconstrained
+        batches pay nothing. Each constrained row's matcher first consumes the tokens noted since
+        the last mask. Finished requests (stopped on a token read back late) are not masked: their
+        token is dropped anyway. `rows` (the step's BatchRows, for listeners) are told how many
+        tokens each constrained row's mask allowed."""
+        constrained = [i for i, r in enumerate(requests) if r.grammar is not None and not r.finished]
         if not constrained:
             return None
-        if self._mask_thread is not None:
-            self._mask_thread.wait_idle()
         if self._filler is None:
             # xgrammar's "auto" counts the host's cores; in a container with a CPU quota that oversubscribes.
             threads = self._mask_threads or max(1, min(8, torch.get_num_threads()))
@@ -134,13 +123,17 @@ class GrammarCompiler:
         texts = self._token_texts  # set before any grammar was ready
         token_ids = [g.take_unaccepted() for g in grammars]  # kept for the error: inputs may be texts
         inputs = [g.matcher_inputs(ids, texts) for g, ids in zip(grammars, token_ids)]
-        ids = [requests[i].request_id for i in constrained]
-        if not in_background:
-            refused = self._filler.run(matchers, inputs, mask.bitmask, constrained)
-            return MaskBuild(mask, ids, token_ids, lambda: refused)
-        if self._mask_thread is None:
-            self._mask_thread = MaskThread(self._filler)
-        return MaskBuild(mask, ids, token_ids, self._mask_thread.start(matchers, inputs, mask.bitmask, constrained).result)
+        refused = self._filler.run(matchers, inputs, mask.bitmask, constrained)
+        if refused:
+            i = refused[0]
+            raise RuntimeError(f"{requests[constrained[i]].request_id}: one of tokens {token_ids[i]} passed the "
+                               "grammar's mask but the grammar refused it: this is a bug")
+        if rows:
+            allowed = mask.allowed_counts()
+            by_id = {requests[i].request_id: n for i, n in allowed.items()}
+            for row in rows:
+                row.allowed_tokens = by_id.get(row.request_id)
+        return mask
 
     def wait_for_pending(self, timeout: float) -> None:
         """Block up to `timeout` seconds until a compile in progress finishes (for an engine with
@@ -151,8 +144,6 @@ class GrammarCompiler:
             concurrent.futures.wait(pending, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def close(self) -> None:
-        if self._mask_thread is not None:
-            self._mask_thread.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -222,33 +213,6 @@ class RequestGrammar:
         """What the matcher is given for `token_ids`: each token's text (texts: token_texts()) where
         the matcher is text-level and the token has one; its id otherwise (special, stop, empty text)."""
         return [texts[t] or t for t in token_ids] if self._text_level and token_ids else token_ids
-
-
-class MaskBuild:
-    """A mask whose rows are being filled; `finish` waits for them."""
-
-    def __init__(self, mask: TokenMask, request_ids: list[str], token_ids: list[list[int]],
-                 refused: Callable[[], list[int]]):
-        self._mask = mask
-        self._request_ids = request_ids  # of the constrained rows, in mask.rows order
-        self._token_ids = token_ids  # what each constrained row's matcher was given, for the error
-        self._refused = refused
-
-    def finish(self, rows: Sequence = ()) -> TokenMask:
-        """The filled mask. `rows` (the step's BatchRows, for listeners) are told how many tokens
-        each constrained row's mask allowed."""
-        refused = self._refused()
-        if refused:
-            i = refused[0]
-            raise RuntimeError(f"{self._request_ids[i]}: one of tokens {self._token_ids[i]} passed the grammar's "
-                               "mask but the grammar refused it: this is a bug")
-        mask = self._mask
-        if rows:
-            allowed = mask.allowed_counts()
-            by_id = {request_id: allowed[row] for row, request_id in zip(mask.rows, self._request_ids)}
-            for row in rows:
-                row.allowed_tokens = by_id.get(row.request_id)
-        return mask
 
 
 class TokenMask:

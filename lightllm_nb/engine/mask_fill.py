@@ -15,9 +15,7 @@ pool on every call (~30 us a thread), so a batch gets one thread per ROWS_PER_TH
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,10 +40,10 @@ class MaskFiller:
         return max(1, min(self.max_threads, rows // self.rows_per_thread))
 
     def run(self, matchers: Sequence, tokens: Sequence[Sequence[int | bytes]], bitmask: torch.Tensor,
-            rows: Sequence[int], before_fill: Callable[[], None] = lambda: None) -> list[int]:
+            rows: Sequence[int]) -> list[int]:
         """Matcher i accepts tokens[i] (each an id, or a text where that gives the same state: see
-        grammar.py), then fills bitmask row rows[i]; `before_fill` is called between the two. Returns
-        the indices i whose matcher refused one of its tokens (their rows are left as they were)."""
+        grammar.py), then fills bitmask row rows[i]. Returns the indices i whose matcher refused one
+        of its tokens (their rows are left as they were)."""
         refused: set[int] = set()
         # A matcher normally has one new token per step (none before its first); accept the k-th
         # tokens of every matcher that has one in one call per kind (ids, texts), then ask the
@@ -60,81 +58,10 @@ class MaskFiller:
                     if 0 in accepted:  # a bug, reported by the caller
                         refused.update(i for i, ok in zip(taking, accepted) if not ok)
         filling = [i for i in range(len(matchers)) if i not in refused]
-        before_fill()
         if filling:
             filler = self._fillers[self.threads_for(len(filling))]
             filler.batch_fill_next_token_bitmask([matchers[i] for i in filling], bitmask, [rows[i] for i in filling])
         return sorted(refused)
-
-
-class MaskThread:
-    """Runs a MaskFiller on a thread of its own, so that the step thread hands out the previous
-    step's tokens while the rows fill (overlapped steps on CUDA: both are host work between this
-    step's forward being launched and its sampling being queued).
-
-    xgrammar's fill lets go of the GIL while its C++ runs; its Python wrapper and the accepts
-    before it hold it. So `start` hands the GIL over: the step thread waits until the mask thread
-    is about to enter the fill, and gets the GIL back as soon as the fill lets go of it. Without
-    that wait, the mask thread would sit ready but GIL-less for up to Python's switch interval
-    (5 ms) while the step thread runs Python. Matchers and the bitmask belong to the mask thread
-    from `start` until `PendingFill.result` returns."""
-
-    def __init__(self, filler: MaskFiller):
-        self._filler = filler
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._latest: PendingFill | None = None
-
-    def wait_idle(self) -> None:
-        """Return once no fill runs: normally at once, as each step waits for its own; a step that
-        failed meanwhile may have left one running on the buffer the next one reuses."""
-        if self._latest is not None:
-            self._latest.done.wait()
-
-    def start(self, matchers: Sequence, tokens: Sequence[Sequence[int | bytes]], bitmask: torch.Tensor,
-              rows: Sequence[int]) -> PendingFill:
-        """MaskFiller.run(matchers, tokens, bitmask, rows), started on the mask thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="lightllm-nb-grammar-mask", daemon=True)
-            self._thread.start()
-        job = self._latest = PendingFill((matchers, tokens, bitmask, rows))
-        self._jobs.put(job)
-        job.filling.wait()
-        return job
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                job.refused = self._filler.run(*job.arguments, before_fill=job.filling.set)
-            except BaseException as err:  # handed to the step thread by result()
-                job.error = err
-            finally:
-                job.filling.set()
-                job.done.set()
-
-
-class PendingFill:
-    """A fill under way on the mask thread."""
-
-    def __init__(self, arguments: tuple):
-        self.arguments = arguments
-        self.filling = threading.Event()  # the accepts are done: the fill is about to start
-        self.done = threading.Event()
-        self.refused: list[int] = []
-        self.error: BaseException | None = None
-
-    def result(self) -> list[int]:
-        """MaskFiller.run's result, once the fill has finished."""
-        self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.refused
 
 
 class BitmaskBuffer:

@@ -20,7 +20,9 @@ class StepOutputs:
                       decisions: list[Decision]) -> RequestOutput:
         """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
         token = req.token_ids[index]
-        req.sampler.observe(token)  # (its grammar noted it when it reached the host)
+        req.sampler.observe(token)
+        if req.grammar is not None:
+            req.grammar.accept(token)  # noted; the next mask's threads advance the matcher
         if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})
