@@ -4,9 +4,8 @@
     python bench/step_phases.py --batches 1 4 --context 32 --json      # CPU smoke run, tiny random Llama
 
 An overlapped step hides the host's work behind the GPU's only while the host is quicker. This
-times each part of Engine.step on the host (schedule, prepare + launch, reading back the previous
-step's tokens and waiting for them, handing them out, starting the grammar mask and waiting for its
-fill, queuing the sampling, publishing) by wrapping the
+times each part of Engine.step on the host (schedule, prepare + launch, waiting for the previous
+step's tokens, handling them, the grammar mask, queuing the sampling, publishing) by wrapping the
 engine's own methods, and, on CUDA, takes the GPU's kernel timeline (torch.profiler) over the same
 steps: the time no kernel ran, per step, is what the host cost. With --json every request is under
 a JSON schema (bench/structured.py's long string), as issue 13's step-time rows are.
@@ -35,10 +34,9 @@ from engine_timing import add_model_options, bench_engine, check_full_batch  # n
 from structured import LONG_TEXT  # noqa: E402
 
 from lightllm_nb import Engine, SamplingParams  # noqa: E402
-from lightllm_nb.engine import grammar, inflight  # noqa: E402
+from lightllm_nb.engine import inflight  # noqa: E402
 
-PHASES = ("schedule", "runner.run", "receive", "tokens_wait", "hand_out", "mask_start", "mask_wait",
-          "sample_on_device", "publish")
+PHASES = ("schedule", "runner.run", "take_inflight", "tokens_wait", "grammar_mask", "sample_on_device", "publish")
 
 
 class PhaseClock:
@@ -63,15 +61,11 @@ class PhaseClock:
 def instrument(engine: Engine, clock: PhaseClock) -> None:
     engine.scheduler.schedule = clock.wrap("schedule", engine.scheduler.schedule)
     engine.runner.run = clock.wrap("runner.run", engine.runner.run)
-    engine._receive_inflight = clock.wrap("receive", engine._receive_inflight)
-    engine._hand_out = clock.wrap("hand_out", engine._hand_out)
-    # The mask: its start (the matchers' inputs, handing the fill to the mask thread) and the wait
-    # for the fill after the hand-out; the fill itself runs beside the hand-out.
-    engine.grammars.start_mask = clock.wrap("mask_start", engine.grammars.start_mask)
-    grammar.MaskBuild.finish = clock.wrap("mask_wait", grammar.MaskBuild.finish)
+    engine._take_inflight = clock.wrap("take_inflight", engine._take_inflight)
+    engine.grammars.mask = clock.wrap("grammar_mask", engine.grammars.mask)
     engine.sampler.sample_on_device = clock.wrap("sample_on_device", engine.sampler.sample_on_device)
     engine._publish = clock.wrap("publish", engine._publish)
-    # The wait for the GPU inside receive: every step makes a new InflightTokens.
+    # The wait for the GPU inside take_inflight: every step makes a new InflightTokens.
     inflight.InflightTokens.tokens = clock.wrap("tokens_wait", inflight.InflightTokens.tokens)
 
 
