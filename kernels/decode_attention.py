@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
-from .online_softmax import attend_kv_blocks, attention_output, check_attention_inputs
+from .online_softmax import attend_kv_blocks, attention_output, check_attention_inputs, fresh_softmax_state
 
 _BLOCK_N = 64
 # A split shorter than this spends more on launch and merge than it saves.
@@ -60,10 +60,11 @@ def _decode_split_kernel(
     heads = kv_head * group + offs_g
     q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=mask_gd, other=0.0)
 
+    acc, l_i, m_i = fresh_softmax_state(BLOCK_G, BLOCK_D)
     acc, l_i, m_i = attend_kv_blocks(
         q, offs_g, start, end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
         stride_ks, stride_vs, kv_head * stride_kh, kv_head * stride_vh, offs_d, mask_d, scale_log2,
-        ROWS=BLOCK_G, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
+        acc, l_i, m_i, BLOCK_N=BLOCK_N, CAUSAL=False, DOT_PRECISION=DOT_PRECISION)
 
     # A split past the end of its request's context stays empty: lse -inf, output 0.
     has_keys = l_i > 0

@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 
 from .dot_precision import dot_precision
-from .online_softmax import attend_kv_blocks, attention_output, check_attention_inputs
+from .online_softmax import (attend_kv_blocks, attend_visible_blocks, attention_output, check_attention_inputs,
+                             fresh_softmax_state)
 
 _BLOCK_M = 64
 _BLOCK_N = 64
@@ -47,14 +48,22 @@ def _prefill_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     positions = prefix + offs_m
 
-    # Keys past this block's last query are causally masked for every row: stop there. Blocks
-    # past the end of a shorter request (the grid is sized for the longest) do no work.
-    kv_end = tl.where(block_m * BLOCK_M < q_len, tl.minimum(kv_len, prefix + (block_m + 1) * BLOCK_M), 0)
-
-    acc, l_i, _ = attend_kv_blocks(
-        q, positions, 0, kv_end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
+    # Keys below the block's first query position, in whole blocks, are seen by every row: no mask.
+    # The rest, up to the block's last query (keys past it are masked for every row: stop there),
+    # is its diagonal. Blocks past the end of a shorter request (the grid is sized for the
+    # longest) do no work.
+    active = block_m * BLOCK_M < q_len
+    visible_end = tl.where(active, (prefix + block_m * BLOCK_M) // BLOCK_N * BLOCK_N, 0)
+    kv_end = tl.where(active, tl.minimum(kv_len, prefix + (block_m + 1) * BLOCK_M), 0)
+    acc, l_i, m_i = fresh_softmax_state(BLOCK_M, BLOCK_D)
+    acc, l_i, m_i = attend_visible_blocks(
+        q, 0, visible_end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
         stride_ks, stride_vs, kv_head * stride_kh, kv_head * stride_vh, offs_d, mask_d, scale_log2,
-        ROWS=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
+        acc, l_i, m_i, BLOCK_N=BLOCK_N, EVEN_D=BLOCK_D == HEAD_DIM, DOT_PRECISION=DOT_PRECISION)
+    acc, l_i, m_i = attend_kv_blocks(
+        q, positions, visible_end, kv_end, row, req_to_token_ptr, stride_req, k_cache_ptr, v_cache_ptr,
+        stride_ks, stride_vs, kv_head * stride_kh, kv_head * stride_vh, offs_d, mask_d, scale_log2,
+        acc, l_i, m_i, BLOCK_N=BLOCK_N, CAUSAL=True, DOT_PRECISION=DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
@@ -90,7 +99,9 @@ def prefill_attention(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_
         scale * _LOG2E, num_q_heads // num_kv_heads,
         HEAD_DIM=head_dim, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if block_d <= 64 else 8,
+        # Measured on an H200 (.. 2048 tokens, 32 heads): 4 warps and 2 stages beat 8 warps at head
+        # dim 128 (172 against 303 us) and 3 stages at every length up to 2048.
+        num_warps=4, num_stages=2,
     )
     return out
 

@@ -350,11 +350,15 @@ def test_prefill_attention_torch_matches_naive(dtype, num_q_heads, num_kv_heads,
 
 
 # (q heads, kv heads, head dim, q_lens, kv_lens): GQA 1 and 3; fresh prompts longer than one
-# q block (64); cached prefixes; q_len = 1 rows; lengths not multiples of the block sizes.
+# q block (64); cached prefixes; q_len = 1 rows; lengths not multiples of the block sizes; a
+# head dim short of its power of two (the loads of keys every row sees are masked then) with
+# several such key blocks before the diagonal, and a cached prefix ending 4 keys short of a key
+# block (the keys every row of a q block sees stop at that block's start, not at the next one).
 PREFILL_CASES = [
     (4, 4, 32, [70], [70]),
     (9, 3, 16, [1, 30, 5], [1, 30, 50]),
     (9, 3, 32, [20, 1, 66], [93, 77, 100]),
+    (4, 2, 24, [150, 12], [150, 200]),
 ]
 
 
