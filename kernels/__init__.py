@@ -2,7 +2,7 @@
 
 from .decode_attention import (decode_attention, decode_attention_torch, decode_num_splits,
                                decode_workspace_numel)
-from .decode_attention_cpu import decode_attention_cpu
+from .decode_attention_cpu import DecodeAttentionCPU, decode_attention_cpu
 from .gemv import GEMV_MAX_M, gemv, gemv_torch
 from .prefill_attention import prefill_attention, prefill_attention_torch
 from .rmsnorm import add_rmsnorm, add_rmsnorm_torch, norm_warps, rmsnorm, rmsnorm_torch
@@ -15,7 +15,8 @@ from .token_mask import apply_token_mask, apply_token_mask_torch
 
 __all__ = [
     "add_rmsnorm", "add_rmsnorm_cpu", "add_rmsnorm_torch", "apply_token_mask", "apply_token_mask_torch",
-    "decode_attention", "decode_attention_cpu", "decode_attention_torch", "decode_num_splits", "decode_workspace_numel",
+    "decode_attention", "DecodeAttentionCPU", "decode_attention_cpu", "decode_attention_torch",
+    "decode_num_splits", "decode_workspace_numel",
     "GEMV_MAX_M", "gemv", "gemv_torch", "norm_warps",
     "prefill_attention", "prefill_attention_torch", "rmsnorm", "rmsnorm_cpu", "rmsnorm_torch",
     "rotary_kv_write", "rotary_kv_write_cpu", "rotary_kv_write_torch",

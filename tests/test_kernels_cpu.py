@@ -1,16 +1,20 @@
 """The CPU path's kernels (kernels/*_cpu.py) against their twins, the oracles, on fresh random inputs:
 the same bits where the twin's own expressions are computed, float32 and float64 (the exactness
-tests' dtype) and bfloat16; decode attention's own tests are in test_kernels.py."""
+tests' dtype) and bfloat16; decode attention within tolerance (its single-call tests are in
+test_kernels.py), here the gather plan it keeps across a step's layers."""
+
+import math
 
 import pytest
 import torch
 
-from lightllm_nb.kernels import (add_rmsnorm_cpu, add_rmsnorm_torch, rmsnorm_cpu, rmsnorm_torch,
-                                 rotary_kv_write_cpu, rotary_kv_write_torch, silu_mul_cpu, silu_mul_torch)
+from lightllm_nb.kernels import (DecodeAttentionCPU, add_rmsnorm_cpu, add_rmsnorm_torch, decode_attention_torch,
+                                 rmsnorm_cpu, rmsnorm_torch, rotary_kv_write_cpu, rotary_kv_write_torch,
+                                 silu_mul_cpu, silu_mul_torch)
 from lightllm_nb.models.kernel_set import kernels_for
 # pytest puts tests/ on sys.path, so the kernel tests' input builders are shared, not copied.
 from test_fused_rotary_kv_write import _inputs, _run
-from test_kernels import _gen, _randn
+from test_kernels import CPU_ATTENTION_TOL, _fused_qkv, _gen, _kv_setup, _randn
 
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 SEEDS = range(3)
@@ -86,7 +90,41 @@ def test_rotary_kv_write_cpu_on_separate_tensors():
         _same(actual, wanted)
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_decode_attention_keeps_a_plan_only_while_its_inputs_stand(dtype):
+    """Layers of one step (other caches, other q) reuse the plan; new rows or lengths, a longer
+    context, or req_to_token written in place (the next step) each give the twin's result again."""
+    kv_lens = [5, 0, 17, 33, 9]
+    gen = _gen(600 + CPU_DTYPES.index(dtype))
+    k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, 3, 16, dtype)
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    scale = 1 / math.sqrt(16)
+    attention = DecodeAttentionCPU()
+
+    def check(k_cache, v_cache, req_rows, lens, longest):
+        _, q, _, _ = _fused_qkv(gen, len(lens), 9, 3, 16, dtype)
+        out = attention(q, k_cache, v_cache, req_to_token, req_rows, lens, scale, max_kv_len=longest)
+        expected = decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, lens, scale)
+        torch.testing.assert_close(out.double(), expected.double(), **CPU_ATTENTION_TOL[dtype])
+
+    check(k_cache, v_cache, req_rows, lens, 33)
+    plan = attention._plan
+    check(_randn(gen, *k_cache.shape, dtype=dtype), _randn(gen, *v_cache.shape, dtype=dtype), req_rows, lens, 33)
+    assert attention._plan is plan  # the next layer of the same step
+    check(k_cache, v_cache, req_rows, lens + 1, 34)  # the step after: one more token each
+    check(k_cache, v_cache, req_rows.flip(0), lens.flip(0), 34)  # other rows, in a new tensor
+    lens_in_place = lens.clone()
+    check(k_cache, v_cache, req_rows, lens_in_place, 33)
+    lens_in_place[2] = 4  # written in place, same tensor
+    check(k_cache, v_cache, req_rows, lens_in_place, 33)
+    req_to_token[req_rows[3], :33] = req_to_token[req_rows[3], :33].flip(0)  # a row remapped in place
+    check(k_cache, v_cache, req_rows, lens_in_place, 33)
+    assert attention._plan is not plan
+
+
 def test_the_cpu_kernel_set_uses_them():
     kernels = kernels_for(torch.device("cpu"))
     assert (kernels.rmsnorm, kernels.add_rmsnorm, kernels.rotary_kv_write, kernels.silu_mul) == (
         rmsnorm_cpu, add_rmsnorm_cpu, rotary_kv_write_cpu, silu_mul_cpu)
+    assert isinstance(kernels.decode_attention, DecodeAttentionCPU)
+    assert kernels_for(torch.device("cpu")).decode_attention is not kernels.decode_attention  # one per model
