@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightllm_nb.engine.sampler import RequestSampler, Sampler, _top_k_top_p_mask
+from lightllm_nb.engine.sampler import RequestSampler, Sampler, _top_k_top_p_mask, inverse_cdf
 from lightllm_nb.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -370,3 +370,18 @@ def test_a_batch_with_new_params_is_not_sampled_with_the_last_batchs_settings():
     any_token = SamplingParams(temperature=1e6)
     assert set(sampler.sample(logits, requests_for(*[any_token] * 64)).token_ids) != {3}
     assert sampler.sample(logits, requests_for(*[only_best] * 64)).token_ids == [3] * 64
+
+
+def test_the_cpus_inverse_cdf_draw_skips_tokens_of_no_probability_at_every_edge():
+    """The CPU's draw (one uniform number per row): a token of no probability is never chosen,
+    whether it sits first, between others or last, and whatever the uniform number, including
+    those whose product with the row's total rounds to the total itself."""
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0],
+                          [0.3, 0.0, 0.0, 0.7, 0.0],
+                          [0.0, 0.0, 0.0, 0.0, 2.0]])
+    below_one = 1 - 2 ** -24  # the largest float32 under 1: its product with a total may round up to it
+    for u in [0.0, 0.25, 0.3, 0.5, 0.9999, below_one, 1.0]:
+        drawn = inverse_cdf(probs, torch.full((3, 1), u)).tolist()
+        assert all(probs[row, token] > 0 for row, token in enumerate(drawn)), (u, drawn)
+    assert inverse_cdf(probs, torch.tensor([[0.49], [0.29], [0.0]])).tolist() == [1, 0, 4]
+    assert inverse_cdf(probs, torch.tensor([[0.5], [0.3], [0.7]])).tolist() == [3, 3, 4]
