@@ -1,20 +1,25 @@
 """The CPU path's kernels (kernels/*_cpu.py) against their twins, the oracles, on fresh random inputs:
 the same bits where the twin's own expressions are computed, float32 and float64 (the exactness
-tests' dtype) and bfloat16; decode attention within tolerance (its single-call tests are in
-test_kernels.py), here the gather plan it keeps across a step's layers."""
+tests' dtype) and bfloat16; attention within tolerance: prefill, and the gather plan decode attention
+keeps across a step's layers (its single-call tests are in test_kernels.py)."""
 
+import importlib
 import math
 
 import pytest
 import torch
 
 from lightllm_nb.kernels import (DecodeAttentionCPU, add_rmsnorm_cpu, add_rmsnorm_torch, decode_attention_torch,
-                                 rmsnorm_cpu, rmsnorm_torch, rotary_kv_write_cpu, rotary_kv_write_torch,
-                                 silu_mul_cpu, silu_mul_torch)
+                                 prefill_attention_cpu, prefill_attention_torch, rmsnorm_cpu, rmsnorm_torch,
+                                 rotary_kv_write_cpu, rotary_kv_write_torch, silu_mul_cpu, silu_mul_torch)
 from lightllm_nb.models.kernel_set import kernels_for
 # pytest puts tests/ on sys.path, so the kernel tests' input builders are shared, not copied.
 from test_fused_rotary_kv_write import _inputs, _run
-from test_kernels import CPU_ATTENTION_TOL, _fused_qkv, _gen, _kv_setup, _randn
+from test_kernels import CPU_ATTENTION_TOL, PREFILL_CASES, _fused_qkv, _gen, _kv_setup, _randn
+
+# (q heads, kv heads, head dim, chunk lengths, context lengths): test_kernels' cases, and a step of
+# many chunks, one of them empty and one a single token.
+CPU_PREFILL_CASES = PREFILL_CASES + [(9, 3, 64, [44, 0, 37, 1, 12, 30], [44, 20, 90, 60, 12, 31])]
 
 CPU_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 SEEDS = range(3)
@@ -122,9 +127,33 @@ def test_decode_attention_keeps_a_plan_only_while_its_inputs_stand(dtype):
     assert attention._plan is not plan
 
 
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("case", range(len(CPU_PREFILL_CASES)))
+@pytest.mark.parametrize("padded_limit", [None, 0])
+def test_prefill_attention_cpu_matches_the_twin(monkeypatch, dtype, case, padded_limit):
+    """Into the prefill rows of a step's output (decode rows first), nothing written outside them;
+    padded_limit 0 takes the twin's path, as a step too large to pad does."""
+    if padded_limit is not None:
+        module = importlib.import_module("lightllm_nb.kernels.prefill_attention_cpu")
+        monkeypatch.setattr(module, "PADDED_MASK_ELEMENTS", padded_limit)
+    heads, kv_heads, head_dim, chunks, contexts = CPU_PREFILL_CASES[case]
+    gen = _gen(700 + 10 * case + CPU_DTYPES.index(dtype))
+    cache_args = _kv_setup(gen, contexts, kv_heads, head_dim, dtype)  # k_cache, v_cache, req_to_token, req_rows
+    q = _fused_qkv(gen, sum(chunks), heads, kv_heads, head_dim, dtype)[1]
+    args = (q, *cache_args, torch.tensor([0] + chunks).cumsum(0).int(),
+            torch.tensor(contexts, dtype=(torch.int64, torch.int32)[case % 2]), head_dim ** -0.5)
+    expected = prefill_attention_torch(*args)
+    step_out = torch.full((2 + q.shape[0],) + q.shape[1:], float("nan"), dtype=dtype)
+    out = prefill_attention_cpu(*args, max(chunks) if case % 2 else None, out=step_out[2:])
+    assert out.data_ptr() == step_out[2:].data_ptr()
+    torch.testing.assert_close(out.double(), expected.double(), **CPU_ATTENTION_TOL[dtype])
+    assert step_out[:2].isnan().all()
+
+
 def test_the_cpu_kernel_set_uses_them():
     kernels = kernels_for(torch.device("cpu"))
     assert (kernels.rmsnorm, kernels.add_rmsnorm, kernels.rotary_kv_write, kernels.silu_mul) == (
         rmsnorm_cpu, add_rmsnorm_cpu, rotary_kv_write_cpu, silu_mul_cpu)
     assert isinstance(kernels.decode_attention, DecodeAttentionCPU)
+    assert kernels.prefill_attention is prefill_attention_cpu
     assert kernels_for(torch.device("cpu")).decode_attention is not kernels.decode_attention  # one per model

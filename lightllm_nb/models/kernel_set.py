@@ -28,7 +28,7 @@ def kernels_for(device: torch.device) -> KernelSet:
                          k.decode_attention, k.prefill_attention)
     # The twins are written to be read (and to be the Triton kernels' oracles); on the CPU each of
     # their torch calls costs the step real time, so equivalents with fewer calls, tested against the
-    # twins, run instead (kernels/*_cpu.py). Prefill attention runs once per prompt chunk: the twin.
-    # Decode attention keeps a step's gather plan for the step's later layers: one per kernel set.
+    # twins, run instead (kernels/*_cpu.py). Decode attention keeps a step's gather plan for the
+    # step's later layers: one per kernel set.
     return KernelSet("torch", k.rmsnorm_cpu, k.add_rmsnorm_cpu, k.rotary_kv_write_cpu, k.silu_mul_cpu,
-                     k.DecodeAttentionCPU(), k.prefill_attention_torch)
+                     k.DecodeAttentionCPU(), k.prefill_attention_cpu)
