@@ -14,6 +14,7 @@ otherwise idle machine: the "alone" rows are the baseline.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import subprocess
 import sys
@@ -28,9 +29,11 @@ NEIGHBOUR = ("import torch, sys\ntorch.set_num_threads(int(sys.argv[1]))\na = to
              "while True:\n    a @ a\n")
 
 
-def tok_s(engine: Engine, streams: int, tokens: int) -> float:
+def tok_s(engine: Engine, streams: int, tokens: int, run: int) -> float:
+    """Greedy tok/s of `streams` prompts that no earlier run sent (no prefix-cache hits past the
+    template: every run prefills and decodes the same amount)."""
     sampling = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-    prompts = [f"Write a short story about lighthouse number {i}." for i in range(streams)]
+    prompts = [f"Run {run}: write a short story about lighthouse number {i}." for i in range(streams)]
     t = time.perf_counter()
     engine.generate(prompts, sampling, progress=False)
     return streams * tokens / (time.perf_counter() - t)
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     cpus = usable_cpus()
+    run_ids = itertools.count()
     rows = []
     for threads in range(1, cpus + 1):
         # A running thread keeps the torch thread count it started with: a new engine (and driver
@@ -54,9 +58,9 @@ def main() -> None:
             try:
                 if proc:
                     time.sleep(2)  # let it start multiplying
-                tok_s(engine, 1, 4)  # warm-up at this thread count
+                tok_s(engine, 1, 4, run=-1)  # warm-up at this thread count
                 for streams in args.streams:
-                    runs = [tok_s(engine, streams, args.tokens) for _ in range(args.repeats)]
+                    runs = [tok_s(engine, streams, args.tokens, next(run_ids)) for _ in range(args.repeats)]
                     median = statistics.median(runs)
                     rows.append((threads, "beside a neighbour" if neighbour else "alone", streams, median,
                                  median / min(runs)))

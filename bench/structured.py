@@ -12,8 +12,7 @@ grammar's masks depend on). Three configurations per batch:
   - json, overlapped: every request under a JSON schema whose one string field must run long
     (minLength), so random weights cannot finish it early and the batch stays full while it is
     timed. A constrained batch reads the previous tokens back after launching its forward and
-    fills the mask while the GPU computes (on the mask thread, while the step thread hands the
-    tokens out); its sampling waits for the mask.
+    fills the mask while the GPU computes; its sampling waits for the mask.
 Each configuration runs --repeats times, interleaved, and the table gives the median (one run's
 batch-128 JSON step moved by ~10% between runs of the same code).
 Then the compile time of the three test schemas, cold (a fresh compiler) and cached, and the host
