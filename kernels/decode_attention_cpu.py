@@ -35,9 +35,9 @@ ONE_THREAD_ELEMENTS = 1 << 20
 
 def decode_attention_cpu(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale,
                          max_kv_len=None, num_splits=None, workspace=None, split_counters=None, out=None):
-    """decode_attention's contract (tuning arguments are ignored): q [B, Hq, D], caches [S, Hkv, D],
-    req_to_token [R, max_ctx], req_rows [B], kv_lens [B] (0 gives a zero output)."""
-    return _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, max_kv_len, out, None)[0]
+    """decode_attention's contract (max_kv_len and the tuning arguments are ignored): q [B, Hq, D],
+    caches [S, Hkv, D], req_to_token [R, max_ctx], req_rows [B], kv_lens [B] (0 gives a zero output)."""
+    return _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, out, None, keep=False)[0]
 
 
 @dataclass(frozen=True)
@@ -55,42 +55,55 @@ class DecodeAttentionCPU:
     """decode_attention_cpu for one model's steps: the gather plan made at a step's first layer is
     kept for the layers after it, as long as the same tensors come in, unchanged (torch's version
     counter: the engine makes fresh index tensors each step and writes req_to_token through torch;
-    a tensor changed behind torch's back, through numpy, would not be seen)."""
+    a tensor changed behind torch's back, through numpy or `.data`, would not be seen: its inputs must
+    be fresh tensors or written through torch). Inference tensors (an engine made under
+    torch.inference_mode) keep no version counter: their plan is made again at every layer."""
 
     def __init__(self):
         self._plan: GatherPlan | None = None
 
     def __call__(self, q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale,
                  max_kv_len=None, num_splits=None, workspace=None, split_counters=None, out=None):
-        out, self._plan = _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, max_kv_len, out,
-                                  self._plan)
+        out, self._plan = _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, out, self._plan,
+                                  keep=True)
         return out
 
 
-def _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, max_kv_len, out, plan):
-    """(attention output, the gather plan it used: `plan` where it still fits, else a new one)."""
+def _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, out, plan, keep):
+    """(attention output, the gather plan to keep: `plan` where it still fits, else a new one; None
+    where not `keep` or the inputs cannot be told apart from later ones)."""
     batch, _, head_dim = q.shape
     check_attention_inputs(q, k_cache, v_cache, req_to_token)
     out = attention_output(q, out)
-    longest = int(max_kv_len) if max_kv_len is not None else int(kv_lens.max()) if batch else 0
+    # These rows' own longest context, not the caller's max_kv_len (a mixed step's longest row, maybe
+    # a prefill's, which every decode row would be padded to): on the CPU the max costs no sync.
+    longest = int(kv_lens.max()) if batch else 0
     if batch == 0 or longest == 0:
         return out.zero_(), plan
     threads = torch.get_num_threads()
     if threads == 1 or batch * longest * k_cache.shape[1] * head_dim > ONE_THREAD_ELEMENTS:
-        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan)
+        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep)
     torch.set_num_threads(1)
     try:
-        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan)
+        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep)
     finally:
         torch.set_num_threads(threads)
 
 
-def _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan):
+def _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep):
     inputs = (req_to_token, req_rows, kv_lens)
-    key = (longest, q.dtype) + tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in inputs)
-    if plan is None or plan.key != key:
+    key = _plan_key(inputs, longest, q.dtype) if keep else None
+    if key is None or plan is None or plan.key != key:
         plan = _gather_plan(inputs, longest, q.dtype, key)
-    return _attend(q, k_cache, v_cache, plan, longest, scale, out), plan
+    return _attend(q, k_cache, v_cache, plan, longest, scale, out), plan if key is not None else None
+
+
+def _plan_key(inputs, longest, dtype) -> tuple | None:
+    """What a plan was made from: the inputs' address, layout and version; None for inference
+    tensors, which have no version."""
+    if any(t.is_inference() for t in inputs):
+        return None
+    return (longest, dtype) + tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in inputs)
 
 
 def _gather_plan(inputs, longest, dtype, key) -> GatherPlan:

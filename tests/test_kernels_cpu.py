@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from lightllm_nb.kernels import (DecodeAttentionCPU, add_rmsnorm_cpu, add_rmsnorm_torch, decode_attention_torch,
-                                 prefill_attention_cpu, prefill_attention_torch, rmsnorm_cpu, rmsnorm_torch,
-                                 rotary_kv_write_cpu, rotary_kv_write_torch, silu_mul_cpu, silu_mul_torch)
+from lightllm_nb.kernels import (DecodeAttentionCPU, add_rmsnorm_cpu, add_rmsnorm_torch, decode_attention_cpu,
+                                 decode_attention_torch, prefill_attention_cpu, prefill_attention_torch, rmsnorm_cpu,
+                                 rmsnorm_torch, rotary_kv_write_cpu, rotary_kv_write_torch, silu_mul_cpu,
+                                 silu_mul_torch)
 from lightllm_nb.models.kernel_set import kernels_for
 # pytest puts tests/ on sys.path, so the kernel tests' input builders are shared, not copied.
 from test_fused_rotary_kv_write import _inputs, _run
@@ -122,9 +123,35 @@ def test_decode_attention_keeps_a_plan_only_while_its_inputs_stand(dtype):
     check(k_cache, v_cache, req_rows, lens_in_place, 33)
     lens_in_place[2] = 4  # written in place, same tensor
     check(k_cache, v_cache, req_rows, lens_in_place, 33)
-    req_to_token[req_rows[3], :33] = req_to_token[req_rows[3], :33].flip(0)  # a row remapped in place
+    # A row remapped in place to other slots (not a reordering: attention is blind to key order).
+    req_to_token[req_rows[3], :33] = (req_to_token[req_rows[3], :33] + 1) % k_cache.shape[0]
     check(k_cache, v_cache, req_rows, lens_in_place, 33)
+    rows_in_place = req_rows.clone()
+    check(k_cache, v_cache, rows_in_place, lens_in_place, 33)
+    rows_in_place[[0, 3]] = rows_in_place[[3, 0]]  # two rows swapped in place, same tensor
+    check(k_cache, v_cache, rows_in_place, lens_in_place, 33)
     assert attention._plan is not plan
+    # The rows' own longest context, whatever longer one the caller names (a mixed step's prefill).
+    check(k_cache, v_cache, req_rows, lens_in_place, 4000)
+    assert attention._plan.slots.numel() == len(kv_lens) * int(lens_in_place.max())
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_decode_attention_takes_inference_tensors(dtype):
+    """An engine made under torch.inference_mode hands in tensors with no version counter: no plan
+    is kept for them, and the results are still the twin's."""
+    kv_lens = [5, 0, 17]
+    gen = _gen(650 + CPU_DTYPES.index(dtype))
+    with torch.inference_mode():
+        k_cache, v_cache, req_to_token, req_rows = _kv_setup(gen, kv_lens, 3, 16, dtype)
+        lens = torch.tensor(kv_lens, dtype=torch.int32)
+        _, q, _, _ = _fused_qkv(gen, len(kv_lens), 9, 3, 16, dtype)
+        expected = decode_attention_torch(q, k_cache, v_cache, req_to_token, req_rows, lens, 0.25)
+        attention = DecodeAttentionCPU()
+        for attend in (attention, decode_attention_cpu):
+            out = attend(q, k_cache, v_cache, req_to_token, req_rows, lens, 0.25)
+            torch.testing.assert_close(out.double(), expected.double(), **CPU_ATTENTION_TOL[dtype])
+        assert attention._plan is None
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
