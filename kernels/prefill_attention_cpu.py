@@ -26,7 +26,9 @@ PADDED_MASK_ELEMENTS = 1 << 22
 def prefill_attention_cpu(q, k_cache, v_cache, req_to_token, req_rows, q_starts, kv_lens, scale,
                           max_q_len=None, out=None):
     """prefill_attention's contract: q [T, Hq, D] (request b's tokens are [q_starts[b], q_starts[b+1])),
-    caches [S, Hkv, D], req_to_token [R, max_ctx], req_rows [B], kv_lens [B] (context after the chunk)."""
+    caches [S, Hkv, D], req_to_token [R, max_ctx], req_rows [B], kv_lens [B] (context after the chunk);
+    q_starts[0] must be 0 (the model's calls: its prefill rows are passed as their own q), which the
+    twin does not need."""
     batch = req_rows.shape[0]
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
