@@ -47,6 +47,7 @@ class GatherPlan:
     while it lives: `key` names them by address, layout and version)."""
     slots: torch.Tensor
     mask: torch.Tensor
+    longest: int  # L: the rows' longest context
     inputs: tuple
     key: tuple
 
@@ -75,48 +76,58 @@ def _decode(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, scale, out, pl
     batch, _, head_dim = q.shape
     check_attention_inputs(q, k_cache, v_cache, req_to_token)
     out = attention_output(q, out)
-    # These rows' own longest context, not the caller's max_kv_len (a mixed step's longest row, maybe
-    # a prefill's, which every decode row would be padded to): on the CPU the max costs no sync.
-    longest = int(kv_lens.max()) if batch else 0
-    if batch == 0 or longest == 0:
-        return out.zero_(), plan
+    if batch == 0:
+        return out, plan
+    inputs = (req_to_token, req_rows, kv_lens)
+    key = _plan_key(inputs, q.dtype) if keep else None
+    if key is None or plan is None or plan.key != key:
+        plan = _on_one_thread(_gather_plan, inputs, q.dtype, key)  # [B, L] elements: always small
+    kept = plan if key is not None else None
+    if plan.longest == 0:
+        return out.zero_(), kept
+    if batch * plan.longest * k_cache.shape[1] * head_dim <= ONE_THREAD_ELEMENTS:
+        _on_one_thread(_attend, q, k_cache, v_cache, plan, scale, out)
+    else:
+        _attend(q, k_cache, v_cache, plan, scale, out)
+    return out, kept
+
+
+def _on_one_thread(fn, *args):
+    """fn(*args) with torch on one thread, its count put back after."""
     threads = torch.get_num_threads()
-    if threads == 1 or batch * longest * k_cache.shape[1] * head_dim > ONE_THREAD_ELEMENTS:
-        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep)
+    if threads == 1:
+        return fn(*args)
     torch.set_num_threads(1)
     try:
-        return _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep)
+        return fn(*args)
     finally:
         torch.set_num_threads(threads)
 
 
-def _planned(q, k_cache, v_cache, req_to_token, req_rows, kv_lens, longest, scale, out, plan, keep):
-    inputs = (req_to_token, req_rows, kv_lens)
-    key = _plan_key(inputs, longest, q.dtype) if keep else None
-    if key is None or plan is None or plan.key != key:
-        plan = _gather_plan(inputs, longest, q.dtype, key)
-    return _attend(q, k_cache, v_cache, plan, longest, scale, out), plan if key is not None else None
-
-
-def _plan_key(inputs, longest, dtype) -> tuple | None:
+def _plan_key(inputs, dtype) -> tuple | None:
     """What a plan was made from: the inputs' address, layout and version; None for inference
     tensors, which have no version."""
     if any(t.is_inference() for t in inputs):
         return None
-    return (longest, dtype) + tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in inputs)
+    return (dtype,) + tuple((t.data_ptr(), t.dtype, t.shape, t.stride(), t._version) for t in inputs)
 
 
-def _gather_plan(inputs, longest, dtype, key) -> GatherPlan:
+def _gather_plan(inputs, dtype, key) -> GatherPlan:
     # Indexing takes int32 rows, slots and lengths as they come: no int64 copies.
     req_to_token, req_rows, kv_lens = inputs
+    # These rows' own longest context, not the caller's max_kv_len (a mixed step's longest row, maybe
+    # a prefill's, which every decode row would be padded to): on the CPU the max costs no sync, and
+    # with the plan kept it is taken once a step, not once a layer.
+    longest = int(kv_lens.max())
     padding = torch.arange(longest, device=kv_lens.device) >= kv_lens[:, None]           # [B, L]
     slots = req_to_token[req_rows, :longest].masked_fill_(padding, 0)
     mask = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill_(padding, float("-inf"))
-    return GatherPlan(slots.view(-1), mask[:, None, None, :], inputs, key)
+    return GatherPlan(slots.view(-1), mask[:, None, None, :], longest, inputs, key)
 
 
-def _attend(q, k_cache, v_cache, plan, longest, scale, out):
+def _attend(q, k_cache, v_cache, plan, scale, out):
     batch, num_q_heads, head_dim = q.shape
+    longest = plan.longest
     num_kv_heads = k_cache.shape[1]
     k = k_cache.index_select(0, plan.slots).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, plan.slots).view(batch, longest, num_kv_heads, head_dim).transpose(1, 2)
