@@ -23,7 +23,9 @@ without the add_rmsnorm launch after each.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .dependent_launch import dependent_launch
 from .rmsnorm import add_rmsnorm_torch, norm_row
 from .silu_mul import silu_mul_torch
 
@@ -39,6 +41,7 @@ def _gemv_kernel(
     residual_ptr, norm_weight_ptr, normed_ptr, stride_rm, stride_nm, eps,
     HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SPLIT: tl.constexpr, ADD_RMSNORM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     col_block = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,6 +55,9 @@ def _gemv_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    if PDL:  # x comes from the kernel before this one (loading weights first compiled to a slower loop)
+        gdc_launch_dependents()
+        gdc_wait()
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
@@ -114,7 +120,7 @@ def _add_rmsnorm_when_last(out_ptr, counters_ptr, stride_om, M, N, residual_ptr,
 
 
 def gemv(x, weight, bias=None, *, swiglu=False, add_rmsnorm=None, split_counters=None, block_n=16, block_k=512,
-         split_k=1, num_warps=4):
+         split_k=1, num_warps=4, pdl=False):
     """x [M, K] (M <= GEMV_MAX_M, rows may be strided) @ weight [N, K]^T + bias [N] -> [M, N] in x.dtype.
 
     swiglu: x is [M, 2K] = [gate | up] and silu(gate) * up takes its place. add_rmsnorm:
@@ -124,6 +130,7 @@ def gemv(x, weight, bias=None, *, swiglu=False, add_rmsnorm=None, split_counters
     dtype (no TF32). block_n, block_k, split_k and num_warps only tune speed. split_counters:
     optional int32 tensor of at least ceil(N / block_n) + 1 zeros, which the launch leaves zero
     again, so one tensor serves every call (without it a call that needs counters zeroes new ones).
+    pdl: launch with programmatic dependent launch where the card has it (kernels/dependent_launch.py).
     """
     m = x.shape[0]
     n, k = weight.shape
@@ -155,13 +162,15 @@ def gemv(x, weight, bias=None, *, swiglu=False, add_rmsnorm=None, split_counters
     elif split_counters.dtype != torch.int32 or split_counters.numel() < counters:
         raise ValueError(f"split_counters must be an int32 tensor of at least {counters} zeros "
                          f"(ceil(N / block_n) + 1), got {split_counters.dtype} with {split_counters.numel()}")
+    pdl = dependent_launch(pdl, x)
     _gemv_kernel[(col_blocks, splits)](
         x, weight, bias if bias is not None else x, out, parts, split_counters,
         x.stride(0), weight.stride(0), out.stride(0), m, n, k, k_per_split, splits,
         residual, norm_weight, normed, residual.stride(0), normed.stride(0), eps,
         HAS_BIAS=bias is not None, SWIGLU=swiglu, SPLIT=splits > 1, ADD_RMSNORM=add_rmsnorm is not None,
         BLOCK_M=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_ROW=triton.next_power_of_2(n) if add_rmsnorm is not None else 1, num_warps=num_warps)
+        BLOCK_ROW=triton.next_power_of_2(n) if add_rmsnorm is not None else 1, PDL=pdl, num_warps=num_warps,
+        launch_pdl=pdl)
     return (normed, residual) if add_rmsnorm is not None else out
 
 

@@ -8,6 +8,9 @@ multiply by the weight, so the Triton path, the torch path and HF agree to the l
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .dependent_launch import dependent_launch
 
 
 @triton.jit
@@ -38,8 +41,11 @@ def _rmsnorm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     stride_x, stride_residual, stride_out,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # everything this kernel reads may come from the one before it
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     norm_row(x_ptr + row * stride_x, residual_ptr + row * stride_residual, weight_ptr, out_ptr + row * stride_out,
              hidden, eps, HAS_RESIDUAL, BLOCK_H)
@@ -50,16 +56,17 @@ def norm_warps(hidden: int) -> int:
     return min(16, max(1, triton.next_power_of_2(hidden) // 512))
 
 
-def _launch(x, residual, weight, eps, out):
+def _launch(x, residual, weight, eps, out, pdl):
     rows, hidden = out.shape
     if rows == 0:
         return
     block = triton.next_power_of_2(hidden)
+    pdl = dependent_launch(pdl, out)
     _rmsnorm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, out,
         x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_H=block, num_warps=norm_warps(hidden),
+        HAS_RESIDUAL=residual is not None, BLOCK_H=block, PDL=pdl, num_warps=norm_warps(hidden), launch_pdl=pdl,
     )
 
 
@@ -69,22 +76,23 @@ def _check_rows(name, t, hidden):
                          f"got shape {tuple(t.shape)} strides {t.stride()}")
 
 
-def rmsnorm(x, weight, eps):
-    """x [T, H], weight [H] -> x / rms(x) * weight, in x.dtype."""
+def rmsnorm(x, weight, eps, pdl=False):
+    """x [T, H], weight [H] -> x / rms(x) * weight, in x.dtype. pdl: programmatic dependent
+    launch where the card has it (kernels/dependent_launch.py)."""
     _check_rows("x", x, weight.shape[0])
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _launch(x, None, weight, eps, out)
+    _launch(x, None, weight, eps, out, pdl)
     return out
 
 
-def add_rmsnorm(x, residual, weight, eps):
-    """residual += x in place (residual dtype); returns (rmsnorm(residual), residual)."""
+def add_rmsnorm(x, residual, weight, eps, pdl=False):
+    """residual += x in place (residual dtype); returns (rmsnorm(residual), residual). pdl: as rmsnorm's."""
     _check_rows("x", x, weight.shape[0])
     _check_rows("residual", residual, weight.shape[0])
     if x.shape != residual.shape:
         raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
     out = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    _launch(x, residual, weight, eps, out)
+    _launch(x, residual, weight, eps, out, pdl)
     return out, residual
 
 

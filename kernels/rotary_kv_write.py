@@ -12,6 +12,9 @@ head dim must be contiguous.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .dependent_launch import dependent_launch
 
 
 @triton.jit
@@ -38,8 +41,11 @@ def _rotary_kv_write_kernel(
     stride_kcs, stride_kch, stride_vcs, stride_vch,
     num_q_heads, num_kv_heads,
     HEAD_DIM: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_KV_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_KV_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # q, k and v come from the kernel before this one
+        gdc_launch_dependents()
+        gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     # 64-bit: slot * stride passes 2^31 elements on large cards.
@@ -60,10 +66,11 @@ def _rotary_kv_write_kernel(
              v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots):
+def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots, pdl=False):
     """Rotate q [T, Hq, D] in place and write rotated k and v [T, Hkv, D] to k_cache/v_cache
     [S, Hkv, D] at slots [T] (int32 or int64), by cos/sin [max_pos, D//2] rows at positions [T].
-    k is not changed."""
+    k is not changed. pdl: programmatic dependent launch where the card has it
+    (kernels/dependent_launch.py)."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache)):
@@ -75,6 +82,7 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots):
     half = head_dim // 2
     block_half = triton.next_power_of_2(half)
     block_h = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, 4096 // block_half))
+    pdl = dependent_launch(pdl, q)
     _rotary_kv_write_kernel[(tokens,)](
         q, k, v, positions, cos, sin, slots, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
@@ -82,6 +90,7 @@ def rotary_kv_write(q, k, v, positions, cos, sin, k_cache, v_cache, slots):
         num_q_heads, num_kv_heads,
         HEAD_DIM=head_dim, HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
         BLOCK_KV_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        PDL=pdl, launch_pdl=pdl,
     )
 
 

@@ -231,3 +231,10 @@ def test_gemv_then_add_rmsnorm_gpu(swiglu, split_k):
     twin_residual = residual.clone()
     twin, _ = gemv_torch(x, w, swiglu=swiglu, add_rmsnorm=(twin_residual, norm_weight, 1e-5))
     torch.testing.assert_close(twin, expected, rtol=2 ** -6, atol=2e-2)
+
+
+def test_pdl_is_ignored_off_the_gpu():
+    """Programmatic dependent launch is a CUDA launch setting: asked for on the CPU (the
+    interpreter), the kernels run as without it."""
+    x, w, b = _inputs(11, 1, 40, 200, torch.float32, True, False)
+    assert torch.equal(gemv(x, w, b, block_k=64, split_k=2, pdl=True), gemv(x, w, b, block_k=64, split_k=2))

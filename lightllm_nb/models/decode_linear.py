@@ -11,7 +11,9 @@ block does that add_rmsnorm too: one launch fewer, the same bits.
 
 Measured on an H200 (Llama-3.2-1B shape, 16 layers per shape): qkv 105 -> 94 us, o 100 -> 80 us
 with the GEMV; gate_up, down and the vocabulary head tied with or beat it, and at 4 rows cuBLAS won
-every shape, so only one row is tried and only the two configurations that ever won.
+every shape, so only one row is tried and only the configurations that ever won. The GEMVs launch
+with programmatic dependent launch (kernels/dependent_launch.py), which is timed here as it runs:
+with it the narrower 2 x 1024 tiling won o (66 against 75 us for 4 x 1024).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ..kernels import gemv, norm_warps
 from .packed_linear import packed_linear
 
 # (block_n, block_k, num_warps) tried for each shape; split_k comes from the shape (below).
-GEMV_CONFIGS = ((4, 1024, 4), (8, 512, 4))
+GEMV_CONFIGS = ((4, 1024, 4), (2, 1024, 4), (8, 512, 4))
 # Split K until about this many programs per SM run, so a short N (2048 outputs) still fills the card.
 PROGRAMS_PER_SM = 4
 # The GEMV must beat cuBLAS by this much to be chosen: smaller differences are timing noise.
@@ -134,7 +136,9 @@ class DecodeLinear:
         base = _graph_time(baseline)
         best, best_time = None, base
         # Split K as the shape wants, and not at all: fewer, longer programs may beat a fuller card.
-        configs = [dict(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split_k)
+        # pdl: each GEMV starts streaming its weights while the kernel before it finishes
+        # (kernels/dependent_launch.py; a no-op before Hopper).
+        configs = [dict(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split_k, pdl=True)
                    for block_n, block_k, warps in GEMV_CONFIGS
                    for split_k in sorted({_split_k(n, k, block_n, block_k, sms), 1})]
         for config in configs:
