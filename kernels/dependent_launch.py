@@ -25,9 +25,10 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 def dependent_launch(requested: bool, tensor: torch.Tensor) -> bool:
     """Whether a launch on `tensor`'s device may use PDL: asked for, on CUDA (not the Triton
-    interpreter, whose tensors live on the CPU), and on compute capability 9.0 or newer. Eager
-    launches use it too: a CUDA graph's capture then finds the kernel variant already compiled."""
-    if not requested or not tensor.is_cuda:
+    interpreter, whose tensors live on the CPU; nor ROCm, whose torch also says "cuda"), and on
+    compute capability 9.0 or newer. Eager launches use it too: a CUDA graph's capture then finds
+    the kernel variant already compiled."""
+    if not requested or not tensor.is_cuda or torch.version.hip is not None:
         return False
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] >= 9
