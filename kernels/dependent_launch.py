@@ -1,5 +1,5 @@
 """Programmatic dependent launch (PDL, Hopper and later): a kernel may start while the one before
-it on the stream is still finishing, and waits for that kernel's results only where it reads them.
+it on the stream is still finishing, and waits for that kernel's results before it reads anything.
 
 A decode step at batch 1 is ~140 small kernels inside a CUDA graph; between two of them the card
 drains the first, then launches and ramps up the second. With PDL the second is launched as soon
@@ -30,5 +30,6 @@ def dependent_launch(requested: bool, tensor: torch.Tensor) -> bool:
     the kernel variant already compiled."""
     if not requested or not tensor.is_cuda or torch.version.hip is not None:
         return False
+    # An index, not "cuda": the current device may change between calls.
     index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     return _capability(index)[0] >= 9

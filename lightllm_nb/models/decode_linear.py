@@ -136,7 +136,7 @@ class DecodeLinear:
         base = _graph_time(baseline)
         best, best_time = None, base
         # Split K as the shape wants, and not at all: fewer, longer programs may beat a fuller card.
-        # pdl: each GEMV starts streaming its weights while the kernel before it finishes
+        # pdl: each GEMV is launched while the kernel before it finishes, and waits for its input
         # (kernels/dependent_launch.py; a no-op before Hopper).
         configs = [dict(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split_k, pdl=True)
                    for block_n, block_k, warps in GEMV_CONFIGS
