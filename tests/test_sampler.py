@@ -98,6 +98,28 @@ def test_top_k_top_p_keep_exactly_their_support(params, support):
     assert_frequencies(observed, expected.tolist())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=2.0), SamplingParams(top_k=2),
+                                    SamplingParams(top_k=3, top_p=0.55, temperature=0.5), SamplingParams(seed=3)])
+def test_cuda_rows_draw_from_their_tempered_truncated_distribution_beside_greedy_rows(params):
+    """On the GPU untruncated rows race in the fused kernel and truncating ones take the torch path;
+    half the rows here are greedy (they take token 0, the argmax)."""
+    device, rows = torch.device("cuda"), 40_000
+    logits = torch.tensor(SKEWED).log().expand(rows, -1).contiguous().to(device)
+    requests = [RequestSampler(p, [], device) for p in [params, SamplingParams(temperature=0)] * (rows // 2)]
+    sampler = Sampler(len(SKEWED), device, torch.Generator(device=device).manual_seed(0))
+    tokens = torch.tensor(sampler.sample_on_device(logits, requests).tolist())
+    assert set(tokens[1::2].tolist()) == {0}
+    scaled = torch.tensor(SKEWED).log() / params.temperature
+    keep = _top_k_top_p_mask(scaled[None], torch.tensor([[params.top_k or len(SKEWED)]]), torch.tensor([[params.top_p]]))
+    expected = scaled.softmax(-1) * keep[0]
+    observed = torch.bincount(tokens[::2], minlength=len(SKEWED)).double() / (rows // 2)
+    if params.seed is not None:  # every row is the same request's first draw: one token, always
+        assert (observed == 1).sum() == 1
+        return
+    assert_frequencies(observed, (expected / expected.sum()).tolist())
+
+
 def test_top_p_keeps_tokens_tied_with_the_last_one():
     # The smallest set reaching 0.5 is {0, 1} or {0, 2}: both ties stay, the 0.1s go.
     observed = draw_frequencies([0.4, 0.2, 0.2, 0.1, 0.1], SamplingParams(top_p=0.5))

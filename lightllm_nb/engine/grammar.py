@@ -218,8 +218,8 @@ class RequestGrammar:
 class TokenMask:
     """The batch's allowed tokens: a flag per sampling row (constrained or not) and a bitmask row at
     the grammar's vocabulary width, filled on the host for the constrained rows only (by
-    GrammarCompiler.mask), applied on the device in one kernel (kernels/token_mask.py), which also
-    forbids the ids past the grammar's vocabulary (a padded model's) in constrained rows.
+    GrammarCompiler.mask), applied on the device in one kernel (kernels/token_mask.py, or inside the
+    sampler's fused race, kernels/race_sample.py), which also forbids the ids past the grammar's vocabulary (a padded model's) in constrained rows.
     Valid until the next mask is built: they share one host buffer."""
 
     def __init__(self, buffer: BitmaskBuffer, rows: list[int], batch: int, grammar_vocab: int):
@@ -239,14 +239,18 @@ class TokenMask:
         counts = np.bitwise_count(words.view(np.uint64) if words.shape[1] % 2 == 0 else words).sum(axis=1)
         return dict(zip(self.rows, counts.tolist()))
 
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bitmask, flags) uploaded to the CUDA device, behind the work already queued there (one copy)."""
+        on_device = self._buffer.upload(self._whole, device)
+        batch = self.flags.shape[0]
+        return on_device[batch:].view(batch, -1), on_device[:batch]
+
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set disallowed logits to -inf, in place on the constrained rows."""
         if logits.device.type == "cuda":
             from ..kernels import apply_token_mask
 
-            on_device = self._buffer.upload(self._whole, logits.device)
-            batch = self.flags.shape[0]
-            return apply_token_mask(logits, on_device[batch:].view(batch, -1), on_device[:batch], self.grammar_vocab)
+            return apply_token_mask(logits, *self.on_device(logits.device), self.grammar_vocab)
         import xgrammar as xgr
 
         if logits.dtype != torch.float32:

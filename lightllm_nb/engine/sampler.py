@@ -11,22 +11,28 @@ Per row, in vLLM's order:
      top-p nucleus of what top-k left, and draw.
 
 Draws on the GPU use the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. picks token i with
-probability p_i, so one batched argmax serves every sampled row, and a seeded request only needs its
-own noise row drawn from its own generator to be independent of its batch and its row index. On
+probability p_i, so one batched argmax serves every sampled row. Rows that keep the whole vocabulary
+(no top-k, no top-p) race in one fused kernel (kernels/race_sample.py: temperature, the grammar's
+mask and the draw in one read of the logits) whose counter-based noise is keyed by the request's
+seed and its draw number, so a seeded request's tokens do not depend on its batch or its row;
+unseeded rows get random keys from a generator the engine seeds. Rows that truncate take the torch
+path (sort, cumulative sums) and, when seeded, their own torch generator's noise. On
 the CPU, drawing a number per vocabulary entry is most of the cost (torch's exponential_ took 18 ms
 for 16 rows of the demo's 49k tokens on 2 cores, a quarter of a 16-stream step), so a row draws
 one uniform number u instead and takes the first token whose cumulative probability passes u times
 the row's total (inverse CDF: 0.4 ms for the same rows); the same per-row generators keep seeded
 draws independent of the batch.
 
-GPU cost: the common case (all greedy, no penalties, no logprobs) is one argmax; otherwise a step
-costs a few batched ops, pinned non-blocking uploads of the batch's settings, and one device-to-host
-transfer for everything the caller gets back. Python loops over rows only build host lists, except
+GPU cost: the common case (all greedy, no penalties, no logprobs) is one argmax; sampled rows without
+truncation two kernel launches; otherwise a step costs a few batched ops, pinned non-blocking uploads
+of the batch's settings (only when its requests change), and one device-to-host transfer for
+everything the caller gets back. Python loops over rows only build host lists, except
 one noise draw per seeded row, which a per-request generator makes unavoidable.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +40,7 @@ import torch
 
 from lightllm_nb.sampling_params import SamplingParams
 
+from ..kernels import race_sample
 from .grammar import TokenMask
 
 
@@ -88,6 +95,12 @@ class RequestSampler:
         self.history: _PenaltyHistory | None = None
         if params.uses_penalties:
             self.history = _PenaltyHistory(prompt_ids, params.repetition_penalty != 1.0, device)
+        self.draws = 0  # fused-kernel draws so far: with the seed, they pick this request's next noise
+
+    @property
+    def truncates(self) -> bool:
+        """Draws from part of the vocabulary (top-k or top-p): the torch path, not the fused race."""
+        return not self.params.greedy and bool(self.params.top_k or self.params.top_p < 1.0)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token; only penalties need the output, so others keep nothing."""
@@ -106,6 +119,33 @@ class SampledTokens:
         return cls(token_ids, [None] * len(token_ids), [None] * len(token_ids))
 
 
+class _BatchSettings:
+    """One batch's sampling settings on the device, a row per request.
+
+    table [rows, 4]: temperature (1 for greedy rows), top-k, top-p, greedy, for the torch path.
+    On CUDA, for the fused race: temperatures [rows] (0 for greedy rows), keys [rows] (a seeded row's
+    seed; otherwise a random key with the top bit set, which no seed has), draws [rows] (the
+    request's draws so far, counted on the device by the kernel from here on), and whether each
+    row truncates (the torch path's draw is kept for those).
+    """
+
+    def __init__(self, requests: list[RequestSampler], vocab: int, device: torch.device, keys: random.Random):
+        self.requests, self.vocab = requests, vocab
+        params = [r.params for r in requests]
+        self.table = _to_device(
+            [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
+              float(p.greedy)] for p in params], torch.float32, device)
+        if device.type != "cuda":
+            return
+        self.seeded = [r for r in requests if r.params.seed is not None]
+        race = _to_device([[0.0 if p.greedy else p.temperature for p in params],
+                           [float(r.truncates) for r in requests]], torch.float32, device)
+        self.temperatures, self.truncating = race[0], race[1].bool()
+        ids = _to_device([[p.seed if p.seed is not None else keys.getrandbits(63) - 2**63 for p in params],
+                          [r.draws for r in requests]], torch.int64, device)
+        self.keys, self.draws = ids[0], ids[1]
+
+
 class Sampler:
     """Chooses one token per row of a step's logits, one row per request."""
 
@@ -115,17 +155,16 @@ class Sampler:
         # Draws for requests without a seed of their own; the engine owns it so that
         # Engine(seed=...) reproduces a whole run without touching torch's global RNG.
         self.generator = generator
-        # The latest batch's settings (see _settings): SamplingParams are frozen, so the same
-        # objects in the same rows mean the same settings.
-        self._settings_vocab = 0
-        self._settings_params: list[SamplingParams] = []
-        self._settings_rows: torch.Tensor | None = None
+        # Keys of unseeded rows' race noise: drawn on the host (no wait for the device), from the
+        # engine generator's seed, so that Engine(seed=...) reproduces them too.
+        self._keys = random.Random(generator.initial_seed() if generator is not None else None)
+        self._batch: _BatchSettings | None = None  # the latest batch's, kept while its rows stay
 
     def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
                mask: TokenMask | None = None) -> SampledTokens:
         self._check_batch(logits, requests)
         if mask is not None:  # structured output: disallowed tokens leave the race before it starts
-            logits = mask.apply(logits)
+            logits = mask.apply(logits)  # in place: logprobs describe the tokens the grammar allowed
         params = [request.params for request in requests]
         if all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params):
             return SampledTokens.without_logprobs(logits.argmax(dim=-1).tolist())
@@ -146,9 +185,12 @@ class Sampler:
                          mask: TokenMask | None = None) -> torch.Tensor:
         """Token ids [B] left on the device, without waiting for the GPU; only for `can_defer` rows."""
         self._check_batch(logits, requests)
+        greedy = all(r.params.greedy for r in requests)
+        if self.device.type == "cuda" and not (greedy and mask is None) and not any(r.truncates for r in requests):
+            return self._race(logits, requests, mask)  # the mask goes into the race's one pass
         if mask is not None:
             logits = mask.apply(logits)
-        if all(r.params.greedy for r in requests):
+        if greedy:
             return logits.argmax(dim=-1)
         return self._choose_tokens(logits.float(), requests)
 
@@ -184,35 +226,52 @@ class Sampler:
         return logits.index_put((row_index,), penalized)
 
     def _choose_tokens(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
-        params = [request.params for request in requests]
-        if all(p.greedy for p in params):
+        if all(r.params.greedy for r in requests):
             return logits.argmax(dim=-1)
-        settings = self._settings(params, logits.shape[-1])
-        scaled = logits / settings[:, 0:1]
+        if self.device.type != "cuda":
+            return self._truncated_draw(logits, requests)
+        tokens = self._race(logits, requests)
+        if any(r.truncates for r in requests):
+            # The torch path runs on every row; only the truncating rows' draws are kept.
+            tokens = torch.where(self._batch.truncating, self._truncated_draw(logits, requests), tokens)
+        return tokens
+
+    def _race(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
+              mask: TokenMask | None = None) -> torch.Tensor:
+        """Every row's token by the fused race (greedy rows: the argmax; the mask, if any, applied)."""
+        batch = self._settings(requests, logits.shape[-1])
+        bitmask, flags = mask.on_device(logits.device) if mask is not None else (None, None)
+        tokens = race_sample(logits, batch.temperatures, batch.keys, batch.draws, bitmask, flags,
+                             mask.grammar_vocab if mask is not None else 0)
+        for request in batch.seeded:  # the kernel counted every row's draw on the device
+            request.draws += 1
+        return tokens
+
+    def _truncated_draw(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
+        """Each row's draw after temperature, top-k and top-p (greedy rows: the argmax); float logits."""
+        table = self._settings(requests, logits.shape[-1]).table
+        scaled = logits / table[:, 0:1]
         probs = scaled.softmax(dim=-1)
-        if any(p.top_k or p.top_p < 1.0 for p in params if not p.greedy):
+        if any(r.truncates for r in requests):
             # Masking probabilities computed over the whole row, rather than renormalizing, keeps a
             # row's numbers the same whether or not other rows in the batch truncate; the race
             # below doesn't need them to sum to one.
-            keep = _top_k_top_p_mask(scaled, settings[:, 1:2].long(), settings[:, 2:3])
+            keep = _top_k_top_p_mask(scaled, table[:, 1:2].long(), table[:, 2:3])
             probs = probs.masked_fill(~keep, 0.0)
         drawn = self._draw(probs, requests)
-        if not any(p.greedy for p in params):
+        if not any(r.params.greedy for r in requests):
             return drawn
-        return torch.where(settings[:, 3].bool(), logits.argmax(dim=-1), drawn)
+        return torch.where(table[:, 3].bool(), logits.argmax(dim=-1), drawn)
 
-    def _settings(self, params: list[SamplingParams], vocab: int) -> torch.Tensor:
-        """[rows, 4] on the device: temperature (1 for greedy rows), top-k, top-p, greedy. Kept while
-        the batch's rows keep their params (decode steps of one batch, one after another): the
-        upload costs the host ~70 us a step (a pinned copy), the check a few."""
-        same = (self._settings_vocab == vocab and len(self._settings_params) == len(params)
-                and all(a is b for a, b in zip(self._settings_params, params)))
-        if not same:
-            self._settings_vocab, self._settings_params = vocab, params
-            self._settings_rows = _to_device(
-                [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
-                  float(p.greedy)] for p in params], torch.float32, self.device)
-        return self._settings_rows
+    def _settings(self, requests: Sequence[RequestSampler], vocab: int) -> _BatchSettings:
+        """The batch's settings on the device, kept while the same requests fill the same rows
+        (decode steps of one batch, one after another): an upload costs the host ~70 us a step (a
+        pinned copy), the check a few; the race's draw numbers then advance on the device alone."""
+        batch = self._batch
+        if (batch is None or batch.vocab != vocab or len(batch.requests) != len(requests)
+                or not all(a is b for a, b in zip(batch.requests, requests))):
+            batch = self._batch = _BatchSettings(list(requests), vocab, self.device, self._keys)
+        return batch
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
         """One token per row with probability proportional to probs (unnormalized; 0 where truncated)."""
