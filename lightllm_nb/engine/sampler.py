@@ -36,6 +36,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lightllm_nb.sampling_params import SamplingParams
@@ -120,30 +121,55 @@ class SampledTokens:
 
 
 class _BatchSettings:
-    """One batch's sampling settings on the device, a row per request.
+    """One batch's sampling settings on the device, a row per request, uploaded when first needed.
 
     table [rows, 4]: temperature (1 for greedy rows), top-k, top-p, greedy, for the torch path.
-    On CUDA, for the fused race: temperatures [rows] (0 for greedy rows), keys [rows] (a seeded row's
-    seed; otherwise a random key with the top bit set, which no seed has), draws [rows] (the
-    request's draws so far, counted on the device by the kernel from here on), and whether each
-    row truncates (the torch path's draw is kept for those).
+    For the fused race (CUDA): temperatures [rows] (0 for greedy rows), keys [rows] (a seeded row's
+    seed; otherwise a random key with the top bit set, which no seed has) and draws [rows] (the
+    request's draws so far, counted on the device by the kernel from here on), in one upload; and
+    whether each row truncates (the torch path's draw is kept for those).
     """
 
     def __init__(self, requests: list[RequestSampler], vocab: int, device: torch.device, keys: random.Random):
-        self.requests, self.vocab = requests, vocab
-        params = [r.params for r in requests]
-        self.table = _to_device(
-            [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
-              float(p.greedy)] for p in params], torch.float32, device)
-        if device.type != "cuda":
-            return
+        self.requests, self.vocab, self.device = requests, vocab, device
         self.seeded = [r for r in requests if r.params.seed is not None]
-        race = _to_device([[0.0 if p.greedy else p.temperature for p in params],
-                           [float(r.truncates) for r in requests]], torch.float32, device)
-        self.temperatures, self.truncating = race[0], race[1].bool()
-        ids = _to_device([[p.seed if p.seed is not None else keys.getrandbits(63) - 2**63 for p in params],
-                          [r.draws for r in requests]], torch.int64, device)
-        self.keys, self.draws = ids[0], ids[1]
+        self._keys = keys
+        self._table: torch.Tensor | None = None
+        self._race: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._truncating: torch.Tensor | None = None
+
+    @property
+    def table(self) -> torch.Tensor:
+        if self._table is None:
+            vocab = self.vocab
+            self._table = _to_device(
+                [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
+                  float(p.greedy)] for p in (r.params for r in self.requests)], torch.float32, self.device)
+        return self._table
+
+    @property
+    def race(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperatures, keys, draws) on the device."""
+        if self._race is None:
+            params = [r.params for r in self.requests]
+            rows = len(params)
+            host = torch.empty(20 * rows, dtype=torch.uint8, pin_memory=True)
+            raw = host.numpy()
+            raw[:16 * rows].view(np.int64)[:] = (
+                [p.seed if p.seed is not None else self._keys.getrandbits(63) - 2**63 for p in params]
+                + [r.draws for r in self.requests])
+            raw[16 * rows:].view(np.float32)[:] = [0.0 if p.greedy else p.temperature for p in params]
+            # One copy for the three, from pinned memory: it does not wait for the forward.
+            region = host.to(self.device, non_blocking=True)
+            self._race = (region[16 * rows:].view(torch.float32), region[:8 * rows].view(torch.int64),
+                          region[8 * rows:16 * rows].view(torch.int64))
+        return self._race
+
+    @property
+    def truncating(self) -> torch.Tensor:
+        if self._truncating is None:
+            self._truncating = _to_device([r.truncates for r in self.requests], torch.bool, self.device)
+        return self._truncating
 
 
 class Sampler:
@@ -241,8 +267,7 @@ class Sampler:
         """Every row's token by the fused race (greedy rows: the argmax; the mask, if any, applied)."""
         batch = self._settings(requests, logits.shape[-1])
         bitmask, flags = mask.on_device(logits.device) if mask is not None else (None, None)
-        tokens = race_sample(logits, batch.temperatures, batch.keys, batch.draws, bitmask, flags,
-                             mask.grammar_vocab if mask is not None else 0)
+        tokens = race_sample(logits, *batch.race, bitmask, flags, mask.grammar_vocab if mask is not None else 0)
         for request in batch.seeded:  # the kernel counted every row's draw on the device
             request.draws += 1
         return tokens
