@@ -15,9 +15,10 @@ call gives four numbers: a block of BLOCK columns is four quarters, and quarter 
 the calls for counters block * QUARTER + (0 .. QUARTER-1). A word's top 23 bits make the uniform
 number (k + 1/2) / 2**23, never 0 or 1, so every Gumbel value is finite.
 
-Two launches: rows x splits programs each keep their columns' best (score, id); one program a row
-then picks the best of its splits (the lowest split on a tie: the lowest id) and counts the draw.
-Splits give small batches enough programs to read at the card's bandwidth.
+One launch of rows x splits programs, each keeping its columns' best (score, id); the last of a
+row's programs to finish (an atomic counter, set back to zero by it) picks the best of its splits
+(the lowest split on a tie: the lowest id) and counts the draw. Splits give small batches enough
+programs to read at the card's bandwidth; a launch costs the host more than the GPU here, hence one.
 
 With a mask (flags [B], bitmask [B, words], as kernels/token_mask.py takes them), a flagged row
 draws only among ids < grammar_vocab whose bit is set.
@@ -61,10 +62,11 @@ def _quarter_best(logits_ptr, row_offset, cols, width, inv_temp, noise, bitmask_
 
 
 @triton.jit
-def _race_partial_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr, flags_ptr,
-                         best_ptr, best_id_ptr, logits_stride, bitmask_stride, width, grammar_vocab,
-                         num_blocks, blocks_per_split, num_splits,
-                         BLOCK: tl.constexpr, QUARTER: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr):
+def _race_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr, flags_ptr,
+                 best_ptr, best_id_ptr, counters_ptr, tokens_ptr, logits_stride, bitmask_stride, width, grammar_vocab,
+                 num_blocks, blocks_per_split, num_splits,
+                 BLOCK: tl.constexpr, QUARTER: tl.constexpr, ROUNDS: tl.constexpr, MASKED: tl.constexpr,
+                 SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     temperature = tl.load(temperatures_ptr + row)
@@ -99,22 +101,27 @@ def _race_partial_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitm
                                       bitmask_row, grammar_vocab, constrained, best, best_id, MASKED)
         best, best_id = _quarter_best(logits_ptr, row_offset, base + 3 * QUARTER, width, inv_temp, n3, bitmask_ptr,
                                       bitmask_row, grammar_vocab, constrained, best, best_id, MASKED)
-    tl.store(best_ptr + row * num_splits + split, best)
-    tl.store(best_id_ptr + row * num_splits + split, best_id)
-
-
-@triton.jit
-def _race_finish_kernel(best_ptr, best_id_ptr, tokens_ptr, draws_ptr, num_splits, SPLITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, SPLITS)
-    best = tl.load(best_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
-    ids = tl.load(best_id_ptr + row * num_splits + s, mask=s < num_splits, other=2147483647)
-    top = tl.max(best, 0)
-    # Splits hold ascending columns, each its lowest id among ties: the lowest such id overall.
-    # A row with no finite score at all (a mask allowing nothing) takes split 0's id, 0.
-    token = tl.min(tl.where(best == top, ids, 2147483647), 0)
-    tl.store(tokens_ptr + row, token.to(tl.int64))
-    tl.store(draws_ptr + row, tl.load(draws_ptr + row) + 1)
+    if SPLITS == 1:
+        tl.store(tokens_ptr + row, best_id.to(tl.int64))
+        tl.store(draws_ptr + row, tl.load(draws_ptr + row) + 1)
+    else:
+        tl.store(best_ptr + row * num_splits + split, best)
+        tl.store(best_id_ptr + row * num_splits + split, best_id)
+        # Every thread's stores are issued before the count says so; the atomic releases them to
+        # the program that picks and acquires the others' for it.
+        tl.debug_barrier()
+        finished_before = tl.atomic_add(counters_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if finished_before == num_splits - 1:
+            tl.store(counters_ptr + row, 0)  # ready for the next launch
+            s = tl.arange(0, SPLITS)
+            bests = tl.load(best_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
+            ids = tl.load(best_id_ptr + row * num_splits + s, mask=s < num_splits, other=2147483647)
+            top = tl.max(bests, 0)
+            # Splits hold ascending columns, each its lowest id among ties: the lowest such id overall.
+            # A row with no finite score at all (a mask allowing nothing) takes split 0's id, 0.
+            token = tl.min(tl.where(bests == top, ids, 2147483647), 0)
+            tl.store(tokens_ptr + row, token.to(tl.int64))
+            tl.store(draws_ptr + row, tl.load(draws_ptr + row) + 1)
 
 
 @functools.cache
@@ -149,12 +156,14 @@ def _check(logits, temperatures, keys, draws, bitmask, flags, grammar_vocab):
             raise ValueError(f"grammar_vocab={grammar_vocab} must be in [1, {width}] (the logits' width)")
 
 
-def race_sample(logits, temperatures, keys, draws, bitmask=None, flags=None, grammar_vocab=0):
+def race_sample(logits, temperatures, keys, draws, bitmask=None, flags=None, grammar_vocab=0, split_counters=None):
     """One token id per row of logits [B, V] (any float dtype), int64 [B] on logits' device.
 
     temperatures float32 [B] (0: the argmax), keys int64 [B] (a row's noise stream), draws int64
     [B] (its draw number; each row's is incremented in place). With bitmask int32 [B, words] and
-    flags [B], a row whose flag is nonzero draws only among ids < grammar_vocab whose bit is set."""
+    flags [B], a row whose flag is nonzero draws only among ids < grammar_vocab whose bit is set.
+    split_counters: int32 zeros, at least B of them, which the launch leaves at zero (a caller that
+    keeps them saves a fill each launch); new ones if None."""
     _check(logits, temperatures, keys, draws, bitmask, flags, grammar_vocab)
     rows, width = logits.shape
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
@@ -162,15 +171,22 @@ def race_sample(logits, temperatures, keys, draws, bitmask=None, flags=None, gra
         return tokens
     splits = num_splits(rows, width, logits.device)
     num_blocks = triton.cdiv(width, BLOCK)
-    best = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
-    best_id = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
+    if splits == 1:  # the one program of a row writes its token: no partials, no counters
+        best = best_id = split_counters = tokens
+    else:
+        best = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
+        best_id = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
+        if split_counters is None:
+            split_counters = torch.zeros(rows, dtype=torch.int32, device=logits.device)
+        elif split_counters.dtype != torch.int32 or split_counters.numel() < rows:
+            raise ValueError(f"split_counters must be int32 zeros, at least {rows} of them, got "
+                             f"{split_counters.dtype} with {split_counters.numel()}")
     masked = bitmask is not None
-    _race_partial_kernel[(rows, splits)](
+    _race_kernel[(rows, splits)](
         logits, temperatures, keys, draws, bitmask if masked else logits, flags if masked else logits,
-        best, best_id, logits.stride(0), bitmask.stride(0) if masked else 0, width, grammar_vocab,
-        num_blocks, triton.cdiv(num_blocks, splits), splits,
-        BLOCK=BLOCK, QUARTER=QUARTER, ROUNDS=PHILOX_ROUNDS, MASKED=masked)
-    _race_finish_kernel[(rows,)](best, best_id, tokens, draws, splits, SPLITS=triton.next_power_of_2(splits))
+        best, best_id, split_counters, tokens, logits.stride(0), bitmask.stride(0) if masked else 0, width,
+        grammar_vocab, num_blocks, triton.cdiv(num_blocks, splits), splits,
+        BLOCK=BLOCK, QUARTER=QUARTER, ROUNDS=PHILOX_ROUNDS, MASKED=masked, SPLITS=triton.next_power_of_2(splits))
     return tokens
 
 

@@ -44,6 +44,17 @@ def test_kernel_matches_the_twin_and_counts_the_draw(dtype, rows, width):
     assert torch.equal(kernel_draws, draws + 1) and torch.equal(twin_draws, draws + 1)
 
 
+def test_kept_split_counters_come_back_at_zero():
+    gen = torch.Generator().manual_seed(4)
+    logits, temperatures, keys, draws = _random_batch(gen, 2, 3 * BLOCK)
+    counters = torch.zeros(5, dtype=torch.int32)
+    first = race_sample(logits, temperatures, keys, draws.clone(), split_counters=counters)
+    assert counters.tolist() == [0] * 5
+    assert torch.equal(race_sample(logits, temperatures, keys, draws.clone(), split_counters=counters), first)
+    with pytest.raises(ValueError, match="split_counters must be int32 zeros, at least 2"):
+        race_sample(logits, temperatures, keys, draws, split_counters=torch.zeros(1, dtype=torch.int32))
+
+
 def test_greedy_rows_take_the_first_of_tied_maxima_like_argmax():
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(4, 3000, generator=gen)

@@ -97,11 +97,9 @@ class RequestSampler:
         if params.uses_penalties:
             self.history = _PenaltyHistory(prompt_ids, params.repetition_penalty != 1.0, device)
         self.draws = 0  # fused-kernel draws so far: with the seed, they pick this request's next noise
-
-    @property
-    def truncates(self) -> bool:
-        """Draws from part of the vocabulary (top-k or top-p): the torch path, not the fused race."""
-        return not self.params.greedy and bool(self.params.top_k or self.params.top_p < 1.0)
+        # Draws from part of the vocabulary (top-k or top-p): the torch path, not the fused race.
+        # Kept, not a property: every sampled step asks it of every row.
+        self.truncates = not params.greedy and bool(params.top_k or params.top_p < 1.0)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token; only penalties need the output, so others keep nothing."""
@@ -185,6 +183,7 @@ class Sampler:
         # engine generator's seed, so that Engine(seed=...) reproduces them too.
         self._keys = random.Random(generator.initial_seed() if generator is not None else None)
         self._batch: _BatchSettings | None = None  # the latest batch's, kept while its rows stay
+        self._split_counters: torch.Tensor | None = None  # the race kernel's, which it leaves at zero
 
     def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
                mask: TokenMask | None = None) -> SampledTokens:
@@ -267,7 +266,10 @@ class Sampler:
         """Every row's token by the fused race (greedy rows: the argmax; the mask, if any, applied)."""
         batch = self._settings(requests, logits.shape[-1])
         bitmask, flags = mask.on_device(logits.device) if mask is not None else (None, None)
-        tokens = race_sample(logits, *batch.race, bitmask, flags, mask.grammar_vocab if mask is not None else 0)
+        if self._split_counters is None or len(self._split_counters) < len(requests):
+            self._split_counters = torch.zeros(max(len(requests), 256), dtype=torch.int32, device=self.device)
+        tokens = race_sample(logits, *batch.race, bitmask, flags, mask.grammar_vocab if mask is not None else 0,
+                             self._split_counters)
         for request in batch.seeded:  # the kernel counted every row's draw on the device
             request.draws += 1
         return tokens
