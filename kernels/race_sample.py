@@ -33,7 +33,9 @@ import triton.language as tl
 BLOCK = 1024
 QUARTER = BLOCK // 4
 PHILOX_ROUNDS = 10
-PROGRAMS_PER_SM = 2  # splits are chosen so that rows x splits fills the card about twice
+# Splits are chosen so that rows x splits puts about this many programs on each SM: a program
+# streams its columns one block at a time, so the card's bandwidth needs many of them in flight.
+PROGRAMS_PER_SM = 8
 
 
 @triton.jit
@@ -45,7 +47,7 @@ def _gumbel(words):
 @triton.jit
 def _quarter_best(logits_ptr, row_offset, cols, width, inv_temp, noise, bitmask_ptr, bitmask_row, grammar_vocab,
                   constrained, best, best_id, MASKED: tl.constexpr):
-    """(best, best_id) after the columns `cols` (ascending, after every column seen so far)."""
+    """Each lane's (best, best_id) after the columns `cols` (each lane's column after all it saw)."""
     x = tl.load(logits_ptr + row_offset + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
     score = x * inv_temp + noise
     if MASKED:
@@ -54,11 +56,8 @@ def _quarter_best(logits_ptr, row_offset, cols, width, inv_temp, noise, bitmask_
             words = tl.load(bitmask_ptr + bitmask_row + cols // 32, mask=in_grammar, other=0)
             allowed = in_grammar & (((words >> (cols % 32)) & 1) != 0)
             score = tl.where(allowed, score, float("-inf"))
-    score = tl.where(cols < width, score, float("-inf"))
-    top = tl.max(score, 0)
-    top_id = tl.min(tl.where(score == top, cols, 2147483647), 0)  # the lowest id among ties
-    better = top > best  # strictly: on a tie the columns seen before keep it
-    return tl.where(better, top, best), tl.where(better, top_id, best_id)
+    better = score > best  # strictly: on a tie the lane's earlier column keeps it
+    return tl.where(better, score, best), tl.where(better, cols, best_id)
 
 
 @triton.jit
@@ -81,8 +80,10 @@ def _race_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr,
     bitmask_row = row * bitmask_stride
     i = tl.arange(0, QUARTER)
     zero = tl.zeros([QUARTER], dtype=tl.uint32)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_id = tl.full([], 0, tl.int32)
+    # Lanes keep their own best through the loop (no reduction across the program per block: those
+    # barriers made the kernel latency-bound); one reduction at the end.
+    best = tl.full([QUARTER], float("-inf"), tl.float32)
+    best_id = tl.zeros([QUARTER], dtype=tl.int32)
     first = split * blocks_per_split
     for block in range(first, tl.minimum(first + blocks_per_split, num_blocks)):
         counters = (block * QUARTER + i).to(tl.uint32)
@@ -101,6 +102,11 @@ def _race_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr,
                                       bitmask_row, grammar_vocab, constrained, best, best_id, MASKED)
         best, best_id = _quarter_best(logits_ptr, row_offset, base + 3 * QUARTER, width, inv_temp, n3, bitmask_ptr,
                                       bitmask_row, grammar_vocab, constrained, best, best_id, MASKED)
+    top = tl.max(best, 0)
+    # The lowest id among ties (a lane that never saw a finite score keeps id 0: a row with no
+    # finite score at all, a mask allowing nothing, takes 0, as torch.argmax does).
+    best_id = tl.min(tl.where(best == top, best_id, 2147483647), 0)
+    best = top
     if SPLITS == 1:
         tl.store(tokens_ptr + row, best_id.to(tl.int64))
         tl.store(draws_ptr + row, tl.load(draws_ptr + row) + 1)
@@ -130,7 +136,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def num_splits(rows: int, width: int, device: torch.device) -> int:
-    """Programs per row: enough for rows x splits to fill the card about twice, at least one block each."""
+    """Programs per row: about PROGRAMS_PER_SM a multiprocessor over the batch, at least one block each."""
     sms = _multiprocessors(device) if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(width, BLOCK), PROGRAMS_PER_SM * sms // max(rows, 1)))
 
