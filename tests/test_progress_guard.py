@@ -36,17 +36,34 @@ def test_a_policy_that_never_admits_raises_with_the_state():
     assert "this policy never admits" in message or "defer stuck" in message
 
 
-def test_a_running_request_left_out_with_budget_to_spare_raises():
+def two_running():
+    """A scheduler running requests a and b (one step in), and the two."""
     scheduler = make_scheduler(capacity=64, max_batch_tokens=8)
     a, b = request("a", prompt_len=6), request("b", prompt_len=6)
     scheduler.add(a)
     scheduler.add(b)
     step(scheduler)
     assert [r.request_id for r in scheduler.running] == ["a", "b"]
+    return scheduler, a, b
+
+
+def test_a_running_request_left_out_with_budget_to_spare_raises():
+    scheduler, a, b = two_running()
     only_a = ScheduledBatch(items=[(a, 1)])  # a buggy schedule that forgets b
     scheduler.progress.observe(scheduler, only_a)
     scheduler.progress.observe(scheduler, only_a)
     with pytest.raises(LivelockError, match="running request b was left out of 3 steps in a row although 7 tokens"):
+        scheduler.progress.observe(scheduler, only_a)
+
+
+def test_left_out_steps_count_only_in_a_row():
+    scheduler, a, b = two_running()
+    only_a, both = ScheduledBatch(items=[(a, 1)]), ScheduledBatch(items=[(a, 1), (b, 1)])
+    only_b = ScheduledBatch(items=[(b, 1)])
+    # b runs in the steps between (with a, or alone): its count starts again after each.
+    for batch in (only_a, only_a, both, only_a, only_a, only_b, only_a, only_a):
+        scheduler.progress.observe(scheduler, batch)
+    with pytest.raises(LivelockError, match="running request b was left out of 3 steps in a row"):
         scheduler.progress.observe(scheduler, only_a)
 
 

@@ -19,10 +19,12 @@ class StepOutputs:
     def _accept_token(self, req: Request, index: int, now: float, sampled, i: int,
                       decisions: list[Decision]) -> RequestOutput:
         """Handle the token at token_ids[index]: stop checks, text, and retirement if finished."""
+        # Runs once per row and step: attributes are read once, and no property is called.
         token = req.token_ids[index]
         req.sampler.observe(token)
-        if req.grammar is not None:
-            req.grammar.accept(token)  # noted; the next mask's threads advance the matcher
+        grammar = req.grammar
+        if grammar is not None:
+            grammar.accept(token)  # noted; the next mask's threads advance the matcher
         if sampled is not None and sampled.logprobs[i] is not None:
             req.logprobs.append({"token_id": token, "logprob": sampled.logprobs[i],
                                  "top": sampled.top_logprobs[i]})
@@ -35,12 +37,12 @@ class StepOutputs:
         p = req.sampling
         reason = None
         if (token in p.stop_token_ids) or (not p.ignore_eos and token in self.eos_token_ids) or (
-                req.grammar is not None and req.grammar.terminated):
+                grammar is not None and grammar.terminated):
             reason = "stop"
         detok = self._detokenizers.get(req.request_id)
         if detok is not None and reason is None and detok.add(token):
             reason = "stop"
-        if reason is None and index + 1 - req.num_prompt >= p.max_tokens:
+        if reason is None and index + 1 - len(req.prompt_ids) >= p.max_tokens:
             reason = "length"
         delta = detok.take_delta(final=reason is not None) if detok is not None else ""
         out = RequestOutput(req.request_id, [token], delta, reason is not None, reason)

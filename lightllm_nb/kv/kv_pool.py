@@ -73,16 +73,26 @@ class KVPool:
         """`count` pages owned by `owner`, or None when fewer are free (the caller decides what to do)."""
         if count > len(self._free_pages):
             return None
-        if count == 1:  # every decode step of every request, at page_size 1: keep it cheap
+        if count == 1:  # a request's next page, the commonest allocation: keep it cheap
             page = self._free_pages.pop()
             self.page_owner[page] = owner
             self._marks[page >> BLOCK_SHIFT] = 1
             return [page]
         if count <= 0:
             return []
+        return self.alloc_page_each([owner] * count)
+
+    def alloc_page_each(self, owners: list[int]) -> list[int] | None:
+        """A page for each of `owners`, in one write: the pages alloc_pages(1, owner) would give one
+        owner after another. None when fewer are free."""
+        count = len(owners)
+        if count > len(self._free_pages):
+            return None
+        if not count:
+            return []
         pages = self._free_pages[-count:][::-1]  # the pages count pops would give, in one slice
         del self._free_pages[-count:]
-        self.page_owner[pages] = owner
+        self.page_owner[pages] = owners
         self._page_maps.mark(pages)
         return pages
 

@@ -13,6 +13,7 @@ Two things never happen in a correct scheduler, and the guard checks both after 
 
 from __future__ import annotations
 
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING
 
 from .request import Status
@@ -26,6 +27,8 @@ SKIPPED_WITH_ROOM_LIMIT = 3
 # Steps without progress allowed beyond the longest recompute (context / batch budget).
 STALL_SLACK_STEPS = 16
 _SHOWN = 8  # requests listed per queue in the error message
+_REQUEST = itemgetter(0)  # of a batch item
+_REQUEST_ID = attrgetter("request_id")
 
 
 class LivelockError(RuntimeError):
@@ -41,30 +44,44 @@ class ProgressGuard:
 
     def observe(self, scheduler: "Scheduler", batch: "ScheduledBatch") -> None:
         """Check the step `batch` that `scheduler` just planned; raise LivelockError on a livelock."""
+        progressed = self._raise_high_water(batch)
+        scheduled = set(map(_REQUEST_ID, map(_REQUEST, batch.items)))
+        if not scheduled.issuperset(map(_REQUEST_ID, scheduler.running)):  # the common step has everyone
+            self._count_left_out(scheduler, batch, scheduled)
+        elif self._skipped:
+            self._skipped.clear()  # everyone ran: no run of left-out steps goes on
+        self._stalled_steps = 0 if progressed or not scheduler.has_work() else self._stalled_steps + 1
+        if self._stalled_steps >= self.stall_limit:
+            raise LivelockError(f"no request has computed a new token for {self._stalled_steps} steps although "
+                                "requests are waiting or running: a scheduler bug. " + describe(scheduler, batch))
+        self._forget_finished(scheduler)
+
+    def _raise_high_water(self, batch: "ScheduledBatch") -> bool:
+        """Note how far each request of `batch` will have computed; True if any goes further than ever."""
         progressed = False
-        scheduled = set()
+        high_water = self._high_water
         for req, n in batch.items:
-            scheduled.add(req.request_id)
             reach = req.num_computed + n
-            if reach > self._high_water.get(req.request_id, 0):
-                self._high_water[req.request_id] = reach
+            if reach > high_water.get(req.request_id, 0):
+                high_water[req.request_id] = reach
                 progressed = True
+        return progressed
+
+    def _count_left_out(self, scheduler: "Scheduler", batch: "ScheduledBatch", scheduled: set[str]) -> None:
+        """Count the steps each running request was left out of with budget to spare (`scheduled`: the
+        ids of the batch's requests); raise at the limit."""
         spare = scheduler.max_batch_tokens - sum(n for _, n in batch.items)
         for req in scheduler.running:
             left_out = (req.request_id not in scheduled and spare > 0 and req.status is Status.RUNNING
                         and not req.awaiting_final)
-            count = self._skipped.pop(req.request_id, 0) + 1 if left_out else 0
+            before = self._skipped.pop(req.request_id, 0)  # a step it ran in ends its run of left-out steps
+            count = before + 1 if left_out else 0
             if count:
                 self._skipped[req.request_id] = count
             if count >= SKIPPED_WITH_ROOM_LIMIT:
                 raise LivelockError(f"running request {req.request_id} was left out of {count} steps in a row "
                                     f"although {spare} tokens of budget were spare: a scheduler bug. "
                                     + describe(scheduler, batch))
-        self._stalled_steps = 0 if progressed or not scheduler.has_work() else self._stalled_steps + 1
-        if self._stalled_steps >= self.stall_limit:
-            raise LivelockError(f"no request has computed a new token for {self._stalled_steps} steps although "
-                                "requests are waiting or running: a scheduler bug. " + describe(scheduler, batch))
-        self._forget_finished(scheduler)
 
     def _forget_finished(self, scheduler: "Scheduler") -> None:
         # Pruned in bulk, rarely: tracking needs no hook into every way a request can end.

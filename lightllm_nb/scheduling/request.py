@@ -118,7 +118,9 @@ class Request:
     @property
     def awaiting_final(self) -> bool:
         """Its newest token is still on the GPU and will be its last (max_tokens): nothing left to compute."""
-        return self.newest_is_pending and self.num_output >= self.sampling.max_tokens
+        # newest_is_pending and num_output, spelled out: the scheduler asks every running request each step.
+        token_ids = self.token_ids
+        return token_ids[-1] == PENDING_TOKEN and len(token_ids) - len(self.prompt_ids) >= self.sampling.max_tokens
 
     @property
     def finished(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from .admission import AdmissionPolicy, PoolView
 from .decisions import Decision
@@ -28,6 +29,7 @@ from .waiting_queue import WaitingQueue
 # A waiting request whose next this-many tokens a running prefill is computing right now waits a
 # step and takes them from the prefix cache, rather than computing them a second time.
 SHARED_PREFILL_PROBE_TOKENS = 32
+_PRIORITY = attrgetter("priority")
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._running_per_user: Counter[str] = Counter()
         self._shared_probe = pool.pages_for(SHARED_PREFILL_PROBE_TOKENS) * pool.page_size
+        self._prompt_shared: set[int] = set()  # rows whose whole prompt was offered to the prefix cache
         self.progress = ProgressGuard(max_context=pool.max_context, max_batch_tokens=max_batch_tokens)
         # Per-request timelines (the engine's, with its step numbers); none by default (the simulator).
         self.timelines = timelines if timelines is not None else TimelineRecorder(enabled=False)
@@ -99,45 +102,105 @@ class Scheduler:
         shared = self.cache.share_prompt(req.row, req.prompt_ids, req.pages, req.num_computed, req.user)
         if shared is not None:
             req.pages[:len(shared)] = shared
+        if req.num_computed >= req.num_prompt:
+            # From now on the offer is the same (the prompt's whole pages) and this row holds all of
+            # it in the cache: share_prompt would return at its first check until the row is released.
+            self._prompt_shared.add(req.row)
 
     # ---- one step --------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self.max_batch_tokens
-        in_batch: set[int] = set()
         # Decodes before prefill chunks: a waiting prompt never stalls tokens already streaming.
         # Higher priorities first: a request that finds the pool dry may only preempt requests
         # not yet in this batch, so it must come before the ones it outranks.
-        for req in sorted(self.running, key=lambda r: (r.num_uncomputed != 1, -r.priority)):
+        decodes, chunks = self._running_in_step_order()
+        budget = self._schedule_decodes(decodes, batch, self.max_batch_tokens)
+        num_decodes = len(batch.items)
+        budget = self._schedule_chunks(chunks, batch, budget)
+        self._admit_waiting(batch, budget)
+        if len(batch.items) > num_decodes:  # only rows added after the decodes can be out of order
+            batch.items.sort(key=lambda item: item[1] != 1)
+        self.progress.observe(self, batch)  # a livelock raises here, saying why
+        return batch
+
+    def _running_in_step_order(self) -> tuple[list[Request], list[Request]]:
+        """The running requests in this step's order, as two lists: those with one token to compute
+        (decodes), then the others. Each is by priority, highest first; a reversed sort is still
+        stable, so equal priorities keep running order."""
+        decodes = [r for r in self.running if len(r.token_ids) - r.num_computed == 1]
+        chunks = [r for r in self.running if len(r.token_ids) - r.num_computed != 1] \
+            if len(decodes) < len(self.running) else []
+        return sorted(decodes, key=_PRIORITY, reverse=True), sorted(chunks, key=_PRIORITY, reverse=True)
+
+    def _schedule_decodes(self, decodes: list[Request], batch: ScheduledBatch, budget: int) -> int:
+        """Schedule one token of each of `decodes`; returns the budget left.
+
+        The decode step of a large batch is this loop alone, so a request whose prompt the cache
+        already has costs a few attribute reads. One whose next token starts a page is owed one
+        while the free list has enough for all owed so far: they are handed out together, in order,
+        before anything else touches the pool (sharing a prompt, growing the slow way, the end of
+        the loop), so each gets the very page that allocating it there and then would have given.
+        """
+        page_size = self.pool.page_size
+        cache, prompt_shared = self.cache, self._prompt_shared
+        owed: list[Request] = []
+        for req in decodes:
+            if req.status is not Status.RUNNING or budget == 0 or req.awaiting_final:
+                continue  # preempted earlier in this step, or its final token is still on the GPU
+            if cache is not None and req.row not in prompt_shared:
+                self._hand_out_pages(owed)
+                self._share_prompt(req)
+            held = len(req.pages) * page_size
+            if req.num_computed == held and len(owed) < self.pool.num_free_pages:
+                owed.append(req)
+            elif req.num_computed >= held:
+                self._hand_out_pages(owed)
+                if not self._grow_or_preempt(req, req.num_computed + 1, batch):
+                    continue
+            batch.items.append((req, 1))
+            budget -= 1
+            if req.num_computed < len(req.prompt_ids):  # the prompt's last token, or a recompute
+                self.timelines.prefill(req, 1)
+        self._hand_out_pages(owed)
+        return budget
+
+    def _hand_out_pages(self, owed: list[Request]) -> None:
+        """Give each request of `owed` one more page, in order, and empty the list."""
+        if owed:
+            for req, page in zip(owed, self.pool.alloc_page_each([r.row for r in owed])):
+                req.pages.append(page)
+            owed.clear()
+
+    def _schedule_chunks(self, chunks: list[Request], batch: ScheduledBatch, budget: int) -> int:
+        """Schedule as much of each of `chunks` (requests with more or less than one token to compute)
+        as the budget allows; returns the budget left."""
+        for req in chunks:
             if req.status is not Status.RUNNING or budget == 0 or req.awaiting_final:
                 continue
             if self.cache is not None:
                 self._share_prompt(req)
             n = min(req.num_uncomputed, budget)
-            if self._grow_or_preempt(req, req.num_computed + n, batch, in_batch):
+            if self._grow_or_preempt(req, req.num_computed + n, batch):
                 batch.items.append((req, n))
-                in_batch.add(id(req))
                 budget -= n
                 if n != 1 or req.num_computed < req.num_prompt:  # a prefill (or recompute) chunk
                     self.timelines.prefill(req, n)
-        self._admit_waiting(batch, budget)
-        batch.items.sort(key=lambda item: item[1] != 1)
-        self.progress.observe(self, batch)  # a livelock raises here, saying why
-        return batch
+        return budget
 
-    def _grow_or_preempt(self, req: Request, length: int, batch: ScheduledBatch, in_batch: set[int]) -> bool:
+    def _grow_or_preempt(self, req: Request, length: int, batch: ScheduledBatch) -> bool:
         """Make room for `req` to hold `length` tokens, preempting others (never one already in
         this step's batch). False if `req` itself had to go."""
         while not self._grow(req, length, batch.decisions):
-            victim = self._victim(req, in_batch)
+            victim = self._victim(req, batch)
             self.preempt(victim, batch.decisions, needed_by=req)
             if victim is req:
                 return False
         return True
 
-    def _victim(self, req: Request, in_batch: set[int]) -> Request:
+    def _victim(self, req: Request, batch: ScheduledBatch) -> Request:
         """The newest request of the lowest priority outside this step's batch; `req` itself when
         every such request outranks it, or none is left."""
+        in_batch = {id(r) for r, _ in batch.items}
         others = (r for r in reversed(self.running) if id(r) not in in_batch and r is not req)
         victim = min(others, key=lambda r: r.priority, default=req)
         return req if victim.priority > req.priority else victim
@@ -333,6 +396,7 @@ class Scheduler:
         """Give back `req`'s memory; with a prefix cache its computed pages are cached first."""
         if self.cache is not None and req.row is not None:
             self.cache.release(req.row, req.token_ids, req.pages, req.num_computed, req.user)
+            self._prompt_shared.discard(req.row)
         else:
             self.pool.free_pages(req.pages)
         req.pages = []
