@@ -5,11 +5,12 @@ Gumbel(0, 1): token i with probability softmax(x / T)_i (the Gumbel-max trick; g
 E ~ Exp(1) makes it the exponential race argmax p_i / E_i the sampler's torch path runs). No
 softmax, no normalizing sum, no noise tensor in memory: the logits are read once, where the torch
 path ran seven full-width ops (~0.3 ms of the H200 at 128 rows of a 128k vocabulary). A row of
-temperature 0 takes the argmax; ties go to the lowest id, as torch.argmax's do.
+temperature 0 takes the argmax; ties go to the lowest id, as torch.argmax's do. (A NaN logit never
+wins here, where torch.argmax would take it: a model whose logits hold NaNs is broken either way.)
 
 The noise is counter-based, Philox4x32-10 (Triton's tl.philox): a row's 64-bit key and its draw
-number pick the stream, the column picks the place in it. So a seeded request's draws depend only
-on its seed and on how many draws it made, never on its batch or its row; the kernel counts the
+number (its low 32 bits) pick the stream, the column picks the place in it. So a seeded request's
+draws depend only on its seed and on how many draws it made, never on its batch or its row; the kernel counts the
 draw (draws[row] += 1), so a batch that keeps its rows uploads nothing between steps. One Philox
 call gives four numbers: a block of BLOCK columns is four quarters, and quarter q takes word q of
 the calls for counters block * QUARTER + (0 .. QUARTER-1). A word's top 23 bits make the uniform
@@ -60,7 +61,11 @@ def _quarter_best(logits_ptr, row_offset, cols, width, inv_temp, noise, bitmask_
     return tl.where(better, score, best), tl.where(better, cols, best_id)
 
 
-@triton.jit
+# Ints that change with the batch or the model are not specialized on (Triton compiles a variant per
+# int equal to 1 or divisible by 16): a notebook would otherwise pay a compile for many new batch
+# sizes. Pointers are: callers keep them 16-byte aligned (the sampler's uploads are padded).
+@triton.jit(do_not_specialize=["logits_stride", "bitmask_stride", "width", "grammar_vocab", "num_blocks",
+                               "blocks_per_split", "num_splits"])
 def _race_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr, flags_ptr,
                  best_ptr, best_id_ptr, counters_ptr, tokens_ptr, logits_stride, bitmask_stride, width, grammar_vocab,
                  num_blocks, blocks_per_split, num_splits,
@@ -107,7 +112,7 @@ def _race_kernel(logits_ptr, temperatures_ptr, keys_ptr, draws_ptr, bitmask_ptr,
     # finite score at all, a mask allowing nothing, takes 0, as torch.argmax does).
     best_id = tl.min(tl.where(best == top, best_id, 2147483647), 0)
     best = top
-    if SPLITS == 1:
+    if SPLITS == 1:  # a vocabulary of one block
         tl.store(tokens_ptr + row, best_id.to(tl.int64))
         tl.store(draws_ptr + row, tl.load(draws_ptr + row) + 1)
     else:
@@ -135,10 +140,15 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def max_splits(width: int, device: torch.device) -> int:
+    """The most programs a row gets (a batch of one): one a block, about PROGRAMS_PER_SM a multiprocessor."""
+    sms = _multiprocessors(device) if device.type == "cuda" else 4
+    return min(triton.cdiv(width, BLOCK), PROGRAMS_PER_SM * sms)
+
+
 def num_splits(rows: int, width: int, device: torch.device) -> int:
     """Programs per row: about PROGRAMS_PER_SM a multiprocessor over the batch, at least one block each."""
-    sms = _multiprocessors(device) if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(width, BLOCK), PROGRAMS_PER_SM * sms // max(rows, 1)))
+    return max(1, max_splits(width, device) // max(rows, 1))
 
 
 def _check(logits, temperatures, keys, draws, bitmask, flags, grammar_vocab):
@@ -176,8 +186,10 @@ def race_sample(logits, temperatures, keys, draws, bitmask=None, flags=None, gra
     if rows == 0:
         return tokens
     splits = num_splits(rows, width, logits.device)
+    # The merge's width is the widest any batch gets, so one compiled variant serves every batch size.
+    most = max_splits(width, logits.device)
     num_blocks = triton.cdiv(width, BLOCK)
-    if splits == 1:  # the one program of a row writes its token: no partials, no counters
+    if most == 1:  # the one program of a row writes its token: no partials, no counters
         best = best_id = split_counters = tokens
     else:
         best = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
@@ -192,7 +204,7 @@ def race_sample(logits, temperatures, keys, draws, bitmask=None, flags=None, gra
         logits, temperatures, keys, draws, bitmask if masked else logits, flags if masked else logits,
         best, best_id, split_counters, tokens, logits.stride(0), bitmask.stride(0) if masked else 0, width,
         grammar_vocab, num_blocks, triton.cdiv(num_blocks, splits), splits,
-        BLOCK=BLOCK, QUARTER=QUARTER, ROUNDS=PHILOX_ROUNDS, MASKED=masked, SPLITS=triton.next_power_of_2(splits))
+        BLOCK=BLOCK, QUARTER=QUARTER, ROUNDS=PHILOX_ROUNDS, MASKED=masked, SPLITS=triton.next_power_of_2(most))
     return tokens
 
 
@@ -252,7 +264,7 @@ def race_scores_torch(logits, temperatures, keys, draws, bitmask=None, flags=Non
 
 
 def race_sample_torch(logits, temperatures, keys, draws, bitmask=None, flags=None, grammar_vocab=0):
-    """Torch path of race_sample: same signature and semantics."""
+    """Torch path of race_sample: same signature and semantics (but a NaN logit wins, as in torch.argmax)."""
     tokens = race_scores_torch(logits, temperatures, keys, draws, bitmask, flags, grammar_vocab).argmax(dim=-1)
     draws += 1
     return tokens

@@ -204,9 +204,13 @@ def test_a_stop_token_is_consumed_at_once(compiler, demo_tokenizer):
 def test_the_reused_buffer_flags_exactly_the_filled_rows_and_keeps_its_layout():
     buffer = BitmaskBuffer(words=5, pinned=False)
     whole, flags, bits = buffer.rows(3, [1])
-    assert flags.tolist() == [0, 1, 0] and bits.shape == (3, 5) and whole.numel() == 3 * 6
-    # One region: the flags first, then the rows (one upload carries both).
-    assert flags.data_ptr() == whole.data_ptr() and bits.data_ptr() == whole.data_ptr() + 3 * 4
+    assert flags.tolist() == [0, 1, 0] and bits.shape == (3, 5) and whole.numel() == 4 + 3 * 5
+    # One region: the flags first (padded to 16 bytes, so the rows are aligned), then the rows (one
+    # upload carries both).
+    assert flags.data_ptr() == whole.data_ptr() and bits.data_ptr() == whole.data_ptr() + 16
+    for batch in (1, 4, 5, 127):
+        region, _, rows = buffer.rows(batch, [0])
+        assert (rows.data_ptr() - region.data_ptr()) % 16 == 0
     bits.fill_(7)
     whole2, flags2, bits2 = buffer.rows(6, [0, 4])  # grows: a new buffer
     assert flags2.tolist() == [1, 0, 0, 0, 1, 0]

@@ -243,7 +243,7 @@ class TokenMask:
         """(bitmask, flags) uploaded to the CUDA device, behind the work already queued there (one copy)."""
         on_device = self._buffer.upload(self._whole, device)
         batch = self.flags.shape[0]
-        return on_device[batch:].view(batch, -1), on_device[:batch]
+        return on_device[self._buffer.flag_words(batch):].view(batch, -1), on_device[:batch]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Set disallowed logits to -inf, in place on the constrained rows."""

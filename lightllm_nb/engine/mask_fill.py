@@ -88,7 +88,8 @@ class BitmaskBuffer:
         for the `filled` rows, which the caller fills in the bitmask."""
         if self._copied is not None:
             self._copied.synchronize()  # the previous upload has read the buffer (long done, normally)
-        size = batch * (self.words + 1)
+        head = self.flag_words(batch)
+        size = head + batch * self.words
         if size > len(self._host):
             self._host = torch.empty(max(size, 2 * len(self._host)), dtype=torch.int32, pin_memory=self.pinned)
         whole = self._host[:size]
@@ -96,7 +97,13 @@ class BitmaskBuffer:
         flags_np = flags.numpy()
         flags_np[:] = 0
         flags_np[list(filled)] = 1
-        return whole, flags, whole[batch:].view(batch, self.words)
+        return whole, flags, whole[head:].view(batch, self.words)
+
+    @staticmethod
+    def flag_words(batch: int) -> int:
+        """Words the flags take at the region's start: padded to 16 bytes, so that the bitmask after
+        them is aligned (the race kernel is compiled for aligned pointers only)."""
+        return -(-batch // 4) * 4
 
     def upload(self, whole: torch.Tensor, device: torch.device) -> torch.Tensor:
         """`whole` on the CUDA device, copied on the current stream behind the forward already

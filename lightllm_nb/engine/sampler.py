@@ -24,7 +24,7 @@ the row's total (inverse CDF: 0.4 ms for the same rows); the same per-row genera
 draws independent of the batch.
 
 GPU cost: the common case (all greedy, no penalties, no logprobs) is one argmax; sampled rows without
-truncation two kernel launches; otherwise a step costs a few batched ops, pinned non-blocking uploads
+truncation one kernel launch; otherwise a step costs a few batched ops, pinned non-blocking uploads
 of the batch's settings (only when its requests change), and one device-to-host transfer for
 everything the caller gets back. Python loops over rows only build host lists, except
 one noise draw per seeded row, which a per-request generator makes unavoidable.
@@ -96,7 +96,9 @@ class RequestSampler:
         self.history: _PenaltyHistory | None = None
         if params.uses_penalties:
             self.history = _PenaltyHistory(prompt_ids, params.repetition_penalty != 1.0, device)
-        self.draws = 0  # fused-kernel draws so far: with the seed, they pick this request's next noise
+        # A seeded request's fused-kernel draws so far: with the seed, they pick its next noise (unseeded
+        # requests get a fresh random key instead, so theirs is not counted).
+        self.draws = 0
         # Draws from part of the vocabulary (top-k or top-p): the torch path, not the fused race.
         # Kept, not a property: every sampled step asks it of every row.
         self.truncates = not params.greedy and bool(params.top_k or params.top_p < 1.0)
@@ -151,16 +153,19 @@ class _BatchSettings:
         if self._race is None:
             params = [r.params for r in self.requests]
             rows = len(params)
-            host = torch.empty(20 * rows, dtype=torch.uint8, pin_memory=True)
+            # Each part starts on 16 bytes: the race kernel is compiled for aligned pointers only.
+            part = -(-8 * rows // 16) * 16  # the bytes an int64 part takes, padded
+            draws_at, temps_at = part, 2 * part
+            host = torch.empty(temps_at + 4 * rows, dtype=torch.uint8, pin_memory=True)
             raw = host.numpy()
-            raw[:16 * rows].view(np.int64)[:] = (
-                [p.seed if p.seed is not None else self._keys.getrandbits(63) - 2**63 for p in params]
-                + [r.draws for r in self.requests])
-            raw[16 * rows:].view(np.float32)[:] = [0.0 if p.greedy else p.temperature for p in params]
+            raw[:8 * rows].view(np.int64)[:] = [
+                p.seed if p.seed is not None else self._keys.getrandbits(63) - 2**63 for p in params]
+            raw[draws_at:draws_at + 8 * rows].view(np.int64)[:] = [r.draws for r in self.requests]
+            raw[temps_at:].view(np.float32)[:] = [0.0 if p.greedy else p.temperature for p in params]
             # One copy for the three, from pinned memory: it does not wait for the forward.
             region = host.to(self.device, non_blocking=True)
-            self._race = (region[16 * rows:].view(torch.float32), region[:8 * rows].view(torch.int64),
-                          region[8 * rows:16 * rows].view(torch.int64))
+            self._race = (region[temps_at:].view(torch.float32), region[:8 * rows].view(torch.int64),
+                          region[draws_at:draws_at + 8 * rows].view(torch.int64))
         return self._race
 
     @property
@@ -189,7 +194,7 @@ class Sampler:
                mask: TokenMask | None = None) -> SampledTokens:
         self._check_batch(logits, requests)
         if mask is not None:  # structured output: disallowed tokens leave the race before it starts
-            logits = mask.apply(logits)  # in place: logprobs describe the tokens the grammar allowed
+            logits = mask.apply(logits)  # logprobs then describe the tokens the grammar allowed
         params = [request.params for request in requests]
         if all(p.greedy and not p.uses_penalties and p.logprobs is None for p in params):
             return SampledTokens.without_logprobs(logits.argmax(dim=-1).tolist())
@@ -255,6 +260,8 @@ class Sampler:
             return logits.argmax(dim=-1)
         if self.device.type != "cuda":
             return self._truncated_draw(logits, requests)
+        if all(r.truncates or r.params.greedy for r in requests):
+            return self._truncated_draw(logits, requests)  # no row would keep the race's token
         tokens = self._race(logits, requests)
         if any(r.truncates for r in requests):
             # The torch path runs on every row; only the truncating rows' draws are kept.

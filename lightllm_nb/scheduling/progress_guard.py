@@ -71,11 +71,13 @@ class ProgressGuard:
         """Count the steps each running request was left out of with budget to spare (`scheduled`: the
         ids of the batch's requests); raise at the limit."""
         spare = scheduler.max_batch_tokens - sum(n for _, n in batch.items)
+        # Rebuilt from the running requests: a step a request ran in (or was not running in: preempted,
+        # finished) ends its run of left-out steps, as when everyone ran.
+        before, self._skipped = self._skipped, {}
         for req in scheduler.running:
             left_out = (req.request_id not in scheduled and spare > 0 and req.status is Status.RUNNING
                         and not req.awaiting_final)
-            before = self._skipped.pop(req.request_id, 0)  # a step it ran in ends its run of left-out steps
-            count = before + 1 if left_out else 0
+            count = before.get(req.request_id, 0) + 1 if left_out else 0
             if count:
                 self._skipped[req.request_id] = count
             if count >= SKIPPED_WITH_ROOM_LIMIT:
