@@ -381,8 +381,8 @@ def test_logits_that_do_not_fit_the_batch_are_refused():
 
 
 def test_a_batch_with_new_params_is_not_sampled_with_the_last_batchs_settings():
-    """The sampler keeps a batch's settings on the device while the same params objects fill the
-    same rows; new params in those rows must be used at once (a tiny temperature, then a huge one:
+    """The sampler keeps a batch's settings on the device while the same requests fill the same
+    rows; new requests (with new params) in those rows must be sampled with theirs at once (a tiny temperature, then a huge one:
     64 rows cannot all pick the argmax again, (1/8)**64)."""
     sampler = Sampler(8, CPU, torch.Generator().manual_seed(0))
     logits = torch.zeros(64, 8)

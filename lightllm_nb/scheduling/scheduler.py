@@ -146,7 +146,7 @@ class Scheduler:
         owed: list[Request] = []
         for req in decodes:
             if req.status is not Status.RUNNING or budget == 0 or req.awaiting_final:
-                continue  # preempted earlier in this step, or its final token is still on the GPU
+                continue  # preempted earlier in this step, no budget left, or its final token still on the GPU
             if cache is not None and req.row not in prompt_shared:
                 self._hand_out_pages(owed)
                 self._share_prompt(req)
