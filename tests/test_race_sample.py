@@ -27,7 +27,8 @@ def _assert_same_choice(kernel_tokens, twin_scores):
     device) ties it within 1e-5."""
     chosen = twin_scores.gather(1, kernel_tokens[:, None]).squeeze(1)
     best = twin_scores.max(dim=1).values
-    assert torch.all((chosen == best) | (best - chosen <= 1e-5 * best.abs().clamp(min=1))), (kernel_tokens, chosen, best)
+    close = (chosen == best) | (best - chosen <= 1e-5 * best.abs().clamp(min=1))
+    assert torch.all(close), (kernel_tokens, chosen, best)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

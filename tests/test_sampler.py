@@ -111,7 +111,8 @@ def test_cuda_rows_draw_from_their_tempered_truncated_distribution_beside_greedy
     tokens = torch.tensor(sampler.sample_on_device(logits, requests).tolist())
     assert set(tokens[1::2].tolist()) == {0}
     scaled = torch.tensor(SKEWED).log() / params.temperature
-    keep = _top_k_top_p_mask(scaled[None], torch.tensor([[params.top_k or len(SKEWED)]]), torch.tensor([[params.top_p]]))
+    keep = _top_k_top_p_mask(scaled[None], torch.tensor([[params.top_k or len(SKEWED)]]),
+                             torch.tensor([[params.top_p]]))
     expected = scaled.softmax(-1) * keep[0]
     observed = torch.bincount(tokens[::2], minlength=len(SKEWED)).double() / (rows // 2)
     if params.seed is not None:  # every row is the same request's first draw: one token, always
@@ -382,8 +383,8 @@ def test_logits_that_do_not_fit_the_batch_are_refused():
 
 def test_a_batch_with_new_params_is_not_sampled_with_the_last_batchs_settings():
     """The sampler keeps a batch's settings on the device while the same requests fill the same
-    rows; new requests (with new params) in those rows must be sampled with theirs at once (a tiny temperature, then a huge one:
-    64 rows cannot all pick the argmax again, (1/8)**64)."""
+    rows; new requests (with new params) in those rows must be sampled with theirs at once (a tiny
+    temperature, then a huge one: 64 rows cannot all pick the argmax again, (1/8)**64)."""
     sampler = Sampler(8, CPU, torch.Generator().manual_seed(0))
     logits = torch.zeros(64, 8)
     logits[:, 3] = 1.0

@@ -219,7 +219,8 @@ class TokenMask:
     """The batch's allowed tokens: a flag per sampling row (constrained or not) and a bitmask row at
     the grammar's vocabulary width, filled on the host for the constrained rows only (by
     GrammarCompiler.mask), applied on the device in one kernel (kernels/token_mask.py, or inside the
-    sampler's fused race, kernels/race_sample.py), which also forbids the ids past the grammar's vocabulary (a padded model's) in constrained rows.
+    sampler's fused race, kernels/race_sample.py), which also forbids the ids past the grammar's
+    vocabulary (a padded model's) in constrained rows.
     Valid until the next mask is built: they share one host buffer."""
 
     def __init__(self, buffer: BitmaskBuffer, rows: list[int], batch: int, grammar_vocab: int):
