@@ -133,6 +133,9 @@ class _BatchSettings:
     def __init__(self, requests: list[RequestSampler], vocab: int, device: torch.device, keys: random.Random):
         self.requests, self.vocab, self.device = requests, vocab, device
         self.seeded = [r for r in requests if r.params.seed is not None]
+        # What the step's path depends on, decided once per batch rather than row by row each step.
+        self.greedy = all(r.params.greedy for r in requests)
+        self.truncates = any(r.truncates for r in requests)
         self._keys = keys
         self._table: torch.Tensor | None = None
         self._race: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -215,12 +218,12 @@ class Sampler:
                          mask: TokenMask | None = None) -> torch.Tensor:
         """Token ids [B] left on the device, without waiting for the GPU; only for `can_defer` rows."""
         self._check_batch(logits, requests)
-        greedy = all(r.params.greedy for r in requests)
-        if self.device.type == "cuda" and not (greedy and mask is None) and not any(r.truncates for r in requests):
+        batch = self._settings(requests, logits.shape[-1])
+        if self.device.type == "cuda" and not (batch.greedy and mask is None) and not batch.truncates:
             return self._race(logits, requests, mask)  # the mask goes into the race's one pass
         if mask is not None:
             logits = mask.apply(logits)
-        if greedy:
+        if batch.greedy:
             return logits.argmax(dim=-1)
         return self._choose_tokens(logits.float(), requests)
 
@@ -263,7 +266,7 @@ class Sampler:
         if all(r.truncates or r.params.greedy for r in requests):
             return self._truncated_draw(logits, requests)  # no row would keep the race's token
         tokens = self._race(logits, requests)
-        if any(r.truncates for r in requests):
+        if self._batch.truncates:
             # The torch path runs on every row; only the truncating rows' draws are kept.
             tokens = torch.where(self._batch.truncating, self._truncated_draw(logits, requests), tokens)
         return tokens
@@ -283,10 +286,11 @@ class Sampler:
 
     def _truncated_draw(self, logits: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
         """Each row's draw after temperature, top-k and top-p (greedy rows: the argmax); float logits."""
-        table = self._settings(requests, logits.shape[-1]).table
+        batch = self._settings(requests, logits.shape[-1])
+        table = batch.table
         scaled = logits / table[:, 0:1]
         probs = scaled.softmax(dim=-1)
-        if any(r.truncates for r in requests):
+        if batch.truncates:
             # Masking probabilities computed over the whole row, rather than renormalizing, keeps a
             # row's numbers the same whether or not other rows in the batch truncate; the race
             # below doesn't need them to sum to one.
