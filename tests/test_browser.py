@@ -34,7 +34,9 @@ def lab(tmp_path):
     root.mkdir()
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_code_cell("%load_ext lightllm_nb"),
-        nbformat.v4.new_code_cell(f"%%lightllm --panel --max-tokens 32 --temperature 0\n{PROMPT}"),
+        # ~75 tokens (the model stops by itself): seconds of streaming on a slow CI box, time for the
+        # widget views to load and draw the grid while the answer still grows
+        nbformat.v4.new_code_cell(f"%%lightllm --panel --max-tokens 96 --temperature 0\n{PROMPT}"),
     ], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nbformat.write(nb, root / "panel.ipynb")
     config = tmp_path / "config"

@@ -346,3 +346,50 @@ def test_a_pump_behind_its_events_drops_the_oldest_and_a_stopped_pump_draws_noth
     go_on.set()
     wait_for(lambda: not pump.running)
     assert consumed[-1] == "being consumed"
+
+
+def say_hello(view):
+    """What the browser's view sends when it opens, delivered as the kernel delivers comm messages."""
+    view.comm.handle_msg({"content": {"data": {"method": "custom", "content": {"kind": "hello"}}}, "buffers": []})
+
+
+def test_views_not_heard_from_get_their_whole_state_again_every_second_and_heard_ones_only_changes(engine, front_end):
+    """A view that opens while its `%%lightllm --panel` cell still generates cannot be answered (its
+    hello waits for the busy kernel); it must still draw the grid within about a second."""
+    events = []
+    engine.subscribe(events.append, pages=True)
+    engine.generate([f"late view {i} " * 3 for i in range(4)], SamplingParams(max_tokens=6, temperature=0.0))
+    wait_for(lambda: len(events) == engine.stats()["steps"])
+    events = [event for event in events if event.page_owner is not None]
+    hub = EventHub()
+    panel = Dashboard(hub, rate=20.0)
+    trends, kv, batch, decisions = (part.view for part in panel.parts)
+    published = 0
+
+    def publish_for(seconds):
+        nonlocal published
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            event = events[published % len(events)]
+            hub.publish(replace(event, step=published + 1), lambda: event.page_owner)
+            published += 1
+            time.sleep(0.02)
+
+    def full_frames(view, since):
+        return sum(1 for content, _ in front_end.custom(view, since) if content.get("full"))
+
+    def resets(view, since):
+        return sum(1 for content, _ in front_end.custom(view, since) if content.get("reset"))
+
+    start = time.monotonic()
+    publish_for(2.6)
+    assert full_frames(kv, start) >= 3 and resets(batch, start) >= 3, (full_frames(kv, start), resets(batch, start))
+    wait_for(lambda: (front_end.grid(kv)[1] or {}).get("step") == published)
+    assert np.array_equal(front_end.grid(kv)[0], expected_cells(events[(published - 1) % len(events)].page_owner))
+    say_hello(kv)
+    heard = time.monotonic()
+    publish_for(2.6)
+    assert full_frames(kv, heard) == 1               # the answer to its hello; then only changes
+    assert len(front_end.custom(kv, heard)) > 10     # which kept coming
+    assert resets(batch, heard) >= 2                 # the views not heard from still get keyframes
+    panel.close()

@@ -4,9 +4,17 @@ Each takes a live `Engine`, a `Client` (embedded or remote) or a saved trace (a 
 file or a list of StepEvents; a slider then picks the step). Live panels keep updating after the
 cell that made them finishes, at most `rate` times a second, from a background thread; `close()`
 (or closing the widget) unsubscribes and stops that thread.
+
+A view that opens says "hello" and is sent everything; but a view that opens while the kernel is
+busy (the `%%lightllm --panel` cell that made it is still generating) is heard only when the cell
+ends: its hello waits in the kernel's queue. So until a part's view has been heard, the panel
+sends that part's whole state again at most once every KEYFRAME_SECONDS; a late view draws
+within that long instead of after the answer.
 """
 
 from __future__ import annotations
+
+import time
 
 import ipywidgets as widgets
 
@@ -17,15 +25,18 @@ from .sources import follow, trace_events
 
 class Panel:
     title = "lightllm"
+    KEYFRAME_SECONDS = 1.0
 
     def __init__(self, source, parts: list, *, rate: float = 10.0):
         self.parts = parts
         self._pump: Pump | None = None
         self._unfollow = None
+        self._unheard = list(parts)     # parts whose view has not said hello yet (read on the pump thread)
+        self._last_keyframe = time.monotonic()
         self.events = trace_events(source)
         children = [part.view for part in parts]
         for part in parts:
-            part.view.on_hello(lambda part=part: self._resend(part))
+            part.view.on_hello(lambda part=part: self._hello(part))
         if self.events is not None:
             if not self.events:
                 raise ValueError("the trace has no events: record some steps first")
@@ -45,8 +56,18 @@ class Panel:
             part.consume(event)
 
     def _render(self) -> None:
+        unheard = self._unheard
+        if unheard and time.monotonic() - self._last_keyframe >= self.KEYFRAME_SECONDS:
+            self._last_keyframe = time.monotonic()
+            for part in unheard:
+                part.resend()
         for part in self.parts:
             part.render()
+
+    def _hello(self, part) -> None:
+        # A new list, not a removal in place: the pump thread may be iterating the old one.
+        self._unheard = [p for p in self._unheard if p is not part]
+        self._resend(part)
 
     def _resend(self, part) -> None:
         part.resend()
