@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,9 +21,15 @@ def _check(ok: bool, message: str) -> None:
         raise InvalidRequestError(message)
 
 
+# Temperatures below this are greedy: the tempered distribution is then the argmax for any logit
+# gap over 1e-3 (e^-100 for the runner-up), and dividing logits by a far smaller one overflows
+# float32 (1e-38 turned every draw into noise).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """OpenAI/vLLM-style sampling knobs. ``temperature=0`` means greedy decoding."""
+    """OpenAI/vLLM-style sampling knobs. ``temperature=0`` (or any below 1e-5) means greedy decoding."""
 
     max_tokens: int = 64
     temperature: float = 1.0
@@ -55,8 +62,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool),
-                   f"{name}={value!r} is invalid: it must be a number")
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                   f"{name}={value!r} is invalid: it must be a finite number")
         _check(self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
                f"seed={self.seed!r} is invalid: it must be None or an integer in [0, 2**63)")
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1,
@@ -111,7 +118,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def uses_penalties(self) -> bool:

@@ -34,6 +34,10 @@ def fresh(tiny_model):
     (dict(repetition_penalty=0), ["repetition_penalty=0", "> 0"]),
     (dict(presence_penalty=3), ["presence_penalty=3", "[-2, 2]"]),
     (dict(logprobs=50), ["logprobs=50", "[0, 20]"]),
+    (dict(temperature=float("inf")), ["temperature=inf", "finite"]),
+    (dict(temperature=float("nan")), ["temperature=nan", "finite"]),
+    (dict(repetition_penalty=float("inf")), ["repetition_penalty=inf", "finite"]),
+    (dict(frequency_penalty=float("-inf")), ["frequency_penalty=-inf", "finite"]),
 ])
 def test_bad_sampling_params(kwargs, words):
     with pytest.raises(InvalidRequestError) as err:

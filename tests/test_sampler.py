@@ -65,6 +65,14 @@ def test_greedy_equals_argmax():
     assert bf16.top_logprobs == [[(t, pytest.approx(v))] for t, v in zip(bf16.token_ids, best)]
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-38, 1e-45, 5e-324])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    logits = 5 * torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    assert Sampler(50, CPU).sample(logits, requests_for(*[params] * 64)).token_ids == logits.argmax(-1).tolist()
+
+
 def test_greedy_applies_penalties_first():
     logits = torch.tensor([[2.0, 1.9, 0.0]])
     request = RequestSampler(SamplingParams(temperature=0, repetition_penalty=1.5), [0], CPU)
