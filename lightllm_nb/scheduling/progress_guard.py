@@ -4,10 +4,10 @@ Two things never happen in a correct scheduler, and the guard checks both after 
 
 - a running request is left out of a step that had token budget to spare (it could have run:
   nothing but a bug keeps it out, apart from the one step its final token is still on the GPU);
-- no request gets anywhere for many steps in a row while there is work. "Getting anywhere" means
-  a request computes a token it never had computed before (its high-water mark rises): recomputing
-  what a preemption threw away is not progress, so two requests that preempt each other forever
-  are caught too. A resumed request may recompute its whole context, chunk by chunk, before it
+- no request gets anywhere for many steps in a row while there is work that could run (not only
+  requests waiting for their grammar to compile). "Getting anywhere" means a request computes a
+  token it never had computed before (its high-water mark rises): recomputing what a preemption
+  threw away is not progress, so two requests that preempt each other forever are caught too. A resumed request may recompute its whole context, chunk by chunk, before it
   reaches new tokens, so the limit allows that many steps and some more.
 """
 
@@ -50,7 +50,11 @@ class ProgressGuard:
             self._count_left_out(scheduler, batch, scheduled)
         elif self._skipped:
             self._skipped.clear()  # everyone ran: no run of left-out steps goes on
-        self._stalled_steps = 0 if progressed or not scheduler.has_work() else self._stalled_steps + 1
+        # Requests that wait only for their grammar to compile are not stalled: they cannot run yet.
+        if progressed or not (scheduler.running or scheduler.waiting.any_ready()):
+            self._stalled_steps = 0
+        else:
+            self._stalled_steps += 1
         if self._stalled_steps >= self.stall_limit:
             raise LivelockError(f"no request has computed a new token for {self._stalled_steps} steps although "
                                 "requests are waiting or running: a scheduler bug. " + describe(scheduler, batch))

@@ -65,8 +65,6 @@ class WaitingAdmission:
                 # Preempted this very step with its newest token still on the GPU: that token is
                 # read back at the end of the step, so it can resume from the next one.
                 continue
-            if not req.ready:
-                continue  # its grammar is still compiling: it waits here rather than in a batch row
             running = self._running_per_user[req.user]
             if cap is not None and running >= cap:
                 skipped.add(req.user)  # one decision per user and step is enough to say why

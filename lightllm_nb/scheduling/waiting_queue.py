@@ -15,7 +15,8 @@ class WaitingQueue:
 
     Admission order: preempted requests first (most recently preempted first: they held memory a
     moment ago); then higher `priority` first; within a priority, the user with the fewest running
-    requests, ties going to the user admitted least recently (round robin); FIFO within a user.
+    requests, ties going to the user admitted least recently (round robin); FIFO within a user,
+    among the requests that are ready (a structured-output request waits for its grammar).
     """
 
     def __init__(self) -> None:
@@ -41,12 +42,20 @@ class WaitingQueue:
         self._size += 1
 
     def in_admission_order(self, running_per_user: Mapping[str, int]) -> Iterator[Request]:
-        """Candidates, best first: every preempted request, then the head of each user's queue."""
+        """Candidates, best first: every preempted request, then each user's first ready request (one
+        whose grammar is still compiling does not hold up the same user's later requests)."""
         yield from self._preempted
         for priority in sorted(self._by_priority, reverse=True):
             users = self._by_priority[priority]
             for user in sorted(users, key=lambda u: (running_per_user.get(u, 0), self._last_admitted.get(u, -1))):
-                yield users[user][0]
+                first_ready = next((r for r in users[user] if r.ready), None)
+                if first_ready is not None:
+                    yield first_ready
+
+    def any_ready(self) -> bool:
+        """Whether any waiting request may be admitted now (not all of them wait for a grammar)."""
+        return bool(self._preempted) or any(r.ready for users in self._by_priority.values()
+                                            for queue in users.values() for r in queue)
 
     def take(self, req: Request) -> None:
         """Remove an admitted request and remember that its user just had a turn."""
