@@ -225,14 +225,15 @@ class Engine(EmbeddedAPI, StepOutputs):
                     # The mask needs the previous step's tokens accepted: read them back now, while
                     # the GPU runs this forward, and queue the sampling behind the mask.
                     outputs += self._take_inflight(decisions)
-                    mask = self.grammars.mask(sampling_reqs, rows)
+                    mask = self._grammar_mask(sampling_reqs, rows, outputs, decisions)
                 tokens = self.sampler.sample_on_device(logits, samplers, mask)
                 self.runner.remember_tokens(sample_rows, tokens)
                 inflight = InflightTokens(sampling_reqs, tokens)
                 outputs += self._take_inflight(decisions)
             else:
                 outputs += self._take_inflight(decisions)  # penalties must observe the previous token
-                sampled = self.sampler.sample(logits, samplers, self.grammars.mask(sampling_reqs, rows))
+                sampled = self.sampler.sample(logits, samplers,
+                                              self._grammar_mask(sampling_reqs, rows, outputs, decisions))
                 now = time.perf_counter()
                 for i, req in enumerate(sampling_reqs):
                     if req.finished:  # stopped on the previous step's token, read back just now
@@ -244,6 +245,26 @@ class Engine(EmbeddedAPI, StepOutputs):
             self.grammars.wait_for_pending(timeout=0.05)  # nothing to run until a grammar is compiled
         self._inflight = inflight
         self._publish(started, rows, decisions)
+
+    def _grammar_mask(self, requests: list[Request], rows, outputs: list[RequestOutput],
+                      decisions: list[Decision]):
+        """The step's grammar mask; a request whose grammar failed (no token allowed, say) finishes
+        now with reason "error", alone: its row's token is then never used."""
+        mask = self.grammars.mask(requests, rows)
+        if mask is not None:
+            for row, why in mask.failures.items():
+                req = requests[row]
+                so_far = self.tokenizer.decode(req.known_output_ids, skip_special_tokens=True)
+                self._finish_with_error(req, f"{req.request_id}: {why} (output so far: {so_far[-80:]!r})",
+                                        outputs, decisions)
+        return mask
+
+    def _finish_with_error(self, req: Request, message: str, outputs: list[RequestOutput],
+                           decisions: list[Decision]) -> None:
+        decisions.append(self.scheduler.finish(req, "error"))
+        out = self._retire(RequestOutput(req.request_id, [], "", True, "error"))
+        out.completion.error = message
+        outputs.append(out)
 
     def _take_inflight(self, decisions: list[Decision]) -> list[RequestOutput]:
         """Read back the previous step's tokens (waiting for the GPU if need be) and handle them."""
@@ -273,10 +294,7 @@ class Engine(EmbeddedAPI, StepOutputs):
         for req in {id(r): r for r in victims}.values():  # once each, in order
             if req.finished or req.request_id not in self._requests:
                 continue
-            decisions.append(self.scheduler.finish(req, "error"))
-            out = self._retire(RequestOutput(req.request_id, [], "", True, "error"))
-            out.completion.error = message
-            outputs.append(out)
+            self._finish_with_error(req, message, outputs, decisions)
         self._publish(time.perf_counter(), [], self._carried_decisions + decisions)
         self._carried_decisions = []
 
