@@ -32,6 +32,7 @@ one noise draw per seeded row, which a per-request generator makes unavoidable.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -350,8 +351,10 @@ class Sampler:
         for j, row in enumerate(asking):
             start = j * top_n
             result.logprobs[row] = chosen_values[j]
+            # A token the grammar forbids (logprob -inf) is no alternative: a row may list fewer.
             result.top_logprobs[row] = [(int(top_ids_flat[start + m]), top_values_flat[start + m])
-                                        for m in range(params[row].logprobs)]
+                                        for m in range(params[row].logprobs)
+                                        if top_values_flat[start + m] != -math.inf]
         return result
 
 
