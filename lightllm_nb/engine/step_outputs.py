@@ -62,7 +62,9 @@ class StepOutputs:
         else:
             # A stop token ends the output but is not part of its text.
             shown = ids[:-1] if ids and req.finish_reason == "stop" else ids
-            text = self.tokenizer.decode(shown, skip_special_tokens=True)
+            # A character cut short by the end (max_tokens mid-emoji) decodes as U+FFFD: left out, as
+            # a stream leaves it out (IncrementalDetokenizer), so the text is what was streamed.
+            text = self.tokenizer.decode(shown, skip_special_tokens=True).rstrip("\ufffd")
         out.completion = Completion(req.request_id, text, ids, req.finish_reason, req.num_prompt,
                                     request_metrics(req), req.logprobs or None, timeline=req.timeline)
         return out

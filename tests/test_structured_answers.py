@@ -1,6 +1,7 @@
-"""Logprobs of a constrained request describe the tokens its grammar allowed: a forbidden token
-(logprob -inf) is never listed as an alternative, so a row may list fewer than asked for, and no
--inf ever reaches a JSON answer."""
+"""What a constrained request hands back: logprobs that describe the tokens its grammar allowed (a
+forbidden token, logprob -inf, is never listed as an alternative, so a row may list fewer than
+asked for, and no -inf reaches a JSON answer), and a text cut by max_tokens that is a valid prefix
+even inside a multi-byte character."""
 
 import math
 
@@ -31,3 +32,12 @@ def test_top_logprobs_list_only_tokens_the_grammar_allowed(engine):
             else:
                 assert any(c.startswith(before + tokenizer.decode([token])) for c in choices), (before, token)
     assert len(done.logprobs[-1]["top"]) < 10  # the last step's grammar allowed few tokens
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2])
+def test_an_answer_cut_inside_a_character_leaves_it_out_as_its_stream_does(engine, max_tokens):
+    sampling = SamplingParams(choice=["🙂"], max_tokens=max_tokens, temperature=0)
+    done = engine.generate(["Smile:"], sampling)[0]
+    streamed = "".join(engine.stream("Smile:", sampling))
+    assert done.finish_reason == "length" and len(done.token_ids) == max_tokens
+    assert done.text == streamed == ""  # a valid prefix of the one choice, not "\ufffd"
