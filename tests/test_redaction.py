@@ -65,7 +65,8 @@ def test_a_reason_naming_another_request_is_rendered_with_its_alias():
     mine = Decision("defer", "a-1", "shared_prefill", {"matched": 0, "shared": 32}, "alice",
                     related=(("b-7", "bob"),))
     theirs = Decision("defer", "b-8", "user_cap", {"running": 2, "cap": 2, "note": "bob"}, "bob")
-    event = StepEvent(step=1, time=0.0, duration=0.0, rows=[BatchRow("b-7", "bob", "prefill", 5, 5)],
+    event = StepEvent(step=1, time=0.0, duration=0.0, rows=[BatchRow("b-7", "bob", "decode", 1, 5, allowed_tokens=3),
+                                                            BatchRow("a-1", "alice", "decode", 1, 9, allowed_tokens=4)],
                       decisions=[mine, theirs], kv_capacity=10, kv_free=5, kv_cached=0, running=1, waiting=2,
                       page_size=1)
     aliases = {}
@@ -75,3 +76,4 @@ def test_a_reason_naming_another_request_is_rendered_with_its_alias():
     assert view.decisions[1].numbers == {"running": 2, "cap": 2}  # a string could carry a name
     assert "bob" not in repr(view) and "b-7" not in repr(view) and "b-8" not in repr(view)
     assert view.rows[0].request_id == aliases["b-7"] != event.redacted_for("alice").rows[0].request_id
+    assert view.rows[0].allowed_tokens is None and view.rows[1].allowed_tokens == 4  # bob's grammar is bob's

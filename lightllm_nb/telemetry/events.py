@@ -91,7 +91,7 @@ class StepEvent:
 
     def redacted_for(self, user: str, aliases: dict[str, str] | None = None) -> "StepEvent":
         """The event as `user` may see it: other users' requests keep their token counts but lose
-        their names and ids. Each id becomes a random alias (not derived from the id, so it cannot
+        their names, ids and how narrow their grammar's mask was. Each id becomes a random alias (not derived from the id, so it cannot
         be reversed); pass the same `aliases` dict for a whole stream to keep them stable."""
         aliases = {} if aliases is None else aliases
 
@@ -108,8 +108,8 @@ class StepEvent:
             return request_id if owner == user else alias(request_id)
 
         # Built directly, not with dataclasses.replace: this runs per subscriber per step for every row.
-        rows = [r if r.user == user else BatchRow(alias(r.request_id), "other", r.phase, r.tokens, r.context,
-                                                  r.allowed_tokens)
+        # Another user's grammar (how many tokens its mask allowed) is theirs too: left out.
+        rows = [r if r.user == user else BatchRow(alias(r.request_id), "other", r.phase, r.tokens, r.context)
                 for r in self.rows]
         holders = None if self.kv_holders is None else [
             h if h.user == user else KVHolder(h.row, alias(h.request_id), "other", h.tokens)
