@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from functools import cache
 
 
 class InvalidRequestError(ValueError):
@@ -43,8 +41,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # how many top alternatives to report beside the chosen token
-    # Structured output, at most one of: a JSON schema (dict or JSON text; {} or True: any JSON
-    # object), a regular expression, a list of allowed answers, or an EBNF grammar (xgrammar's).
+    # Structured output, at most one of: a JSON schema (dict or JSON text; {}, True, "{}" or "true":
+    # any JSON object), a regular expression, a list of allowed answers, or an EBNF grammar
+    # (xgrammar's). constraint_checks.py refuses what xgrammar would not enforce.
     json_schema: dict | str | bool | None = None
     regex: str | None = None
     choice: tuple[str, ...] | None = None
@@ -98,20 +97,24 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, str) and value),
                    f"{name}={value!r} is invalid: give a non-empty string")
-        if self.constraint is not None:
-            _check_compiles(*self.constraint, given[0])
+        constraint = self.constraint
+        if constraint is not None:
+            from .constraint_checks import check_constraint  # here: it imports this module
+
+            check_constraint(*constraint, given[0])
 
     @property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of the structured-output constraint, kind "json", "regex" or "ebnf";
         equal constraints have equal texts, so they share one compiled grammar."""
+        from .constraint_checks import choice_grammar, schema_text  # here: they import this module
+
         if self.json_schema is not None and self.json_schema is not False:
-            return "json", _schema_text(self.json_schema)
+            return "json", schema_text(self.json_schema)
         if self.regex is not None:
             return "regex", self.regex
         if self.choice is not None:
-            # json.dumps escapes quotes, backslashes and control characters as EBNF strings do.
-            return "ebnf", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choice)
+            return "ebnf", choice_grammar(self.choice)
         if self.grammar is not None:
             return "ebnf", self.grammar
         return None
@@ -127,68 +130,6 @@ class SamplingParams:
 
 
 _CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")
-
-# JSON Schema keywords xgrammar (0.2) leaves out of the grammar it builds: a schema using one would
-# let the model write JSON that fails validation, so it is refused rather than silently loosened.
-_UNSUPPORTED_SCHEMA_KEYWORDS = frozenset({
-    "if", "then", "else", "not", "uniqueItems", "contains", "minContains", "maxContains",
-    "propertyNames", "dependentRequired", "dependentSchemas", "dependencies",
-    "unevaluatedProperties", "unevaluatedItems"})
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")   # name -> subschema
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")                   # [subschema, ...]
-_SCHEMA_ONE = ("items", "additionalProperties")                              # one subschema
-
-
-def _schema_text(schema) -> str:
-    if schema is True or schema == {}:
-        return '{"type": "object"}'
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise InvalidRequestError(f"json_schema is not valid JSON: {e.msg} at line {e.lineno} column "
-                                      f"{e.colno}: fix the schema text or pass a dict") from None
-    _check(isinstance(schema, dict), f"json_schema={schema!r} is invalid: give a JSON schema as a dict or "
-           "JSON text ({} or True for any JSON object)")
-    _check_schema_keywords(schema, "json_schema")
-    return json.dumps(schema)  # key order kept: xgrammar writes properties in the schema's order
-
-
-def _check_schema_keywords(schema, where: str) -> None:
-    if isinstance(schema, list):
-        for i, item in enumerate(schema):
-            _check_schema_keywords(item, f"{where}[{i}]")
-        return
-    if not isinstance(schema, dict):
-        return
-    for key, value in schema.items():
-        _check(key not in _UNSUPPORTED_SCHEMA_KEYWORDS,
-               f"{where} uses the keyword {key!r}, which structured output cannot enforce: remove it "
-               f"(and check that rule on the result yourself) or express it with supported keywords")
-        if key in _SCHEMA_MAPS and isinstance(value, dict):
-            for name, sub in value.items():
-                _check_schema_keywords(sub, f"{where}.{key}.{name}")
-        elif key in _SCHEMA_LISTS or key in _SCHEMA_ONE:
-            _check_schema_keywords(value, f"{where}.{key}")
-
-
-def _check_compiles(kind: str, text: str, name: str) -> None:
-    """Compile the constraint against a vocabulary of the 256 single bytes, so errors surface when
-    the params are made, before any model work: a syntax or schema error (xgrammar's message says
-    where), or a constraint no text satisfies (no byte is allowed first and it isn't complete)."""
-    import xgrammar as xgr  # lazily: importing it costs seconds and most requests never need it
-
-    try:
-        compiled = _byte_compiler().compile_grammar(xgrammar_grammar(kind, text))
-    except RuntimeError as e:
-        message = str(e).strip().splitlines()[0]
-        message = message.split(": ", 1)[-1] if message.startswith("[") else message  # drop C++ file:line
-        raise InvalidRequestError(f"{name} does not compile: {message}") from None
-    mask = xgr.allocate_token_bitmask(1, 257)
-    xgr.GrammarMatcher(compiled).fill_next_token_bitmask(mask)
-    _check(allowed_token_count(mask[0], 257) > 0,
-           f"{name}={text!r} cannot match any text: no string satisfies it; check it for an empty "
-           "character class or contradictory rules")
 
 
 def allowed_token_count(bitmask_row, vocab_size: int) -> int:
@@ -208,13 +149,3 @@ def xgrammar_grammar(kind: str, text: str):
     if kind == "regex":
         return xgr.Grammar.from_regex(text)
     return xgr.Grammar.from_ebnf(text)
-
-
-@cache
-def _byte_compiler():
-    """A grammar compiler over a vocabulary of the 256 bytes plus an end token (id 256): enough to
-    tell whether a constraint compiles and can match anything, independent of any model."""
-    import xgrammar as xgr
-
-    vocab = [bytes([b]) for b in range(256)] + [b"</end>"]
-    return xgr.GrammarCompiler(xgr.TokenizerInfo(vocab, stop_token_ids=[256]), max_threads=1)

@@ -3,6 +3,7 @@ forbidden token, logprob -inf, is never listed as an alternative, so a row may l
 asked for, and no -inf reaches a JSON answer), and a text cut by max_tokens that is a valid prefix
 even inside a multi-byte character."""
 
+import json
 import math
 
 import pytest
@@ -41,3 +42,11 @@ def test_an_answer_cut_inside_a_character_leaves_it_out_as_its_stream_does(engin
     streamed = "".join(engine.stream("Smile:", sampling))
     assert done.finish_reason == "length" and len(done.token_ids) == max_tokens
     assert done.text == streamed == ""  # a valid prefix of the one choice, not "\ufffd"
+
+
+def test_latin1_characters_of_a_schema_come_out_as_written(engine):
+    """xgrammar's own compile cache misread characters below U+0100 ("café1" came out "cafຑ")."""
+    words = ["Ñandú", "café1"]
+    schema = {"type": "object", "properties": {"w": {"enum": words}}, "required": ["w"]}
+    done = engine.generate(["Pick a word:"] * 4, [SamplingParams(json_schema=schema, seed=s) for s in range(4)])
+    assert all(json.loads(c.text)["w"] in words for c in done), [c.text for c in done]

@@ -99,7 +99,9 @@ class GrammarCompiler:
             info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.grammar_vocab,
                                                       stop_token_ids=self._stop_token_ids)
             self._token_texts = token_texts(info)
-            self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2)
+            # xgrammar's own cache (0.2.9) keys grammars by a printed form that loses characters
+            # below U+0100 ({"enum": ["café1"]} came back as "cafຑ"); ours, by constraint text, is exact.
+            self._xgr_compiler = xgr.GrammarCompiler(info, max_threads=2, cache_enabled=False)
         return CompiledConstraint(self._xgr_compiler.compile_grammar(xgrammar_grammar(kind, text)),
                                   kind in TEXT_LEVEL_KINDS)
 
