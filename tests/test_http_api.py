@@ -105,7 +105,9 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70
                            | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
 FIELDS = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "logprobs", "n",
           "stream", "model", "sampling", "prompt_token_ids", "priority", "stream_options", "top_logprobs",
-          "presence_penalty", "frequency_penalty", "ignore_eos", "stop_token_ids", "echo"]
+          "presence_penalty", "frequency_penalty", "ignore_eos", "stop_token_ids", "echo", "response_format",
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "store", "metadata", "tools", "modalities",
+          "max_completion_tokens", "service_tier"]
 BODIES = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), JSON_VALUES, max_size=6)
 
 

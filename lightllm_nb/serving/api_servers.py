@@ -27,7 +27,7 @@ from .engine_core import EngineCore
 log = logging.getLogger("lightllm_nb.serve")
 
 
-def run_split(args, engine, model, tokens, route_prefix: str, sockets, where: str) -> int:
+def run_split(args, engine, model, keys, route_prefix: str, sockets, where: str) -> int:
     """Serve with `args.api_server_count` front-end processes until SIGTERM/SIGINT; the exit code."""
     folder = tempfile.mkdtemp(prefix="lightllm-nb-core-")
     address = f"ipc://{folder}/engine.sock"
@@ -38,7 +38,7 @@ def run_split(args, engine, model, tokens, route_prefix: str, sockets, where: st
     # run_host froze it: full collections that walk the whole heap stall the step thread.
     gc.collect()
     gc.freeze()
-    front_ends = [_fork_front_end(address, sockets, model, tokens, route_prefix, args.shutdown_timeout, engine_pid)
+    front_ends = [_fork_front_end(address, sockets, model, keys, route_prefix, args.shutdown_timeout, engine_pid)
                   for _ in range(args.api_server_count)]
     for sock in sockets:  # the front ends accept on them; this process only steps
         sock.close()
@@ -52,14 +52,14 @@ def run_split(args, engine, model, tokens, route_prefix: str, sockets, where: st
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _fork_front_end(address: str, sockets, model, tokens, route_prefix: str, shutdown_timeout: float,
+def _fork_front_end(address: str, sockets, model, keys, route_prefix: str, shutdown_timeout: float,
                     engine_pid: int) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 1
     try:
-        code = asyncio.run(_front_end(address, sockets, model, tokens, route_prefix, shutdown_timeout, engine_pid))
+        code = asyncio.run(_front_end(address, sockets, model, keys, route_prefix, shutdown_timeout, engine_pid))
     except BaseException:
         log.exception("API server process %d failed", os.getpid())
     finally:
@@ -68,7 +68,7 @@ def _fork_front_end(address: str, sockets, model, tokens, route_prefix: str, shu
         os._exit(code)  # never the engine process's exit handlers: it owns the engine, not this copy
 
 
-async def _front_end(address: str, sockets, model, tokens, route_prefix: str, shutdown_timeout: float,
+async def _front_end(address: str, sockets, model, keys, route_prefix: str, shutdown_timeout: float,
                      engine_pid: int) -> int:
     from .host import serve_http
     from .http_app import ServingContext
@@ -77,7 +77,8 @@ async def _front_end(address: str, sockets, model, tokens, route_prefix: str, sh
 
     driver = RemoteDriver(address, model.prompts)
     driver.start()
-    ctx = ServingContext(driver, model, tokens, ServingMetrics(model.name), route_prefix=route_prefix)
+    ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=route_prefix,
+                         token_source=keys.source)
     watching = asyncio.get_running_loop().create_task(_stop_when_orphaned(engine_pid))
     await serve_http(ctx, sockets, shutdown_timeout)
     watching.cancel()

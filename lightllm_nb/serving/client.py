@@ -38,8 +38,8 @@ class Client(Protocol):
                   max_rate: float | None = None) -> EventSubscription: ...
     async def agenerate(self, prompts=None, sampling=None, *, prompt_token_ids=None,
                         priority: int = 0) -> list[Completion]: ...
-    async def astream(self, prompt=None, sampling=None, *, prompt_token_ids=None, messages=None,
-                      priority: int = 0) -> TextStream: ...
+    def astream(self, prompt=None, sampling=None, *, prompt_token_ids=None, messages=None,
+                priority: int = 0) -> TextStream: ...  # `async for d in client.astream(...)`, or awaited
     async def achat(self, messages, sampling=None) -> Completion: ...
     async def aabort(self, request_id: str) -> bool: ...
     async def astats(self) -> dict: ...
@@ -94,7 +94,8 @@ class LocalClient:
 
     def stream(self, prompt: str | None = None, sampling=None, *, prompt_token_ids: Sequence[int] | None = None,
                messages: list[dict] | None = None, priority: int = 0) -> TextStream:
-        """Text deltas as they are produced; leaving the loop early aborts the request."""
+        """Text deltas as they are produced; leaving a loop over it early (or `close()`, or the end of a
+        `with` block) aborts the request."""
         ids, params = self._prompts.request(prompt, prompt_token_ids, messages, sampling)
         return TextStream(self.loop.submit(ids, params, user=self.user, priority=priority, stream_text=True))
 
@@ -142,10 +143,11 @@ class LocalClient:
                 if not handle.finished:
                     handle.abort()
 
-    async def astream(self, prompt: str | None = None, sampling=None, *,
-                      prompt_token_ids: Sequence[int] | None = None, messages: list[dict] | None = None,
-                      priority: int = 0) -> TextStream:
-        """A TextStream to read with `async for`; cancelling the reading task aborts the request."""
+    def astream(self, prompt: str | None = None, sampling=None, *, prompt_token_ids: Sequence[int] | None = None,
+                messages: list[dict] | None = None, priority: int = 0) -> TextStream:
+        """`async for delta in client.astream(...)`, or `stream = await client.astream(...)` first (the
+        request is submitted at once, without blocking); leaving the loop early or cancelling the
+        reading task aborts the request."""
         return self.stream(prompt, sampling, prompt_token_ids=prompt_token_ids, messages=messages,
                            priority=priority)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import time
 
@@ -14,7 +15,7 @@ from .api_errors import ApiError
 from .http_app import ApiHandler, log
 from .native_api import completion_record, output_record, parse_generate
 from .openai_api import OpenAIShapes, parse_chat, parse_completion
-from .request_fields import parse_json_object
+from .request_fields import parse_json_object, sampling_for
 
 
 def sse(record: dict | str) -> bytes:
@@ -22,7 +23,10 @@ def sse(record: dict | str) -> bytes:
 
 
 class _GenerationHandler(ApiHandler, metaclass=abc.ABCMeta):
-    """Parse, submit, then stream or collect; subclasses say how a body is read and outputs look."""
+    """Parse, check, submit, then stream or collect; subclasses say how a body is read and outputs look."""
+
+    handle = None   # the submitted request's RequestHandle
+    gone = False    # the client closed its connection
 
     @abc.abstractmethod
     def parse(self, body: dict):
@@ -33,11 +37,18 @@ class _GenerationHandler(ApiHandler, metaclass=abc.ABCMeta):
             raise ApiError(503, "the server is shutting down: retry against its successor")
         try:
             request = self.parse(parse_json_object(self.request.body))
+            sampling = await self.sampling(request)
         except ApiError:
             self.ctx.metrics.request_rejected()
             raise
+        if self.ctx.stopping:  # SIGTERM came while its constraint compiled: the drain did not wait for it
+            raise ApiError(503, "the server began shutting down while this request was checked: retry against "
+                                "its successor")
+        if self.gone:  # it left while its constraint compiled: nobody would read the answer
+            log.info("%s: the client left before its request was queued", self.request.path)
+            return
         try:
-            self.handle = await self.ctx.driver.asubmit(request.prompt_ids, request.sampling, user=self.caller.user,
+            self.handle = await self.ctx.driver.asubmit(request.prompt_ids, sampling, user=self.caller.user,
                                                         priority=request.priority, stream_text=request.stream,
                                                         keep_outputs=request.stream)
         except InvalidRequestError as err:
@@ -59,6 +70,16 @@ class _GenerationHandler(ApiHandler, metaclass=abc.ABCMeta):
         if completion is not None:
             self.ctx.metrics.request_finished(completion)
             self._log_request(completion)
+
+    async def sampling(self, request):
+        """The request's SamplingParams. Making them compiles a structured-output constraint to check
+        it: seconds for a big schema, during which xgrammar lets go of the GIL, so that runs on the
+        context's worker threads while this loop serves on; without a constraint they take
+        microseconds, less than the hop to a thread, and are made here."""
+        if not request.has_constraint:
+            return sampling_for(request, self.ctx.model.max_context)
+        return await asyncio.get_running_loop().run_in_executor(self.ctx.checks, sampling_for, request,
+                                                                self.ctx.model.max_context)
 
     async def collect(self):
         completion = await self.handle.aresult()
@@ -87,9 +108,9 @@ class _GenerationHandler(ApiHandler, metaclass=abc.ABCMeta):
         raise StreamClosedError()  # the loop shut down under us: nothing more will come
 
     def on_connection_close(self) -> None:
-        handle = getattr(self, "handle", None)
-        if handle is not None:
-            handle.abort()
+        self.gone = True
+        if self.handle is not None:
+            self.handle.abort()
 
     @abc.abstractmethod
     def complete(self, completion) -> dict:

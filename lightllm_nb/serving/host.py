@@ -1,10 +1,11 @@
 """`lightllm-nb serve`: one process that loads a model, runs its DriverLoop and serves HTTP.
 
 The step loop runs in the DriverLoop's thread, tornado's IOLoop in the main thread; HTTP parsing,
-tokenization and templating happen on the IOLoop, so the engine thread only schedules and runs.
+tokenization and templating happen on the IOLoop (a structured-output constraint compiles, to be
+checked, on a worker thread), so the engine thread only schedules and runs.
 With `--api-server-count N` the IOLoop runs in N processes of its own instead (api_servers.py).
-SIGTERM (or Ctrl-C) stops gracefully: no new requests, in-flight ones get `--shutdown-timeout`
-seconds to finish, the rest are aborted, and the process exits 0.
+SIGTERM (or Ctrl-C) stops gracefully: new requests get a 503, in-flight ones get
+`--shutdown-timeout` seconds to finish, the rest are aborted, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -33,20 +34,29 @@ API_KEY_ENV = "LIGHTLLM_API_KEY"
 class KeySetup:
     tokens: TokenTable
     generated_key_file: Path | None = None
+    source: str = "a token this server knows"  # where callers get a token: a 401 says it
 
 
 def resolve_tokens(api_key: str | None, api_key_file: str | None, tokens_file: str | None,
                    default_key_file: Path, hub: bool = False) -> KeySetup:
     """The tokens this server accepts; with none given (and no Hub), a fresh operator key written mode 0600."""
-    key = api_key or os.environ.get(API_KEY_ENV) or (read_key_file(api_key_file) if api_key_file else None)
+    if api_key or os.environ.get(API_KEY_ENV):
+        key, given = (api_key, "--api-key") if api_key else (os.environ[API_KEY_ENV], API_KEY_ENV)
+    else:
+        key, given = (read_key_file(api_key_file) if api_key_file else None), "--api-key-file"
     local = TokenTable.from_sources(key, tokens_file) if key or tokens_file else None
+    sources = [f"the key it was started with ({given})"] if key else []
+    if tokens_file:
+        sources.append("a token of its --tokens-file")
     if hub:
         from .hub_auth import HubTokens
 
-        return KeySetup(HubTokens(local=local))
+        sources.append("a JupyterHub API token allowed to access this service")
+        return KeySetup(HubTokens(local=local), source=" or ".join(sources))
     if local is not None:
-        return KeySetup(local)
-    return KeySetup(TokenTable.from_sources(generate_key_file(default_key_file)), default_key_file)
+        return KeySetup(local, source=" or ".join(sources))
+    return KeySetup(TokenTable.from_sources(generate_key_file(default_key_file)), default_key_file,
+                    "the key in the file whose path this server printed at start")
 
 
 def hub_route_prefix(args) -> str:
@@ -118,9 +128,10 @@ def run_host(args, engine_factory) -> int:
         if args.api_server_count:
             from .api_servers import run_split
 
-            return run_split(args, engine, model, keys.tokens, route_prefix, sockets, where)
+            return run_split(args, engine, model, keys, route_prefix, sockets, where)
         driver = DriverLoop(engine, max_waiting=args.max_waiting, max_waiting_per_user=args.max_waiting_per_user)
-        ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=route_prefix)
+        ctx = ServingContext(driver, model, keys.tokens, ServingMetrics(model.name), route_prefix=route_prefix,
+                             token_source=keys.source)
         print(f"lightllm-nb serve: model {model.name!r} listening on {where}", flush=True)
         asyncio.run(serve_http(ctx, sockets, args.shutdown_timeout))
     finally:
@@ -142,14 +153,17 @@ async def serve_http(ctx, sockets, shutdown_timeout: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("stopping: no new requests; %d in flight get %.0f s to finish", len(ctx.active), shutdown_timeout)
+    log.info("stopping: new requests get a 503; %d in flight get %.0f s to finish", len(ctx.active),
+             shutdown_timeout)
+    # The listening socket stays open through the drain: a new request gets a 503 that says the
+    # server is shutting down (a client or balancer retries elsewhere), not a refused connection.
     ctx.stopping = True
-    server.stop()
     deadline = time.monotonic() + shutdown_timeout
     while ctx.active and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     for ws in list(ctx.sockets):
         ws.close()
+    server.stop()  # before the driver stops: a request that came later could not be answered
     # Finishes whatever is left with reason "abort"; their handlers then answer and return.
     await ctx.driver.ashutdown()
     deadline = time.monotonic() + 5
@@ -159,6 +173,7 @@ async def serve_http(ctx, sockets, shutdown_timeout: float) -> None:
         await asyncio.wait_for(server.close_all_connections(), 5)
     except asyncio.TimeoutError:
         log.warning("some connections did not close within 5 s; exiting anyway")
+    ctx.checks.shutdown(wait=False, cancel_futures=True)  # checks still queued have nobody to answer
     log.info("stopped")
 
 

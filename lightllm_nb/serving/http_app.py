@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import tornado.web
@@ -38,6 +39,11 @@ class ServingContext:
     active: set = field(default_factory=set)   # handlers with a request in flight
     sockets: set = field(default_factory=set)  # open event websockets
     event_records: EventRecords = field(default_factory=EventRecords)  # what event websockets write, per view
+    token_source: str = "a token this server knows"  # where callers get one, as a 401 tells them
+    # Where requests' structured-output constraints compile to be checked, off the IOLoop: two
+    # threads, so a burst of big schemas costs at most two cores and a plain request never waits.
+    checks: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="lightllm-request-checks"))
 
 
 def identify(handler: tornado.web.RequestHandler, ctx: ServingContext) -> Caller:
@@ -47,8 +53,8 @@ def identify(handler: tornado.web.RequestHandler, ctx: ServingContext) -> Caller
     caller = ctx.tokens.identify(handler.request.headers.get("Authorization"), acting_for)
     if caller is None:
         given = "a wrong" if handler.request.headers.get("Authorization") else "no"
-        raise ApiError(401, f"{given} API token: send the header 'Authorization: Bearer <token>' with a token "
-                            "this server knows (see the key file it printed at start)", code="invalid_api_key")
+        raise ApiError(401, f"{given} API token: send the header 'Authorization: Bearer <token>' with "
+                            f"{ctx.token_source}", code="invalid_api_key")
     return caller
 
 

@@ -69,7 +69,8 @@ class _SSEText:
 
 
 class HTTPTextStream(_SSEText):
-    """Text deltas of one streamed request; `completion` once it ends. Leaving early aborts it."""
+    """Text deltas of one streamed request; `completion` once it ends. What aborts it is what aborts
+    a `TextStream`: leaving a loop over it early, `close()`, the end of a `with` block."""
 
     def __init__(self, client: "HTTPClient", response):
         self._client, self._response = client, response
@@ -94,15 +95,39 @@ class HTTPTextStream(_SSEText):
         self._response.close()
         self.abort()
 
+    def __enter__(self) -> "HTTPTextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # Dropped before its end: closing the connection is enough (no request from a finalizer), the
+        # engine host aborts the request of a client that went away.
+        response = getattr(self, "_response", None)
+        if response is not None and not response.is_closed:
+            try:
+                response.close()
+            except Exception:  # interpreter shutdown: nothing left to free here
+                pass
+
 
 class AsyncHTTPTextStream(_SSEText):
-    """`HTTPTextStream` for asyncio: `async for delta in stream`; cancelling the task aborts it."""
+    """`HTTPTextStream` for asyncio: `async for delta in client.astream(...)` sends the request as the
+    loop starts, `await client.astream(...)` before it; leaving the loop early, cancelling the task,
+    `aclose()` or the end of an `async with` block aborts it."""
 
     def __init__(self, client: "HTTPClient", body: dict):
         self._client, self._body = client, body
         self.request_id: str | None = None
+        self._response = None
+
+    def __await__(self):
+        return self.start().__await__()
 
     async def start(self) -> "AsyncHTTPTextStream":
+        if self._response is not None:
+            return self
         http = self._client._async_http()
         self._response = await http.send(http.build_request("POST", "/api/generate", json=self._body), stream=True)
         if self._response.status_code != 200:
@@ -112,6 +137,7 @@ class AsyncHTTPTextStream(_SSEText):
         return self
 
     async def __aiter__(self):
+        await self.start()
         try:
             async for line in self._response.aiter_lines():
                 text = self._text_of(line)
@@ -126,8 +152,15 @@ class AsyncHTTPTextStream(_SSEText):
         return await self._client.aabort(self.request_id) if self.completion is None else False
 
     async def aclose(self) -> None:
-        await self._response.aclose()
-        await self.aabort()
+        if self._response is not None:  # never sent: nothing to abort
+            await self._response.aclose()
+            await self.aabort()
+
+    async def __aenter__(self) -> "AsyncHTTPTextStream":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
 
 class HTTPEventSubscription:
@@ -318,10 +351,11 @@ class HTTPClient:
             _raise_for(response.status_code, response.read())
         return HTTPTextStream(self, response)
 
-    async def astream(self, prompt=None, sampling=None, *, prompt_token_ids=None, messages=None,
-                      priority: int = 0) -> AsyncHTTPTextStream:
+    def astream(self, prompt=None, sampling=None, *, prompt_token_ids=None, messages=None,
+                priority: int = 0) -> AsyncHTTPTextStream:
+        """`async for delta in client.astream(...)`, or `stream = await client.astream(...)` first."""
         body = _body(prompt, sampling, prompt_token_ids, messages, priority, True)
-        return await AsyncHTTPTextStream(self, body).start()
+        return AsyncHTTPTextStream(self, body)
 
     def chat(self, messages: list[dict], sampling=None) -> Completion:
         return _completion(self._request("POST", "/api/generate", _body(None, sampling, None, messages, 0, False)))

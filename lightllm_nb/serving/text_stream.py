@@ -1,10 +1,14 @@
 """A request's text as it is produced, for a thread (`for delta in stream`) or asyncio
-(`async for delta in stream`). Leaving early, closing it or cancelling the reading task aborts
-the request, so an abandoned stream never holds KV slots."""
+(`async for delta in stream`).
+
+What aborts the request (and frees its KV): leaving a `for` or `async for` loop over the stream
+before its end (break, return, an exception), cancelling the task that reads it, `close()` /
+`abort()`, the end of a `with` / `async with` block, or the stream being garbage-collected unread.
+Each loop gets an iterator of its own (a generator), which a loop left early drops at once: that
+is how leaving is seen, even while the stream itself is still held in a variable.
+"""
 
 from __future__ import annotations
-
-import asyncio
 
 from ..scheduling.request import Completion
 from .request_handle import RequestHandle
@@ -32,29 +36,27 @@ class TextStream:
             self._handle.abort()
 
     def __iter__(self):
-        return self
+        try:
+            for out in self._handle:
+                if out.text_delta:
+                    yield out.text_delta
+        finally:  # also when the loop is left early: its generator is closed as it is dropped
+            self.close()
 
-    def __next__(self) -> str:
-        for out in self._handle:
-            if out.text_delta:
-                return out.text_delta
-        raise StopIteration
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> str:
+    async def __aiter__(self):
         try:
             async for out in self._handle:
                 if out.text_delta:
-                    return out.text_delta
-        except asyncio.CancelledError:
+                    yield out.text_delta
+        finally:  # a loop left early (asyncio closes the generator) or a cancelled reading task
             self.close()
-            raise
-        raise StopAsyncIteration
 
     async def aclose(self) -> None:
         self.close()
+
+    def __await__(self):
+        """`await client.astream(...)` gives the stream itself (its request is already submitted)."""
+        return _ready(self).__await__()
 
     def __enter__(self) -> "TextStream":
         return self
@@ -62,11 +64,21 @@ class TextStream:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    async def __aenter__(self) -> "TextStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
     def __del__(self) -> None:
-        # A loop left early (`break`) drops the last reference here: the request stops too.
+        # A stream dropped without being read to its end by a loop: the request stops too.
         handle = getattr(self, "_handle", None)
         if handle is not None and not handle.finished:
             try:
                 handle.abort()
             except Exception:  # interpreter shutdown: nothing left to free
                 pass
+
+
+async def _ready(stream: TextStream) -> TextStream:
+    return stream
