@@ -72,9 +72,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# What the engine's batch-limit errors call its arguments, on each command line.
+ENGINE_FLAGS = {
+    "serve": {"max_running": "--max-num-seqs", "max_batch_tokens": "--max-num-batched-tokens",
+              "kv_tokens": "--kv-tokens", "page_size": "--block-size"},
+    "generate": {"kv_tokens": "--kv-tokens", "page_size": "--page-size"},
+    "demo": {"kv_tokens": "--kv-tokens", "page_size": "--page-size"},
+}
+
+
 def cmd_serve(args) -> int:
+    from .engine.arguments import check_batch_limits
     from .serving.host import api_server_count, configure_logging, run_host
 
+    # Before keys, sockets and the model: what the pool's size cannot tell is refused at once.
+    check_batch_limits(args.max_num_seqs, args.max_num_batched_tokens, kv_tokens=args.kv_tokens,
+                       page_size=args.block_size)
     configure_logging(args.log_level)
     args.api_server_count = api_server_count(args.api_server_count)
     return run_host(args, lambda: _serving_engine(args))
@@ -160,9 +173,13 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model name the API reports (default: --model)")
     p.add_argument("--block-size", type=_checked(int, 1), default=1, help="KV page size in tokens (1: token-level)")
     p.add_argument("--max-num-seqs", type=_checked(int, 1), default=None,
-                   help="most requests in a batch (default: chosen from the device, model and KV pool)")
+                   help="most requests in a batch, at most 65536 and the KV cache's pages (default: on a GPU "
+                        "the KV tokens / 1024, a power of two in [8, 256]; on the CPU --max-num-batched-tokens / "
+                        "8, at most the KV tokens / 256, in [4, 128]; /api/stats shows the value)")
     p.add_argument("--max-num-batched-tokens", type=_checked(int, 1), default=None,
-                   help="most tokens in a step (default: chosen from the device and model)")
+                   help="most tokens in a step, at least --max-num-seqs (default: on a GPU 32 per running request "
+                        "in [2048, 16384]; on the CPU what its cores prefill in about a second, so that a long "
+                        "prompt stalls other streams briefly: 256 for the demo model on 2 cores, in [16, 2048])")
     p.add_argument("--gpu-memory-utilization", type=_checked(float, 0, 1, low_open=True), default=0.85,
                    help="share of free GPU memory the KV cache may take")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -227,8 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "demo": cmd_demo, "serve": cmd_serve}[args.command](args)
     except (InvalidRequestError, AuthSetupError, HubAuthError, FileNotFoundError, ValueError, OSError) as err:
-        print(f"lightllm-nb: error: {err}", file=sys.stderr)
+        print(f"lightllm-nb: error: {_in_flags(err, args.command)}", file=sys.stderr)
         return 2
+
+
+def _in_flags(err: Exception, command: str) -> str:
+    """The error, with the engine's arguments called by this command's flags."""
+    from .engine.arguments import BatchLimitError
+
+    return err.naming(ENGINE_FLAGS[command]) if isinstance(err, BatchLimitError) else str(err)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,32 @@ def run_main(capsys, *args):
     (["serve", "--kv-tokens", "0"], "--kv-tokens"),
     (["serve", "--tokens-file", "/no/such/file.json"], "--tokens-file"),
     (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+    (["serve", "--max-num-seqs", "8", "--max-num-batched-tokens", "4"],
+     "--max-num-batched-tokens=4 is less than --max-num-seqs=8"),
+    (["serve", "--max-num-seqs", "1000000000"], "--max-num-seqs=1000000000 is more requests at once"),
+    (["serve", "--max-num-seqs", "100", "--kv-tokens", "64"], "raise --kv-tokens"),
 ])
 def test_bad_arguments_are_reported_before_the_model_loads(capsys, no_model_load, args, says):
     code, err = run_main(capsys, *args)
     assert code == 2 and says in err, err
+
+
+def test_a_limit_the_loaded_pool_refuses_is_reported_with_serves_flags(capsys, monkeypatch):
+    """--max-num-seqs beyond the KV pool sized after the load: still said in the flags' names."""
+    from lightllm_nb.engine.arguments import check_batch_limits
+
+    monkeypatch.setattr("lightllm_nb.serving.host.run_host",
+                        lambda args, factory: check_batch_limits(args.max_num_seqs, None, kv_tokens=23_301,
+                                                                 max_context=8192))
+    code, err = run_main(capsys, "serve", "--max-num-seqs", "60000")
+    assert code == 2 and "--max-num-seqs=60000 is more than the KV cache's 23301 pages (--kv-tokens=23301)" in err
+    assert "max_running" not in err
+
+
+def test_generate_names_its_own_flags_too(capsys, monkeypatch):
+    monkeypatch.setattr("lightllm_nb.engine.engine.load_checkpoint", lambda *a: pytest.fail("the model loaded"))
+    code, err = run_main(capsys, "generate", "hi", "--kv-tokens", "3", "--page-size", "4")
+    assert code == 2 and "--kv-tokens=3 is less than one page (--page-size=4): raise --kv-tokens" in err
 
 
 def test_a_malformed_tokens_file_is_reported_before_the_model_loads(capsys, no_model_load, tmp_path):

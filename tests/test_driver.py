@@ -116,7 +116,8 @@ def test_abort_is_owner_checked_and_ids_cannot_be_probed(engine):
     assert "".join(stream) and stream.completion.finish_reason == "length"
     assert len(stream.completion.token_ids) == 40
     mine = alice.stream(prompt_token_ids=[5, 6, 7], sampling=long)
-    next(mine)
+    deltas = iter(mine)  # held: an iterator dropped before the end aborts its request
+    next(deltas)
     assert alice.abort(mine.request_id) is True
     assert list(mine) is not None and mine.completion.finish_reason == "abort"
 

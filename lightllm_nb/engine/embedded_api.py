@@ -49,7 +49,7 @@ class EmbeddedAPI:
 
     def stream(self, prompt: str | None = None, sampling=None, *, prompt_token_ids: Sequence[int] | None = None,
                messages: list[dict] | None = None, user: str = "default", priority: int = 0):
-        """A TextStream of text deltas as tokens are produced; leaving it early aborts the request."""
+        """A TextStream of text deltas as tokens are produced; leaving a loop over it early aborts the request."""
         return self.client(user).stream(prompt, sampling, prompt_token_ids=prompt_token_ids, messages=messages,
                                         priority=priority)
 

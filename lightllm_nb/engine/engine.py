@@ -19,7 +19,7 @@ import torch
 
 from ..scheduling.admission import AdmissionPolicy
 from ..scheduling.decisions import Decision
-from .arguments import check_engine_args
+from .arguments import check_batch_limits, check_engine_args
 from .detokenizer import IncrementalDetokenizer
 from .embedded_api import EmbeddedAPI
 from .step_outputs import StepOutputs
@@ -28,6 +28,7 @@ from .engine_setup import (choose_batch_limits, cpu_threads_per_rank, limit_cpu_
                            size_kv_tokens)
 from .inflight import InflightTokens
 from ..models.kernel_set import kernels_for
+from ..host_cpus import usable_cpus
 from ..kv.cache_scope import CacheScopes, check_scope_settings, tokenize_shared_prefixes
 from ..kv.kv_pool import KVPool
 from ..loading import Checkpoint, load_checkpoint
@@ -49,6 +50,25 @@ log = logging.getLogger(__name__)
 
 
 class Engine(EmbeddedAPI, StepOutputs):
+    """A model, its KV cache and its scheduler: requests in, tokens out.
+
+    `model`: "demo", a Hugging Face folder, a .gguf file or a Checkpoint; `device` "auto" is CUDA if
+    there is one. Every argument is checked before the model loads. `kv_tokens`: KV cache size
+    (default: `kv_memory_fraction` of free GPU memory, 1 GiB on the CPU), in pages of `page_size`.
+
+    `max_running` (requests in a batch) and `max_batch_tokens` (tokens a step) left unset are chosen
+    (`stats()` shows them; engine_setup.choose_batch_limits has the measurements). GPU: running =
+    the pool's tokens / 1024, a power of two in [8, 256]; tokens = 32 per running request in [2048,
+    16384]. CPU: tokens = what its cores prefill in about a second (256 for the demo model on 2
+    cores; in [16, 2048]): other streams wait seconds, not tens of seconds, behind a long prompt; running =
+    tokens / 8, at most the pool's tokens / 256, in [4, 128]. Never more running than the pool has
+    pages; an explicit value of one moves the other's default so that max_batch_tokens >= max_running.
+
+    `generate / stream / chat / client / subscribe` are thread-safe (a driver loop owns the engine
+    from their first use); `add_request / step / abort` are the single-threaded low level. `close()`
+    (or a `with` block) aborts what runs and frees the model; one still open at exit is closed then.
+    """
+
     def __init__(self, model: str | Checkpoint = "demo", *, device: str = "auto", dtype: str | torch.dtype = "auto",
                  kv_tokens: int | None = None, page_size: int = 1, max_batch_tokens: int | None = None,
                  max_running: int | None = None, scheduler: str | AdmissionPolicy = "past_future", prefix_cache: bool = True,
@@ -80,16 +100,19 @@ class Engine(EmbeddedAPI, StepOutputs):
         # model.config: this rank's shape (its KV heads), which is what the pool holds.
         kv_tokens = kv_tokens or size_kv_tokens(self.model.config, self.dtype, self.device, kv_memory_fraction)
         capacity = kv_tokens // page_size * page_size  # whole pages only
+        max_context = min(self.config.max_position_embeddings, capacity)
         # None: chosen from the device, the model and the pool (the rule is in engine_setup).
         max_running, max_batch_tokens = choose_batch_limits(self.config, self.dtype, self.device, kv_tokens,
-                                                            max_running, max_batch_tokens)
+                                                            max_running, max_batch_tokens, page_size=page_size,
+                                                            cpus=usable_cpus())
+        # The pool is sized now: limits it cannot hold are refused before its rows are allocated.
+        check_batch_limits(max_running, max_batch_tokens, kv_tokens=kv_tokens, page_size=page_size,
+                           max_context=max_context)
         # At tp > 1 the sharded model makes the pool: its workers mirror what rank 0's pool maps.
         self.pool = (KVPool if tp == 1 else self.model.kv_pool)(
                            num_layers=self.config.num_layers, num_kv_heads=self.model.config.num_kv_heads,
                            head_dim=self.config.head_dim, num_tokens=kv_tokens, page_size=page_size,
-                           max_requests=max_running,
-                           max_context=min(self.config.max_position_embeddings, capacity),
-                           dtype=self.dtype, device=self.device)
+                           max_requests=max_running, max_context=max_context, dtype=self.dtype, device=self.device)
         self.cache_scopes = CacheScopes(prefix_cache_scope, tokenize_shared_prefixes(shared_prefixes, self.tokenizer))
         self.scheduler = Scheduler(self.pool, make_policy(scheduler), max_batch_tokens=max_batch_tokens,
                                    max_running=max_running, prefix_cache=prefix_cache,
@@ -118,7 +141,6 @@ class Engine(EmbeddedAPI, StepOutputs):
         self.overlap = overlap if overlap is not None else self.device.type == "cuda"
         self._ids = itertools.count()
         self._events = EventHub()
-        weakref.finalize(self, self._events.close)  # collected without close(): callback threads end too
         self._step = 0
         self._start = time.perf_counter()
         self._totals = StepTotals()  # what every StepEvent counts since this start (step_totals.py)
@@ -126,6 +148,12 @@ class Engine(EmbeddedAPI, StepOutputs):
         self._owner: int | None = None   # thread id of the driver loop, once one runs
         self._loop = None                # that DriverLoop (lightllm_nb.serving.driver)
         self._loop_lock = threading.RLock()
+        # Collected without close(): its callback threads end. Still open at interpreter exit (finalize
+        # runs then too, before Python finalizes its threads): closed, which aborts its requests and
+        # joins the driver thread. A driver thread left inside a torch op is otherwise killed by
+        # pthread_exit as it takes the GIL back, an unwind through torch's C++ frames that ends in
+        # std::terminate ("terminate called without an active exception", SIGABRT, exit code 134).
+        weakref.finalize(self, _close_unclosed, weakref.ref(self), self._events)
 
     # ---- low-level API (one thread) ----------------------------------------------------------
     def add_request(self, prompt: str | None = None, sampling: SamplingParams | dict | None = None, *,
@@ -357,3 +385,11 @@ class Engine(EmbeddedAPI, StepOutputs):
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this Engine is closed: create a new one")
+
+
+def _close_unclosed(engine_ref: weakref.ref, events: EventHub) -> None:
+    engine = engine_ref()
+    if engine is None:
+        events.close()
+    else:
+        engine.close()

@@ -5,7 +5,8 @@ What aborts the request (and frees its KV): leaving a `for` or `async for` loop 
 before its end (break, return, an exception), cancelling the task that reads it, `close()` /
 `abort()`, the end of a `with` / `async with` block, or the stream being garbage-collected unread.
 Each loop gets an iterator of its own (a generator), which a loop left early drops at once: that
-is how leaving is seen, even while the stream itself is still held in a variable.
+is how leaving is seen, even while the stream itself is still held in a variable. To read one
+delta, keep the iterator (`deltas = iter(stream); next(deltas)`): `next(iter(stream))` drops it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .request_handle import RequestHandle
 class TextStream:
     def __init__(self, handle: RequestHandle):
         self._handle = handle
+        self._aborted = False  # by this stream, when a loop over it was left early (or close())
 
     @property
     def request_id(self) -> str:
@@ -28,12 +30,14 @@ class TextStream:
         return self._handle.completion
 
     def abort(self) -> bool:
-        return self._handle.abort()
+        """Stop the request; False if it ended on its own. True too when a loop left early has just
+        aborted it (an interrupted `for` loop, then abort(): the abort may already be through)."""
+        return self._handle.abort() or self._aborted
 
     def close(self) -> None:
         """Stop reading; aborts the request if it is still running."""
-        if not self._handle.finished:
-            self._handle.abort()
+        if not self._handle.finished and self._handle.abort():
+            self._aborted = True
 
     def __iter__(self):
         try:
