@@ -110,7 +110,8 @@ def test_a_panel_cell_streams_its_answer_and_draws_a_changing_kv_grid(lab, tmp_p
         browser.close()
     shutil.copy(tmp_path / "finished.png", tmp_path / "root" / "finished.png")
     assert "prompt tokens cached" in footer, f"the answer did not finish: {footer[-300:]}"
-    # The text grew in several updates (rendered markdown may shrink for a moment: "1" -> "1. " is a list)
-    assert len(set(lengths)) >= 3 and lengths[-1] == max(lengths) > lengths[0], lengths
+    # The text grew in several updates. Rendered markdown may shrink by a few characters on the way: a
+    # line's "5" turns into a list item's "5. ", whose number the list then draws (not in the text).
+    assert len(set(lengths)) >= 3 and max(lengths) - 5 <= lengths[-1] and lengths[-1] > 2 * lengths[0], lengths
     assert len(set(steps)) >= 2, steps                                   # the grid followed the steps
     assert len(set(images)) >= 2                                         # and its picture changed
