@@ -38,13 +38,14 @@ def test_to_dict_is_the_dataclass_form_and_round_trips():
         assert StepEvent.from_dict(json.loads(json.dumps(event.to_dict()))).to_dict() == plain
 
 
-def test_a_redacted_row_is_the_row_with_an_alias_and_no_user():
+def test_a_redacted_row_is_the_row_with_an_alias_and_no_user_nor_grammar():
     rng = random.Random()
     for _ in range(20):
         event = dataclasses.replace(random_event(rng, rng.randrange(1, 40)), page_owner=None)
         aliases = {}
         view = event.redacted_for("user0", aliases)
-        expected = [r if r.user == "user0" else dataclasses.replace(r, request_id=aliases[r.request_id], user="other")
+        expected = [r if r.user == "user0" else
+                    dataclasses.replace(r, request_id=aliases[r.request_id], user="other", allowed_tokens=None)
                     for r in event.rows]
         assert view.rows == expected
         if event.kv_holders is not None:
