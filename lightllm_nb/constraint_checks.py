@@ -265,7 +265,7 @@ def _check_escape(pattern: str, i: int, in_class: bool, where: str, in_json_stri
         end = i + 6
         _check(len(pattern[i + 2:end]) == 4 and set(pattern[i + 2:end]) <= _HEX_DIGITS, f"{where}={pattern!r} has "
                f"\\u at position {i} without four hex digits after it: structured output reads it as the letter "
-               "u; write \\uXXXX")
+               "u; write \\u and four hex digits (\\u00e9 for é)")
         code = int(pattern[i + 2:end], 16)
     # NUL is the one character xgrammar cannot write: alone it matches nothing, even the empty string
     # (\x00 let "" through). As the start of a range ([\x00-\x1f]) it is read right.

@@ -37,22 +37,13 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from lightllm_nb.sampling_params import SamplingParams
 
 from ..kernels import race_sample
+from .batch_settings import BatchSettings, to_device
 from .grammar import TokenMask
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        # From pageable memory torch's copy synchronizes the stream: the host would wait for the
-        # forward pass to finish before it could queue the sampling kernels behind it.
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 class _PenaltyHistory:
@@ -66,7 +57,7 @@ class _PenaltyHistory:
 
     def __init__(self, prompt_ids: Sequence[int], keep_prompt: bool, device: torch.device):
         # Only the repetition penalty looks at the prompt, and only at which ids occur in it.
-        self.prompt_ids = _to_device(sorted(set(prompt_ids)) if keep_prompt else [], torch.int64, device)
+        self.prompt_ids = to_device(sorted(set(prompt_ids)) if keep_prompt else [], torch.int64, device)
         self._generated = torch.empty(16, dtype=torch.int64, device=device)
         self.num_generated = 0
 
@@ -121,64 +112,6 @@ class SampledTokens:
         return cls(token_ids, [None] * len(token_ids), [None] * len(token_ids))
 
 
-class _BatchSettings:
-    """One batch's sampling settings on the device, a row per request, uploaded when first needed.
-
-    table [rows, 4]: temperature (1 for greedy rows), top-k, top-p, greedy, for the torch path.
-    For the fused race (CUDA): temperatures [rows] (0 for greedy rows), keys [rows] (a seeded row's
-    seed; otherwise a random key with the top bit set, which no seed has) and draws [rows] (the
-    request's draws so far, counted on the device by the kernel from here on), in one upload; and
-    whether each row truncates (the torch path's draw is kept for those).
-    """
-
-    def __init__(self, requests: list[RequestSampler], vocab: int, device: torch.device, keys: random.Random):
-        self.requests, self.vocab, self.device = requests, vocab, device
-        self.seeded = [r for r in requests if r.params.seed is not None]
-        # What the step's path depends on, decided once per batch rather than row by row each step.
-        self.greedy = all(r.params.greedy for r in requests)
-        self.truncates = any(r.truncates for r in requests)
-        self._keys = keys
-        self._table: torch.Tensor | None = None
-        self._race: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self._truncating: torch.Tensor | None = None
-
-    @property
-    def table(self) -> torch.Tensor:
-        if self._table is None:
-            vocab = self.vocab
-            self._table = _to_device(
-                [[1.0 if p.greedy else p.temperature, min(p.top_k, vocab) if p.top_k else vocab, p.top_p,
-                  float(p.greedy)] for p in (r.params for r in self.requests)], torch.float32, self.device)
-        return self._table
-
-    @property
-    def race(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(temperatures, keys, draws) on the device."""
-        if self._race is None:
-            params = [r.params for r in self.requests]
-            rows = len(params)
-            # Each part starts on 16 bytes: the race kernel is compiled for aligned pointers only.
-            part = -(-8 * rows // 16) * 16  # the bytes an int64 part takes, padded
-            draws_at, temps_at = part, 2 * part
-            host = torch.empty(temps_at + 4 * rows, dtype=torch.uint8, pin_memory=True)
-            raw = host.numpy()
-            raw[:8 * rows].view(np.int64)[:] = [
-                p.seed if p.seed is not None else self._keys.getrandbits(63) - 2**63 for p in params]
-            raw[draws_at:draws_at + 8 * rows].view(np.int64)[:] = [r.draws for r in self.requests]
-            raw[temps_at:].view(np.float32)[:] = [0.0 if p.greedy else p.temperature for p in params]
-            # One copy for the three, from pinned memory: it does not wait for the forward.
-            region = host.to(self.device, non_blocking=True)
-            self._race = (region[temps_at:].view(torch.float32), region[:8 * rows].view(torch.int64),
-                          region[draws_at:draws_at + 8 * rows].view(torch.int64))
-        return self._race
-
-    @property
-    def truncating(self) -> torch.Tensor:
-        if self._truncating is None:
-            self._truncating = _to_device([r.truncates for r in self.requests], torch.bool, self.device)
-        return self._truncating
-
-
 class Sampler:
     """Chooses one token per row of a step's logits, one row per request."""
 
@@ -191,7 +124,7 @@ class Sampler:
         # Keys of unseeded rows' race noise: drawn on the host (no wait for the device), from the
         # engine generator's seed, so that Engine(seed=...) reproduces them too.
         self._keys = random.Random(generator.initial_seed() if generator is not None else None)
-        self._batch: _BatchSettings | None = None  # the latest batch's, kept while its rows stay
+        self._batch: BatchSettings | None = None  # the latest batch's, kept while its rows stay
         self._split_counters: torch.Tensor | None = None  # the race kernel's, which it leaves at zero
 
     def sample(self, logits: torch.Tensor, requests: Sequence[RequestSampler],
@@ -239,10 +172,10 @@ class Sampler:
                          requests: list[RequestSampler]) -> torch.Tensor:
         """Penalize the given rows; returns a new tensor so the caller's logits stay untouched."""
         histories = [request.history for request in requests]
-        row_index, generated_lengths, prompt_lengths = _to_device(
+        row_index, generated_lengths, prompt_lengths = to_device(
             [rows, [h.num_generated for h in histories], [len(h.prompt_ids) for h in histories]],
             torch.int64, self.device)
-        strengths = _to_device(
+        strengths = to_device(
             [[r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty]
              for r in requests], torch.float32, self.device)
         repetition, presence, frequency = strengths[:, 0:1], strengths[:, 1:2], strengths[:, 2:3]
@@ -302,14 +235,14 @@ class Sampler:
             return drawn
         return torch.where(table[:, 3].bool(), logits.argmax(dim=-1), drawn)
 
-    def _settings(self, requests: Sequence[RequestSampler], vocab: int) -> _BatchSettings:
+    def _settings(self, requests: Sequence[RequestSampler], vocab: int) -> BatchSettings:
         """The batch's settings on the device, kept while the same requests fill the same rows
         (decode steps of one batch, one after another): an upload costs the host ~70 us a step (a
         pinned copy), the check a few; the race's draw numbers then advance on the device alone."""
         batch = self._batch
         if (batch is None or batch.vocab != vocab or len(batch.requests) != len(requests)
                 or not all(a is b for a, b in zip(batch.requests, requests))):
-            batch = self._batch = _BatchSettings(list(requests), vocab, self.device, self._keys)
+            batch = self._batch = BatchSettings(list(requests), vocab, self.device, self._keys)
         return batch
 
     def _draw(self, probs: torch.Tensor, requests: Sequence[RequestSampler]) -> torch.Tensor:
@@ -335,7 +268,7 @@ class Sampler:
         asking = [row for row, p in enumerate(params) if p.logprobs is not None]
         if not asking:
             return SampledTokens.without_logprobs(token_ids.tolist())
-        rows = _to_device(asking, torch.int64, self.device)
+        rows = to_device(asking, torch.int64, self.device)
         logprobs = logits.index_select(0, rows).log_softmax(dim=-1)
         chosen = logprobs.gather(1, token_ids.index_select(0, rows)[:, None]).squeeze(1)
         top_n = max(params[row].logprobs for row in asking)
