@@ -69,9 +69,58 @@ def test_a_stop_id_past_the_tokenizer_widens_the_grammars(demo_tokenizer):
 
 
 def test_threads_follow_the_batch_size():
-    filler = MaskFiller(max_threads=4)
+    filler = MaskFiller(max_threads=4, rows_per_thread=32)
     assert [filler.threads_for(n) for n in (1, 31, 32, 64, 127, 128, 1000)] == [1, 1, 1, 2, 3, 4, 4]
     assert MaskFiller(max_threads=1).threads_for(1000) == 1
+
+
+def fill_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "grammar-mask-fill"]
+
+
+def test_fill_threads_are_started_once_kept_and_stopped(compiler):
+    """The fill's threads are ours and kept: started as a batch first needs them, the same ones
+    every step after, and gone when the filler is closed, or dropped unclosed."""
+    import gc
+
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
+    before = set(fill_threads())
+    filler = MaskFiller(max_threads=3, rows_per_thread=4)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(12, TOKENIZER_VOCAB), dtype=torch.int32)
+    for rows in (4, 12, 8, 12):
+        filler.run([xgr.GrammarMatcher(compiled) for _ in range(rows)], [[]] * rows, bitmask, list(range(rows)))
+        assert bitmask[:rows].any(dim=1).all()
+        if rows == 12:
+            started = set(fill_threads()) - before
+            assert len(started) == 2  # the step's thread fills the third chunk itself
+        if rows == 4:
+            assert set(fill_threads()) == before
+    assert set(fill_threads()) - before == started  # kept: no thread per call
+    filler.close()
+    assert set(fill_threads()) == before
+    dropped = MaskFiller(max_threads=2, rows_per_thread=1)
+    dropped.run([xgr.GrammarMatcher(compiled) for _ in range(2)], [[]] * 2, bitmask, [0, 1])
+    assert len(set(fill_threads()) - before) == 1
+    del dropped
+    gc.collect()
+    assert set(fill_threads()) == before
+
+
+def test_a_worker_chunk_that_fails_raises_on_the_step_thread_after_every_chunk_is_done(compiler):
+    """An error in a worker's chunk (here: a row index past the bitmask) reaches the caller, and
+    the workers still serve the next call."""
+    compiled = compiler.compile(SamplingParams(regex=PHONE).constraint).result().grammar
+    filler = MaskFiller(max_threads=2, rows_per_thread=2)
+    bitmask = torch.zeros(xgr.get_bitmask_shape(4, TOKENIZER_VOCAB), dtype=torch.int32)
+    matchers = [xgr.GrammarMatcher(compiled) for _ in range(4)]
+    with pytest.raises(Exception):
+        filler.run(matchers, [[]] * 4, bitmask, [0, 1, 2, 40])
+    bitmask.zero_()
+    assert filler.run(matchers, [[]] * 4, bitmask, [0, 1, 2, 3]) == []
+    assert bitmask.any(dim=1).all()
+    filler.close()
 
 
 def test_rows_filled_on_threads_are_the_rows_one_matcher_at_a_time_gives(compiler):

@@ -4,37 +4,44 @@ reused every step.
 
 Per row, inside a JSON string, on one core of the H200 host at the tokenizer's width: accepting a
 token's text ~3 us (by id ~36 us where a padded vocabulary made 79k ids special: grammar.py says
-why text is exact), filling its row ~12-20 us. Accepting is one batch call per token position.
-Filling is xgrammar's BatchGrammarMatcher, whose threads are C++ ones: no Python, so no GIL, between
-rows. Measured on the H200 host (bench/structured.py --host-only --sweep, 2026-12-02): 32 rows
-0.39 ms on 1 thread, 0.41 ms on 4; 128 rows 2.21 ms on 1, 1.11 ms on 4, 0.99 ms on 8. Our own
-chunks of rows on Python threads (the way before) did no better than one thread: each chunk's
-Python needs the GIL, which the step thread holds. xgrammar 0.2.9 starts and joins its thread
-pool on every call (~30 us a thread), so a batch gets one thread per ROWS_PER_THREAD rows.
+why text is exact), filling its row ~12-20 us. Accepting is one batch call per token position, on
+the step thread (it holds the GIL: two threads accept no faster than one).
+Filling lets go of the GIL, so rows are filled in chunks at once: the step thread fills one chunk
+and threads of our own, started once and kept, fill the others. xgrammar 0.2.9's own
+BatchGrammarMatcher threads are started and joined on every call (~30 us a thread), which on the
+H200 host (bench/structured.py --host-only --sweep, 2026-12-02) made 128 rows take 0.99 ms on 4
+threads and 0.90 on 8 against 1.95 on one: most of the threads' time went to starting them.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-ROWS_PER_THREAD = 32  # below this a thread's start-up (~30 us) outweighs its share of the rows
+ROWS_PER_THREAD = 16  # below this, waking a thread (~10-30 us) outweighs its share of the rows (~12 us a row)
 
 
 class MaskFiller:
-    """Advances matchers and fills bitmask rows, on up to `max_threads` threads."""
+    """Advances matchers and fills bitmask rows: the filling on up to `max_threads` threads (the
+    caller's and kept workers), one chunk of rows each."""
 
     def __init__(self, max_threads: int, rows_per_thread: int = ROWS_PER_THREAD):
-        import xgrammar as xgr
-        from xgrammar.base import _core  # the binding xgrammar's wrappers call (see run)
+        from xgrammar.base import _core  # the binding xgrammar's wrappers call: no list copies of handles
 
         self.max_threads = max_threads
         self.rows_per_thread = rows_per_thread
         self._accept_ids = _core.BatchGrammarMatcher.batch_accept_token
         self._accept_texts = _core.BatchGrammarMatcher.batch_accept_string
-        self._fillers = {n: xgr.BatchGrammarMatcher(n) for n in range(1, max_threads + 1)}
+        self._fill_here = _core.BatchGrammarMatcher(1).batch_fill_next_token_bitmask
+        self._workers: list[FillWorker] = []  # started as batches first need them
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()  # each worker's chunk: None, or its error
+        # Dropped without close() (an engine collected unclosed), its workers stop all the same.
+        self._stop_workers = weakref.finalize(self, stop_workers, self._workers)
 
     def threads_for(self, rows: int) -> int:
         return max(1, min(self.max_threads, rows // self.rows_per_thread))
@@ -59,9 +66,63 @@ class MaskFiller:
                         refused.update(i for i, ok in zip(taking, accepted) if not ok)
         filling = [i for i in range(len(matchers)) if i not in refused]
         if filling:
-            filler = self._fillers[self.threads_for(len(filling))]
-            filler.batch_fill_next_token_bitmask([matchers[i] for i in filling], bitmask, [rows[i] for i in filling])
+            self._fill([matchers[i]._handle for i in filling], bitmask, [rows[i] for i in filling])
         return sorted(refused)
+
+    def _fill(self, handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        chunks = self.threads_for(len(rows))
+        bounds = [len(rows) * c // chunks for c in range(chunks + 1)]
+        while len(self._workers) < chunks - 1:
+            self._workers.append(FillWorker(self._finished))
+        for worker, c in zip(self._workers, range(1, chunks)):
+            worker.give(handles[bounds[c]:bounds[c + 1]], bitmask, rows[bounds[c]:bounds[c + 1]])
+        errors = []
+        try:
+            self._fill_here(handles[:bounds[1]], bitmask, rows[:bounds[1]], False)
+        finally:  # every worker's chunk is waited for: none may write into the buffer after we return
+            for _ in range(chunks - 1):
+                if (error := self._finished.get()) is not None:
+                    errors.append(error)
+        if errors:
+            raise errors[0]
+
+    def close(self) -> None:
+        self._stop_workers()
+
+
+def stop_workers(workers: list[FillWorker]) -> None:
+    for worker in workers:
+        worker.stop()
+    workers.clear()
+
+
+class FillWorker:
+    """A kept thread that fills the bitmask rows of the chunks it is given, one at a time, and says
+    on `finished` when each is done (None, or the exception it raised)."""
+
+    def __init__(self, finished: queue.SimpleQueue):
+        from xgrammar.base import _core
+
+        self._fill = _core.BatchGrammarMatcher(1).batch_fill_next_token_bitmask
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._finished = finished
+        self._thread = threading.Thread(target=self._serve, name="grammar-mask-fill", daemon=True)
+        self._thread.start()
+
+    def give(self, handles: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        self._chunks.put((handles, bitmask, rows))
+
+    def stop(self) -> None:
+        self._chunks.put(None)
+        self._thread.join(timeout=5)
+
+    def _serve(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            try:
+                self._fill(*chunk, False)
+                self._finished.put(None)
+            except Exception as err:  # handed to the step thread, which raises it
+                self._finished.put(err)
 
 
 class BitmaskBuffer:
