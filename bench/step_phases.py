@@ -1,6 +1,6 @@
 """Where an overlapped decode step's host time goes, and how long the GPU waits for the host.
 
-    python bench/step_phases.py --device cuda --shape llama-1b --tokenizer DIR [--batches 1 32 128] [--json]
+    python bench/step_phases.py --device cuda --shape llama-1b --tokenizer DIR [--batches 1 32 128] [--json] [--kernels]
     python bench/step_phases.py --batches 1 4 --context 32 --json      # CPU smoke run, tiny random Llama
 
 An overlapped step hides the host's work behind the GPU's only while the host is quicker. This
@@ -88,7 +88,7 @@ def gpu_idle_ms(prof, steps: int) -> tuple[float, float]:
 
 
 def measure(engine: Engine, clock: PhaseClock, batch: int, context: int, sampling: SamplingParams,
-            steps: int, profile_host: bool = False) -> dict:
+            steps: int, profile_host: bool = False, kernels: bool = False) -> dict:
     rng = np.random.default_rng(batch)
     prefill_steps = -(-batch * context // engine.scheduler.max_batch_tokens) + batch
     sampling = dataclasses.replace(sampling, max_tokens=prefill_steps + 3 * steps + 60)
@@ -118,6 +118,10 @@ def measure(engine: Engine, clock: PhaseClock, batch: int, context: int, samplin
                 engine.step()
             torch.cuda.synchronize()
         row["gpu_busy_ms"], row["gpu_idle_ms"] = gpu_idle_ms(prof, steps)
+        if kernels:
+            print(f"\n=== batch {batch}, {sampling.constraint[0] if sampling.constraint else 'none'}: "
+                  f"GPU time by kernel, {steps} steps ===")
+            print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
         if profile_host:
             print(f"\n=== batch {batch}: torch ops by self CPU time, {steps} steps ===")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=50))
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="also time every request under a JSON schema")
     parser.add_argument("--profile-host", action="store_true",
                         help="also print each row's torch ops by CPU time and its Python profile (cProfile)")
+    parser.add_argument("--kernels", action="store_true", help="CUDA: also print each row's kernels by GPU time")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = bench_engine(args, tmp)
@@ -156,7 +161,8 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         for mode, sampling in modes:
-            row = {"mode": mode, **measure(engine, clock, batch, args.context, sampling, args.steps, args.profile_host)}
+            row = {"mode": mode, **measure(engine, clock, batch, args.context, sampling, args.steps, args.profile_host,
+                                           args.kernels)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     engine.close()

@@ -8,9 +8,11 @@ why text is exact), filling its row ~12-20 us. Accepting is one batch call per t
 the step thread (it holds the GIL: two threads accept no faster than one).
 Filling lets go of the GIL, so rows are filled in chunks at once: the step thread fills one chunk
 and threads of our own, started once and kept, fill the others. xgrammar 0.2.9's own
-BatchGrammarMatcher threads are started and joined on every call (~30 us a thread), which on the
-H200 host (bench/structured.py --host-only --sweep, 2026-12-02) made 128 rows take 0.99 ms on 4
-threads and 0.90 on 8 against 1.95 on one: most of the threads' time went to starting them.
+BatchGrammarMatcher starts and joins its threads on every call. On the H200 host (16 torch threads,
+bench/structured.py, 2026-12-03) both fill 128 rows in about the same wall time (grammar host side
+1.39-1.49 ms ours, 1.38-1.56 theirs, in constrained 128-row GPU steps); on a 2-core box ours was ~25%
+faster (1.12-1.55 against 1.57-1.80 ms). More threads help less than their count: on the H200 host
+128 rows took 1.52 ms on one thread, 0.96-1.06 on four or eight.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-ROWS_PER_THREAD = 16  # below this, waking a thread (~10-30 us) outweighs its share of the rows (~12 us a row)
+ROWS_PER_THREAD = 32  # fewer: on the H200 host two threads filled 32 rows slower than one (0.44-0.54 ms against 0.33-0.36)
 
 
 class MaskFiller:
