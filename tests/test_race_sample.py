@@ -4,6 +4,7 @@ the twin's Philox against Random123's known answers, and the race's distribution
 On a CPU-only machine conftest.py turns on Triton's interpreter; the GPU tests at the bottom draw
 with the kernel itself on the card."""
 
+import importlib
 import math
 
 import pytest
@@ -54,6 +55,32 @@ def test_kept_split_counters_come_back_at_zero():
     assert torch.equal(race_sample(logits, temperatures, keys, draws.clone(), split_counters=counters), first)
     with pytest.raises(ValueError, match="split_counters must be int32 zeros, at least 2"):
         race_sample(logits, temperatures, keys, draws, split_counters=torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32, 127, 128, 300])
+def test_a_batch_puts_enough_programs_on_every_multiprocessor(monkeypatch, rows):
+    """About PROGRAMS_PER_SM programs a multiprocessor whatever the batch (a 132-SM card, a 128k
+    vocabulary), and never more splits than the row has blocks or the merge was compiled for."""
+    module = importlib.import_module("lightllm_nb.kernels.race_sample")
+
+    monkeypatch.setattr(module, "_multiprocessors", lambda device: 132)
+    cuda, width = torch.device("cuda"), 128256
+    blocks = -(-width // BLOCK)
+    splits = module.num_splits(rows, width, cuda)
+    assert 1 <= splits <= min(blocks, module.max_splits(width, cuda))
+    assert rows * splits >= min(rows * blocks, module.PROGRAMS_PER_SM * 132)
+
+
+def test_the_token_does_not_depend_on_how_a_row_is_split(monkeypatch):
+    module = importlib.import_module("lightllm_nb.kernels.race_sample")
+
+    gen = torch.Generator().manual_seed(12)
+    logits, temperatures, keys, draws = _random_batch(gen, 3, 6 * BLOCK + 5)
+    tokens = []
+    for splits in (1, 2, 3, 7):
+        monkeypatch.setattr(module, "num_splits", lambda rows, width, device, n=splits: n)
+        tokens.append(race_sample(logits, temperatures, keys, draws.clone()))
+    assert all(torch.equal(t, tokens[0]) for t in tokens)
 
 
 def test_greedy_rows_take_the_first_of_tied_maxima_like_argmax():
