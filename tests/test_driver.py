@@ -164,8 +164,16 @@ def test_threads_and_the_low_level_api(engine):
     assert errors and "engine.client(user=...)" in errors[0]
 
 
-def test_an_interrupted_generate_aborts_its_requests(engine):
+def test_an_interrupted_generate_aborts_its_requests(engine, monkeypatch):
     """Ctrl-C (a notebook's interrupt) during generate stops its requests and frees their KV."""
+    run = engine.runner.run
+
+    def slow_run(*args, **kwargs):  # 200 steps of the tiny model could end before the interrupt lands
+        time.sleep(0.005)
+        return run(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "run", slow_run)
+
     def interrupt_once_running():
         deadline = time.monotonic() + 30
         while engine.stats()["running"] == 0 and time.monotonic() < deadline:

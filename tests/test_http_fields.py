@@ -117,6 +117,24 @@ def test_a_401_names_where_the_keys_of_this_server_come_from(host, tmp_path):
         assert generated.stop() == 0
 
 
+def event_socket_refusal(host) -> int | None:
+    """The HTTP status a new /api/events socket is refused with (None: it opened)."""
+    from tornado.httpclient import HTTPClientError, HTTPRequest
+    from tornado.ioloop import IOLoop
+    from tornado.websocket import websocket_connect
+
+    async def connect():
+        url = host.url.replace("http://", "ws://") + "/api/events"
+        try:
+            ws = await websocket_connect(HTTPRequest(url, headers={"Authorization": f"Bearer {OPERATOR_KEY}"}))
+        except HTTPClientError as err:
+            return err.code
+        ws.close()
+        return None
+
+    return IOLoop.current().run_sync(connect, timeout=10)
+
+
 def test_new_requests_get_a_503_while_the_server_drains(tmp_path):
     draining = start_serve(tmp_path, "--api-server-count", "0", "--shutdown-timeout", "6")
     ends = []
@@ -127,6 +145,7 @@ def test_new_requests_get_a_503_while_the_server_drains(tmp_path):
         ends.append(response.read())
         conn.close()
 
+    assert event_socket_refusal(draining) is None  # before the drain, a socket opens
     reader = threading.Thread(target=read)
     reader.start()
     while draining.stats()["running"] < 1:
@@ -140,6 +159,7 @@ def test_new_requests_get_a_503_while_the_server_drains(tmp_path):
     assert status == 503
     err = error_of(draining, "/v1/completions", {"prompt": "hi", "max_tokens": 2}, status=503)
     assert "shutting down" in err["message"]
+    assert event_socket_refusal(draining) == 503  # no new event socket either
     assert draining.process.wait(30) == 0, "".join(draining.log)
     reader.join(10)
     assert ends and b'"abort"' in ends[0]

@@ -25,6 +25,8 @@ class EventStreamHandler(tornado.websocket.WebSocketHandler):
 
     def prepare(self) -> None:
         try:
+            if self.ctx.stopping:  # the drain closed every socket; a new one would hold the server up
+                raise ApiError(503, "the server is shutting down: reconnect to its next start")
             self.caller = identify(self, self.ctx)
             self.max_rate = self._max_rate()
         except ApiError as err:
