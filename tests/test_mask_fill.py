@@ -301,3 +301,46 @@ def test_a_padded_vocabularys_ids_are_forbidden_in_constrained_rows_only():
     masked = mask.apply(logits.clone())
     assert torch.equal(masked[[0, 2]], logits[[0, 2]])
     assert masked[1].isfinite().nonzero().flatten().tolist() == [1, 3]
+
+
+def test_at_interpreter_exit_the_workers_serve_until_their_owner_closes(demo_tokenizer, tmp_path):
+    """An engine still open at exit is closed by its finalizer, which runs after those made later:
+    had the filler's own finalizer stopped its workers first, a step still filling would give a
+    chunk to a stopped worker and wait for it forever. Here the owner's finalizer (made first, so
+    run last) still finds the worker alive, fills rows with it, then closes the filler."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "exit_order.py"
+    script.write_text(textwrap.dedent(f"""
+        import threading, weakref
+        import torch, xgrammar as xgr
+        from transformers import AutoTokenizer
+        from lightllm_nb import SamplingParams
+        from lightllm_nb.engine.grammar import GrammarCompiler
+        from lightllm_nb.engine.mask_fill import MaskFiller
+
+        class Owner:
+            pass
+
+        def close_at_exit():
+            alive = [t for t in threading.enumerate() if t.name == "grammar-mask-fill"]
+            bitmask.zero_()
+            filler.run(matchers, [[]] * 2, bitmask, [0, 1])
+            print("workers at the owner's close:", len(alive), "rows filled:", int(bitmask.any(dim=1).sum()))
+            filler.close()
+
+        owner = Owner()
+        weakref.finalize(owner, close_at_exit)
+        tokenizer = AutoTokenizer.from_pretrained({str(demo_tokenizer.name_or_path)!r})
+        compiler = GrammarCompiler(tokenizer, len(tokenizer), [tokenizer.eos_token_id], torch.device("cpu"))
+        compiled = compiler.compile(SamplingParams(regex="[0-9]+").constraint).result().grammar
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(2)]
+        bitmask = xgr.allocate_token_bitmask(2, compiler.grammar_vocab)
+        filler = MaskFiller(max_threads=2, rows_per_thread=1)
+        filler.run(matchers, [[]] * 2, bitmask, [0, 1])
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "workers at the owner's close: 1 rows filled: 2" in done.stdout, done.stdout + done.stderr

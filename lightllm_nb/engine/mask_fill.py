@@ -42,8 +42,12 @@ class MaskFiller:
         self._fill_here = _core.BatchGrammarMatcher(1).batch_fill_next_token_bitmask
         self._workers: list[FillWorker] = []  # started as batches first need them
         self._finished: queue.SimpleQueue = queue.SimpleQueue()  # each worker's chunk: None, or its error
-        # Dropped without close() (an engine collected unclosed), its workers stop all the same.
+        # Dropped without close() (an engine collected unclosed), its workers stop all the same. Not
+        # at interpreter exit: this finalizer, made after its engine's, would run first, stopping
+        # workers under a step still filling (a chunk given to a stopped worker is waited for
+        # forever); the engine's own close stops them once its loop has stopped.
         self._stop_workers = weakref.finalize(self, stop_workers, self._workers)
+        self._stop_workers.atexit = False
 
     def threads_for(self, rows: int) -> int:
         return max(1, min(self.max_threads, rows // self.rows_per_thread))
