@@ -248,8 +248,7 @@ class TokenMask:
         reached a state no text gets out of. One OR over each row's words (~18 us at 128 rows and a
         49k vocabulary on the 2-core box; numpy's any() took twice that)."""
         words = self.bitmask.numpy()
-        tail_bits = self.grammar_vocab - 32 * (words.shape[1] - 1)
-        tail = np.int32(np.uint32((1 << tail_bits) - 1).view(np.int32))  # the last word's bits inside the vocabulary
+        tail = self._last_word_bits().view(np.int32)
         live = (np.bitwise_or.reduce(words[:, :-1], axis=1) != 0) | ((words[:, -1] & tail) != 0)
         return [row for row in self.rows if not live[row]]
 
@@ -258,11 +257,14 @@ class TokenMask:
         One popcount over the constrained rows: unpacking bits row by row took 23 ms at batch 128
         and a 128k vocabulary, on the step thread of any engine with a listener."""
         words = self.bitmask.numpy()[self.rows].view(np.uint32)  # a copy: its padding can be cleared
-        tail_bits = self.grammar_vocab - 32 * (words.shape[1] - 1)
-        words[:, -1] &= np.uint32((1 << tail_bits) - 1)  # the last word's bits past the vocabulary
+        words[:, -1] &= self._last_word_bits()
         # 64-bit words, where a row has an even number of 32-bit ones, halve the work.
         counts = np.bitwise_count(words.view(np.uint64) if words.shape[1] % 2 == 0 else words).sum(axis=1)
         return dict(zip(self.rows, counts.tolist()))
+
+    def _last_word_bits(self) -> np.uint32:
+        """The bits of a row's last word that stand for ids inside the grammar's vocabulary."""
+        return np.uint32((1 << (self.grammar_vocab - 32 * (self.bitmask.shape[1] - 1))) - 1)
 
     def on_device(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bitmask, flags) uploaded to the CUDA device, behind the work already queued there (one copy)."""
