@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 
 
 class InvalidRequestError(ValueError):
@@ -104,7 +103,7 @@ class SamplingParams:
 
             check_constraint(*constraint, given[0])
 
-    @cached_property  # made while the params are checked; a large schema's text is not made again per use
+    @property
     def constraint(self) -> tuple[str, str] | None:
         """(kind, text) of the structured-output constraint, kind "json", "regex" or "ebnf";
         equal constraints have equal texts, so they share one compiled grammar."""

@@ -179,8 +179,9 @@ class Engine(EmbeddedAPI, StepOutputs):
             raise InvalidRequestError(f"request_id={request_id!r} is already in use: pick another or omit it")
         req = Request(request_id, ids, sampling, user=user, priority=priority)
         req.sampler = RequestSampler(sampling, ids, self.device)
-        if sampling.constraint is not None:  # compiles off this thread; the request waits until then
-            req.grammar = RequestGrammar(self.grammars.compile(sampling.constraint))
+        constraint = sampling.constraint  # a large schema's text takes a while to make: once
+        if constraint is not None:  # compiles off this thread; the request waits until then
+            req.grammar = RequestGrammar(self.grammars.compile(constraint))
         if stream_text or sampling.stop:
             self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, sampling.stop)
         self._requests[request_id] = req
